@@ -1,0 +1,23 @@
+# securetune: ML-LR secure fine-tuning (Du et al. 2024) as a workflow.
+# Stages, in order: model, data, features, probe, robustness, search, finetune, evaluate, report.
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/model.smk"
+include: "rules/data.smk"
+include: "rules/features.smk"
+include: "rules/probe.smk"
+include: "rules/robustness.smk"
+include: "rules/search.smk"
+include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        "results/report/report.md",
+    default_target: True

@@ -1,0 +1,115 @@
+import json
+import shlex
+from pathlib import Path
+
+from securetune.config import ConfigError, validate_config
+from securetune.architectures import MODULE_TYPES
+
+
+validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+DATA_DIR = Path(workflow.basedir) / "resources" / "data"
+
+
+wildcard_constraints:
+    layer=r"\d+",
+    module_type="|".join(MODULE_TYPES),
+    arm=r"[a-z][a-z0-9_]*",
+    benchmark=r"[a-z][a-z0-9_]*",
+
+
+def number_of_layers():
+    """Decoder layers of the base model: from the tiny spec, a local config.json, or model.layers."""
+    model = config["model"]
+    if model["source"] == "tiny":
+        return model["tiny"]["layers"]
+    local = Path(model["source"]) / "config.json"
+    if local.exists():
+        return json.loads(local.read_text())["num_hidden_layers"]
+    if "layers" not in model:
+        raise ConfigError(
+            f"config key 'model.layers' is required when model.source "
+            f"('{model['source']}') is not a local folder"
+        )
+    return model["layers"]
+
+
+def check_layer_choices():
+    proxy = config["probe"]["proxy_layers"]
+    if isinstance(proxy, list):
+        bad = [layer for layer in proxy if layer >= number_of_layers()]
+        if bad:
+            raise ConfigError(
+                f"config key 'probe.proxy_layers': layer(s) {bad} past the model's "
+                f"depth; allowed: 0..{number_of_layers() - 1}"
+            )
+
+
+check_layer_choices()
+
+
+def robustness_jobs():
+    """One Parquet per (layer, module type): the SLURM fan-out."""
+    return expand(
+        "results/robustness/layer{layer}/{module_type}.parquet",
+        layer=range(number_of_layers()),
+        module_type=config["robustness"]["module_types"],
+    )
+
+
+def arms():
+    return list(config["finetune"]["arms"])
+
+
+def evaluated_arms():
+    """The reference `base` (no fine-tuning) and every fine-tuned arm."""
+    return ["base", *arms()]
+
+
+def benchmarks():
+    return list(config["evaluation"]["benchmarks"])
+
+
+def arm_settings(wildcards):
+    """The arm's full training config: shared finetune keys + its own, as one JSON string.
+
+    Only this arm's values go into its params, so changing one arm reruns only that arm.
+    """
+    shared = {k: v for k, v in config["finetune"].items() if k != "arms"}
+    arm = config["finetune"]["arms"][wildcards.arm]
+    return json.dumps(
+        {
+            "arm": wildcards.arm,
+            "kind": arm["kind"],
+            "lr": arm.get("lr", shared["lr"]),
+            "gamma": arm.get("gamma", 1.0),
+            "steps": shared["steps"],
+            "batch_size": shared["batch_size"],
+            "warmup_ratio": shared["warmup_ratio"],
+            "schedule": shared["schedule"],
+            "max_seq_len": shared["max_seq_len"],
+            "weight_decay": shared["weight_decay"],
+            "grad_clip": shared["grad_clip"],
+            "seed": config["seed"],
+        },
+        sort_keys=True,
+    )
+
+
+def finetune_inputs(wildcards):
+    """ml_lr arms need the search plan; vanilla arms do not (so they never wait for it)."""
+    inputs = {"model": "results/model/base", "data": "results/data/ift.parquet"}
+    if config["finetune"]["arms"][wildcards.arm]["kind"] == "ml_lr":
+        inputs["plan"] = "results/search/plan.json"
+    return inputs
+
+
+def plan_flag(wildcards, input):
+    """The --plan option, shell-quoted, for ml_lr arms; nothing for the others."""
+    return f"--plan {shlex.quote(input.plan)}" if "plan" in input.keys() else ""
+
+
+def model_of_arm(wildcards):
+    if wildcards.arm == "base":
+        return "results/model/base"
+    return f"results/finetune/{wildcards.arm}/model"

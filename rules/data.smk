@@ -1,0 +1,44 @@
+rule prepare_probe_set:
+    """Harmful vs benign look-alike prompts, balanced, split train/test with the seed."""
+    output:
+        "results/data/probe.parquet",
+    params:
+        data_dir=DATA_DIR,
+        per_class=config["data"]["probe_per_class"],
+        test_fraction=config["data"]["probe_test_fraction"],
+        seed=config["seed"],
+    log:
+        "logs/prepare_probe_set.log",
+    script:
+        "../workflow_scripts/prepare_probe_set.py"
+
+
+rule prepare_ift_set:
+    """Benign instruction-tuning examples, disjoint from the probe set."""
+    output:
+        "results/data/ift.parquet",
+    params:
+        data_dir=DATA_DIR,
+        source=config["data"]["ift_source"],
+        n=config["data"]["ift_examples"],
+        probe_per_class=config["data"]["probe_per_class"],
+        seed=config["seed"],
+    log:
+        "logs/prepare_ift_set.log",
+    script:
+        "../workflow_scripts/prepare_ift_set.py"
+
+
+rule prepare_eval_set:
+    """Held-out prompts of one benchmark."""
+    output:
+        "results/data/eval/{benchmark}.parquet",
+    params:
+        data_dir=DATA_DIR,
+        n=lambda wc: config["evaluation"]["benchmarks"][wc.benchmark],
+        probe_per_class=config["data"]["probe_per_class"],
+        seed=config["seed"],
+    log:
+        "logs/prepare_eval_set/{benchmark}.log",
+    script:
+        "../workflow_scripts/prepare_eval_set.py"

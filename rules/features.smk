@@ -1,0 +1,19 @@
+rule extract_features:
+    """Last-token hidden states of every layer for the probe set's prompts."""
+    input:
+        model="results/model/base",
+        probe_set="results/data/probe.parquet",
+    output:
+        "results/features/features.safetensors",
+    params:
+        pooling=config["features"]["pooling"],
+        batch_size=config["features"]["batch_size"],
+        max_prompt_tokens=config["data"]["max_prompt_tokens"],
+        dtype=config["model"]["dtype"],
+    threads: 2
+    log:
+        "logs/extract_features.log",
+    benchmark:
+        "benchmarks/extract_features.tsv"
+    script:
+        "../workflow_scripts/extract_features.py"

@@ -1,0 +1,16 @@
+rule train_probe:
+    """Logistic-regression probe per layer; held-out accuracy; the proxy layers."""
+    input:
+        "results/features/features.safetensors",
+    output:
+        probes="results/probe/probes.safetensors",
+        accuracy="results/probe/accuracy.parquet",
+        proxy="results/probe/proxy.json",
+    params:
+        C=config["probe"]["C"],
+        proxy_layers=config["probe"]["proxy_layers"],
+        seed=config["seed"],
+    log:
+        "logs/train_probe.log",
+    script:
+        "../workflow_scripts/train_probe.py"

@@ -1,0 +1,29 @@
+rule report:
+    """The paper's main table (arm x metric, with CIs), the probe table and the figures."""
+    input:
+        scores=expand(
+            "results/scores/{arm}/{benchmark}.parquet",
+            arm=evaluated_arms(),
+            benchmark=benchmarks(),
+        ),
+        losses=expand("results/finetune/{arm}/loss.parquet", arm=arms()),
+        probe="results/probe/accuracy.parquet",
+        robustness="results/robustness.parquet",
+        plan="results/search/plan.json",
+        trace="results/search/trace.parquet",
+    output:
+        report="results/report/report.md",
+        main_table="results/report/main_table.csv",
+        rates="results/report/rates.csv",
+        probe_table="results/report/probe_accuracy.csv",
+        heatmap="results/report/robustness_heatmap.png",
+        loss_curves="results/report/loss_curves.png",
+    params:
+        arm_order=evaluated_arms(),
+        report=config["report"],
+        score=config["robustness"]["score"],
+        seed=config["seed"],
+    log:
+        "logs/report.log",
+    script:
+        "../workflow_scripts/report.py"

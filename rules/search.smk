@@ -1,0 +1,26 @@
+rule search_robust_modules:
+    """Greedy proxy-guided search for Mods_Robust; a JSON plan and a Parquet trace."""
+    input:
+        model="results/model/base",
+        probe_set="results/data/probe.parquet",
+        features="results/features/features.safetensors",
+        probes="results/probe/probes.safetensors",
+        proxy="results/probe/proxy.json",
+        robustness="results/robustness.parquet",
+    output:
+        plan="results/search/plan.json",
+        trace="results/search/trace.parquet",
+    params:
+        search=config["search"],
+        features=config["features"],
+        max_prompt_tokens=config["data"]["max_prompt_tokens"],
+        dtype=config["model"]["dtype"],
+        score=config["robustness"]["score"],
+        seed=config["seed"],
+    threads: 2
+    log:
+        "logs/search_robust_modules.log",
+    benchmark:
+        "benchmarks/search_robust_modules.tsv"
+    script:
+        "../workflow_scripts/search_robust_modules.py"

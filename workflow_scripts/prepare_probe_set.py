@@ -1,0 +1,13 @@
+from pathlib import Path
+
+from securetune.io import setup_logging
+from securetune.stages import prepare_probe_set
+
+setup_logging(snakemake.log[0])
+prepare_probe_set(
+    Path(snakemake.params.data_dir),
+    Path(snakemake.output[0]),
+    snakemake.params.per_class,
+    snakemake.params.test_fraction,
+    snakemake.params.seed,
+)

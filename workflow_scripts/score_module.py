@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import torch
+
+from securetune.io import setup_logging
+from securetune.stages import score_one_module
+
+setup_logging(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+i, p = snakemake.input, snakemake.params
+score_one_module(
+    Path(i.model),
+    Path(i.probe_set),
+    Path(i.features),
+    Path(i.probes),
+    Path(i.proxy),
+    Path(snakemake.output[0]),
+    int(snakemake.wildcards.layer),
+    snakemake.wildcards.module_type,
+    p.robustness,
+    p.features,
+    p.max_prompt_tokens,
+    p.dtype,
+    p.source,
+    p.seed,
+)
