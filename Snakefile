@@ -18,6 +18,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/report/report.md",
-    default_target: True

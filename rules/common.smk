@@ -1,12 +1,16 @@
 import json
+import os
 import shlex
 from pathlib import Path
 
 from securetune.config import ConfigError, validate_config
 from securetune.architectures import MODULE_TYPES
 
-
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+# Jobs import the package from this checkout, whatever environment runs them (venv, conda env
+# on a cluster node), so code and workflow never drift apart.
+os.environ.update(PYTHONPATH=str(Path(workflow.basedir) / "src"))
 
 DATA_DIR = Path(workflow.basedir) / "resources" / "data"
 
@@ -46,6 +50,12 @@ def check_layer_choices():
 
 
 check_layer_choices()
+
+
+def settings(section):
+    """A config section for `params:`, keys sorted, so that reordering keys in a config file
+    is not a change (Snakemake compares params by their repr)."""
+    return json.loads(json.dumps(config[section], sort_keys=True))
 
 
 def robustness_jobs():

@@ -2,13 +2,15 @@ rule prepare_probe_set:
     """Harmful vs benign look-alike prompts, balanced, split train/test with the seed."""
     output:
         "results/data/probe.parquet",
+    log:
+        "logs/prepare_probe_set.log",
+    conda:
+        "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
         per_class=config["data"]["probe_per_class"],
         test_fraction=config["data"]["probe_test_fraction"],
         seed=config["seed"],
-    log:
-        "logs/prepare_probe_set.log",
     script:
         "../workflow_scripts/prepare_probe_set.py"
 
@@ -17,14 +19,16 @@ rule prepare_ift_set:
     """Benign instruction-tuning examples, disjoint from the probe set."""
     output:
         "results/data/ift.parquet",
+    log:
+        "logs/prepare_ift_set.log",
+    conda:
+        "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
         source=config["data"]["ift_source"],
         n=config["data"]["ift_examples"],
         probe_per_class=config["data"]["probe_per_class"],
         seed=config["seed"],
-    log:
-        "logs/prepare_ift_set.log",
     script:
         "../workflow_scripts/prepare_ift_set.py"
 
@@ -33,12 +37,14 @@ rule prepare_eval_set:
     """Held-out prompts of one benchmark."""
     output:
         "results/data/eval/{benchmark}.parquet",
+    log:
+        "logs/prepare_eval_set/{benchmark}.log",
+    conda:
+        "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
         n=lambda wc: config["evaluation"]["benchmarks"][wc.benchmark],
         probe_per_class=config["data"]["probe_per_class"],
         seed=config["seed"],
-    log:
-        "logs/prepare_eval_set/{benchmark}.log",
     script:
         "../workflow_scripts/prepare_eval_set.py"

@@ -5,15 +5,17 @@ rule generate:
         prompts="results/data/eval/{benchmark}.parquet",
     output:
         "results/generations/{arm}/{benchmark}.parquet",
-    params:
-        generation=config["generation"],
-        dtype=config["model"]["dtype"],
-        seed=config["seed"],
-    threads: 1
     log:
         "logs/generate/{arm}/{benchmark}.log",
     benchmark:
         "benchmarks/generate/{arm}/{benchmark}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    params:
+        generation=settings("generation"),
+        dtype=config["model"]["dtype"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/generate.py"
 
@@ -26,5 +28,7 @@ rule score_generations:
         "results/scores/{arm}/{benchmark}.parquet",
     log:
         "logs/score_generations/{arm}/{benchmark}.log",
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/score_generations.py"

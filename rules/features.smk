@@ -5,15 +5,17 @@ rule extract_features:
         probe_set="results/data/probe.parquet",
     output:
         "results/features/features.safetensors",
+    log:
+        "logs/extract_features.log",
+    benchmark:
+        "benchmarks/extract_features.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
     params:
         pooling=config["features"]["pooling"],
         batch_size=config["features"]["batch_size"],
         max_prompt_tokens=config["data"]["max_prompt_tokens"],
         dtype=config["model"]["dtype"],
-    threads: 2
-    log:
-        "logs/extract_features.log",
-    benchmark:
-        "benchmarks/extract_features.tsv"
     script:
         "../workflow_scripts/extract_features.py"

@@ -5,14 +5,16 @@ rule finetune:
     output:
         model=directory("results/finetune/{arm}/model"),
         steps="results/finetune/{arm}/loss.parquet",
-    params:
-        settings=arm_settings,
-        plan=plan_flag,
-    threads: 2
     log:
         "logs/finetune/{arm}.log",
     benchmark:
         "benchmarks/finetune/{arm}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    params:
+        settings=arm_settings,
+        plan=plan_flag,
     shell:
         "OMP_NUM_THREADS={threads} python -m securetune.finetune"
         " --model {input.model:q} --data {input.data:q} {params.plan}"

@@ -6,11 +6,13 @@ rule train_probe:
         probes="results/probe/probes.safetensors",
         accuracy="results/probe/accuracy.parquet",
         proxy="results/probe/proxy.json",
+    log:
+        "logs/train_probe.log",
+    conda:
+        "../envs/torch.yaml"
     params:
         C=config["probe"]["C"],
         proxy_layers=config["probe"]["proxy_layers"],
         seed=config["seed"],
-    log:
-        "logs/train_probe.log",
     script:
         "../workflow_scripts/train_probe.py"

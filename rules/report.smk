@@ -18,12 +18,14 @@ rule report:
         probe_table="results/report/probe_accuracy.csv",
         heatmap="results/report/robustness_heatmap.png",
         loss_curves="results/report/loss_curves.png",
-    params:
-        arm_order=evaluated_arms(),
-        report=config["report"],
-        score=config["robustness"]["score"],
-        seed=config["seed"],
     log:
         "logs/report.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        arm_order=evaluated_arms(),
+        report=settings("report"),
+        score=config["robustness"]["score"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/report.py"

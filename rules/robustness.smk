@@ -8,18 +8,20 @@ rule score_module:
         proxy="results/probe/proxy.json",
     output:
         "results/robustness/layer{layer}/{module_type}.parquet",
-    params:
-        robustness=config["robustness"],
-        features=config["features"],
-        max_prompt_tokens=config["data"]["max_prompt_tokens"],
-        dtype=config["model"]["dtype"],
-        source=config["model"]["source"],
-        seed=config["seed"],
-    threads: 1
     log:
         "logs/score_module/layer{layer}/{module_type}.log",
     benchmark:
         "benchmarks/score_module/layer{layer}/{module_type}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    params:
+        robustness=settings("robustness"),
+        features=settings("features"),
+        max_prompt_tokens=config["data"]["max_prompt_tokens"],
+        dtype=config["model"]["dtype"],
+        source=config["model"]["source"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/score_module.py"
 
@@ -32,5 +34,7 @@ rule aggregate_robustness:
         "results/robustness.parquet",
     log:
         "logs/aggregate_robustness.log",
+    conda:
+        "../envs/torch.yaml"
     script:
         "../workflow_scripts/aggregate_robustness.py"

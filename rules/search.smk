@@ -10,17 +10,19 @@ rule search_robust_modules:
     output:
         plan="results/search/plan.json",
         trace="results/search/trace.parquet",
-    params:
-        search=config["search"],
-        features=config["features"],
-        max_prompt_tokens=config["data"]["max_prompt_tokens"],
-        dtype=config["model"]["dtype"],
-        score=config["robustness"]["score"],
-        seed=config["seed"],
-    threads: 2
     log:
         "logs/search_robust_modules.log",
     benchmark:
         "benchmarks/search_robust_modules.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    params:
+        search=settings("search"),
+        features=settings("features"),
+        max_prompt_tokens=config["data"]["max_prompt_tokens"],
+        dtype=config["model"]["dtype"],
+        score=config["robustness"]["score"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/search_robust_modules.py"

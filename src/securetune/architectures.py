@@ -89,6 +89,7 @@ def module_name(layer: int, module: str) -> str:
 def parse_module_name(name: str) -> tuple[int, str]:
     match = re.fullmatch(r"L(\d+)\.(\w+)", name)
     if not match or match.group(2) not in MODULE_TYPES:
-        raise ValueError(f"bad module name '{name}'; expected e.g. 'L3.q' with a type in "
-                         f"{list(MODULE_TYPES)}")
+        raise ValueError(
+            f"bad module name '{name}'; expected e.g. 'L3.q' with a type in {list(MODULE_TYPES)}"
+        )
     return int(match.group(1)), match.group(2)

@@ -32,8 +32,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "type":
         return f"config key '{key}': {error.instance!r} is not of type {schema['type']!r}"
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        bounds = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum",
-                                         "exclusiveMaximum") if k in schema}
+        bounds = {
+            k: schema[k]
+            for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+            if k in schema
+        }
         return f"config key '{key}': {error.instance!r} is out of range {bounds}"
     if error.validator == "not":
         why = f" ({schema['description']})" if "description" in schema else ""
@@ -44,7 +47,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 
 def validate_config(config: dict[str, Any], schema_path: str | Path) -> None:
-    """Validate against the JSON schema (written in YAML); raise one ConfigError listing all faults."""
+    """Validate against the JSON schema (in YAML); raise one ConfigError listing every fault."""
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))

@@ -55,8 +55,9 @@ def _rows_csv(path: Path, columns: list[str], header: bool = True) -> list[dict[
     reader = csv.DictReader(lines)
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
-        raise DataError(f"data file '{path}': missing column(s) {missing}; "
-                        f"found {reader.fieldnames}")
+        raise DataError(
+            f"data file '{path}': missing column(s) {missing}; found {reader.fieldnames}"
+        )
     return list(reader)
 
 
@@ -100,16 +101,20 @@ def load_harmbench(root: Path) -> list[Record]:
     """HarmBench standard behaviours (contextual ones need their context string; see issue 3)."""
     path = root / "harmbench_behaviors_text_test.csv"
     rows = _rows_csv(path, ["Behavior", "FunctionalCategory", "BehaviorID"])
-    recs = [Record(f"harmbench:{r['BehaviorID']}", r["Behavior"]) for r in rows
-            if r["FunctionalCategory"] == "standard"]
+    recs = [
+        Record(f"harmbench:{r['BehaviorID']}", r["Behavior"])
+        for r in rows
+        if r["FunctionalCategory"] == "standard"
+    ]
     return _checked(recs, path)
 
 
 def load_strongreject(root: Path) -> list[Record]:
     path = root / "strongreject_dataset.csv"
     rows = _rows_csv(path, ["forbidden_prompt"])
-    return _checked([Record(f"strongreject:{i}", r["forbidden_prompt"])
-                     for i, r in enumerate(rows)], path)
+    return _checked(
+        [Record(f"strongreject:{i}", r["forbidden_prompt"]) for i, r in enumerate(rows)], path
+    )
 
 
 def load_donotanswer(root: Path) -> list[Record]:
@@ -121,8 +126,9 @@ def load_donotanswer(root: Path) -> list[Record]:
 def _load_xstest(root: Path, label: str) -> list[Record]:
     path = root / "xstest_prompts.csv"
     rows = _rows_csv(path, ["id", "prompt", "label"])
-    return _checked([Record(f"xstest:{r['id']}", r["prompt"]) for r in rows
-                     if r["label"] == label], path)
+    return _checked(
+        [Record(f"xstest:{r['id']}", r["prompt"]) for r in rows if r["label"] == label], path
+    )
 
 
 def load_xstest_safe(root: Path) -> list[Record]:
@@ -152,8 +158,14 @@ def load_alpaca(root: Path) -> list[Record]:
 def load_dolly(root: Path) -> list[Record]:
     path = root / "dolly_safety_topics.jsonl"
     rows = _rows_jsonl(path, ["instruction", "context", "response"])
-    recs = [Record(f"dolly:{i}", r["instruction"] + (f"\n\n{r['context']}" if r["context"] else ""),
-                   r["response"]) for i, r in enumerate(rows)]
+    recs = [
+        Record(
+            f"dolly:{i}",
+            r["instruction"] + (f"\n\n{r['context']}" if r["context"] else ""),
+            r["response"],
+        )
+        for i, r in enumerate(rows)
+    ]
     return _checked(recs, path)
 
 
@@ -164,15 +176,25 @@ def _gsm8k_final(answer: str) -> str:
 def load_gsm8k_train(root: Path) -> list[Record]:
     path = root / "gsm8k_train_2000.jsonl"
     rows = _rows_jsonl(path, ["question", "answer"])
-    return _checked([Record(f"gsm8k_train:{i}", r["question"], r["answer"], _gsm8k_final(r["answer"]))
-                     for i, r in enumerate(rows)], path)
+    return _checked(
+        [
+            Record(f"gsm8k_train:{i}", r["question"], r["answer"], _gsm8k_final(r["answer"]))
+            for i, r in enumerate(rows)
+        ],
+        path,
+    )
 
 
 def load_gsm8k_test(root: Path) -> list[Record]:
     path = root / "gsm8k_test_500.jsonl"
     rows = _rows_jsonl(path, ["question", "answer"])
-    return _checked([Record(f"gsm8k:{i}", r["question"], r["answer"], _gsm8k_final(r["answer"]))
-                     for i, r in enumerate(rows)], path)
+    return _checked(
+        [
+            Record(f"gsm8k:{i}", r["question"], r["answer"], _gsm8k_final(r["answer"]))
+            for i, r in enumerate(rows)
+        ],
+        path,
+    )
 
 
 def load_mt_bench(root: Path) -> list[Record]:
@@ -209,8 +231,9 @@ def shuffled(records: list[Record], seed: int, source: str) -> list[Record]:
 
 def take(records: list[Record], start: int, n: int, what: str) -> list[Record]:
     if start + n > len(records):
-        raise DataError(f"{what}: asked for {n} rows after the first {start}, but the source "
-                        f"has {len(records)}")
+        raise DataError(
+            f"{what}: asked for {n} rows after the first {start}, but the source has {len(records)}"
+        )
     return records[start : start + n]
 
 
@@ -219,53 +242,70 @@ def build_probe_set(root: Path, n_per_class: int, test_fraction: float, seed: in
     instructions), balanced, split train/test with the seed, stratified by label."""
     harmful = take(shuffled(load_advbench(root), seed, "advbench"), 0, n_per_class, "probe harmful")
     n_xs = n_per_class // 2
-    benign = take(shuffled(load_xstest_safe(root), seed, "xstest_safe"), 0, n_xs, "probe benign") + \
-        take(shuffled(load_alpaca(root), seed, "alpaca"), 0, n_per_class - n_xs, "probe benign")
+    benign = take(
+        shuffled(load_xstest_safe(root), seed, "xstest_safe"), 0, n_xs, "probe benign"
+    ) + take(shuffled(load_alpaca(root), seed, "alpaca"), 0, n_per_class - n_xs, "probe benign")
     frames = []
     for label, recs in ((1, harmful), (0, benign)):
         n_test = max(1, round(len(recs) * test_fraction))
-        order = np.random.default_rng(stable_seed(seed, "probe_split", label)).permutation(len(recs))
+        order = np.random.default_rng(stable_seed(seed, "probe_split", label)).permutation(
+            len(recs)
+        )
         split = np.where(np.isin(np.arange(len(recs)), order[:n_test]), "test", "train")
-        frames.append(pd.DataFrame({
-            "prompt_id": [r.id for r in recs],
-            "prompt": [r.prompt for r in recs],
-            "label": label,
-            "source": [r.id.split(":")[0] for r in recs],
-            "split": split,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": [r.id for r in recs],
+                    "prompt": [r.prompt for r in recs],
+                    "label": label,
+                    "source": [r.id.split(":")[0] for r in recs],
+                    "split": split,
+                }
+            )
+        )
     return pd.concat(frames).sort_values(["split", "label", "prompt_id"]).reset_index(drop=True)
 
 
 def probe_slice_size(source: str, n_per_class: int) -> int:
     """How many rows of a source the probe set takes first (the rest stay held out)."""
-    return {"advbench": n_per_class, "xstest_safe": n_per_class // 2,
-            "alpaca": n_per_class - n_per_class // 2}.get(source, 0)
+    return {
+        "advbench": n_per_class,
+        "xstest_safe": n_per_class // 2,
+        "alpaca": n_per_class - n_per_class // 2,
+    }.get(source, 0)
 
 
-def build_ift_set(root: Path, source: str, n: int, seed: int, n_probe_per_class: int) -> pd.DataFrame:
+def build_ift_set(
+    root: Path, source: str, n: int, seed: int, n_probe_per_class: int
+) -> pd.DataFrame:
     if source not in IFT_SOURCES:
         raise DataError(f"unknown IFT source '{source}'; allowed: {sorted(IFT_SOURCES)}")
     recs = shuffled(IFT_SOURCES[source](root), seed, source)
     recs = take(recs, probe_slice_size(source, n_probe_per_class), n, f"IFT set '{source}'")
-    return pd.DataFrame({
-        "example_id": [r.id for r in recs],
-        "prompt": [r.prompt for r in recs],
-        "response": [r.response for r in recs],
-        "source": source,
-    })
+    return pd.DataFrame(
+        {
+            "example_id": [r.id for r in recs],
+            "prompt": [r.prompt for r in recs],
+            "response": [r.response for r in recs],
+            "source": source,
+        }
+    )
 
 
-def build_eval_set(root: Path, benchmark: str, n: int, seed: int,
-                   n_probe_per_class: int) -> pd.DataFrame:
+def build_eval_set(
+    root: Path, benchmark: str, n: int, seed: int, n_probe_per_class: int
+) -> pd.DataFrame:
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark '{benchmark}'; allowed: {sorted(BENCHMARKS)}")
     loader, kind = BENCHMARKS[benchmark]
     recs = shuffled(loader(root), seed, benchmark)
     recs = take(recs, probe_slice_size(benchmark, n_probe_per_class), n, f"benchmark '{benchmark}'")
-    return pd.DataFrame({
-        "prompt_id": [r.id for r in recs],
-        "prompt": [r.prompt for r in recs],
-        "benchmark": benchmark,
-        "kind": kind,
-        "reference": [r.reference for r in recs],
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": [r.id for r in recs],
+            "prompt": [r.prompt for r in recs],
+            "benchmark": benchmark,
+            "kind": kind,
+            "reference": [r.reference for r in recs],
+        }
+    )

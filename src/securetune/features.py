@@ -26,8 +26,10 @@ def tokenize_prompts(
     for i, prompt in enumerate(prompts):
         tokens = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
         if len(tokens) > max_tokens:
-            raise ValueError(f"prompt {i} has {len(tokens)} tokens with its chat template, more "
-                             f"than data.max_prompt_tokens = {max_tokens}")
+            raise ValueError(
+                f"prompt {i} has {len(tokens)} tokens with its chat template, more "
+                f"than data.max_prompt_tokens = {max_tokens}"
+            )
         ids.append(tokens)
     return ids
 

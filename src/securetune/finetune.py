@@ -39,7 +39,7 @@ def encode_examples(
     for prompt, response in zip(prompts, responses, strict=True):
         head, full = chat_example(tokenizer, prompt, response)
         head_ids = tokenizer(head, add_special_tokens=False).input_ids
-        tail_ids = tokenizer(full[len(head):], add_special_tokens=False).input_ids
+        tail_ids = tokenizer(full[len(head) :], add_special_tokens=False).input_ids
         ids = (head_ids + tail_ids)[:max_seq_len]
         labels = ([IGNORE] * len(head_ids) + tail_ids)[:max_seq_len]
         out.append((ids, labels))
@@ -90,7 +90,11 @@ def _masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def train(
-    model_dir: Path, data: pd.DataFrame, cfg: TrainConfig, robust: set[str], out_dir: Path,
+    model_dir: Path,
+    data: pd.DataFrame,
+    cfg: TrainConfig,
+    robust: set[str],
+    out_dir: Path,
     dtype: str = "float32",
 ) -> pd.DataFrame:
     """Fine-tune one arm; save the model to `out_dir`; return the per-step log."""
@@ -100,15 +104,21 @@ def train(
     model.train()
     groups = groups_for_arm(model, cfg.kind, cfg.lr, cfg.gamma, robust)
     for g in groups:
-        log.info("group %-7s lr=%.3g  %d tensors, %d parameters", g["name"], g["lr"],
-                 len(g["params"]), sum(p.numel() for p in g["params"]))
+        log.info(
+            "group %-7s lr=%.3g  %d tensors, %d parameters",
+            g["name"],
+            g["lr"],
+            len(g["params"]),
+            sum(p.numel() for p in g["params"]),
+        )
     base_lrs = [g["lr"] for g in groups]
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "param_names"} for g in groups],
         weight_decay=cfg.weight_decay,
     )
-    examples = encode_examples(tokenizer, list(data["prompt"]), list(data["response"]),
-                               cfg.max_seq_len)
+    examples = encode_examples(
+        tokenizer, list(data["prompt"]), list(data["response"]), cfg.max_seq_len
+    )
     rows = []
     start = time.perf_counter()
     for step, idx in enumerate(batch_order(len(examples), cfg.batch_size, cfg.steps, cfg.seed)):
@@ -120,11 +130,17 @@ def train(
         loss = _masked_loss(logits, batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        row = {"step": step, "arm": cfg.arm, "loss": loss.item(),
-               "tokens": int((batch["labels"] != IGNORE).sum()), "seed": cfg.seed}
+        row = {
+            "step": step,
+            "arm": cfg.arm,
+            "loss": loss.item(),
+            "tokens": int((batch["labels"] != IGNORE).sum()),
+            "seed": cfg.seed,
+        }
         for group in optimizer.param_groups:
-            norm = torch.norm(torch.stack([p.grad.norm() for p in group["params"]
-                                           if p.grad is not None]))
+            norm = torch.norm(
+                torch.stack([p.grad.norm() for p in group["params"] if p.grad is not None])
+            )
             row[f"lr_{group['name']}"] = group["lr"]
             row[f"grad_norm_{group['name']}"] = norm.item()
         if cfg.grad_clip > 0:
@@ -137,9 +153,13 @@ def train(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "securetune_arm.json").write_text(json.dumps(
-            {"arm": asdict(cfg), "robust_modules": sorted(robust), "versions": versions()},
-            indent=2, sort_keys=True))
+        (tmp / "securetune_arm.json").write_text(
+            json.dumps(
+                {"arm": asdict(cfg), "robust_modules": sorted(robust), "versions": versions()},
+                indent=2,
+                sort_keys=True,
+            )
+        )
     return pd.DataFrame(rows)
 
 

@@ -52,13 +52,15 @@ def generate_greedy(
 def generations_table(
     eval_set: pd.DataFrame, completions: list[str], n_tokens: list[int], arm: str
 ) -> pd.DataFrame:
-    return pd.DataFrame({
-        "prompt_id": eval_set["prompt_id"],
-        "prompt": eval_set["prompt"],
-        "completion": completions,
-        "n_tokens": n_tokens,
-        "arm": arm,
-        "benchmark": eval_set["benchmark"],
-        "kind": eval_set["kind"],
-        "reference": eval_set["reference"],
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": eval_set["prompt_id"],
+            "prompt": eval_set["prompt"],
+            "completion": completions,
+            "n_tokens": n_tokens,
+            "arm": arm,
+            "benchmark": eval_set["benchmark"],
+            "kind": eval_set["kind"],
+            "reference": eval_set["reference"],
+        }
+    )

@@ -98,8 +98,13 @@ def build_tiny_model(out_dir: Path, texts: list[str], spec: TinyModelSpec, seed:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    log.info("tiny model: %d layers, hidden %d, vocab %d, %d parameters", spec.layers,
-             spec.hidden_size, len(tokenizer), sum(p.numel() for p in model.parameters()))
+    log.info(
+        "tiny model: %d layers, hidden %d, vocab %d, %d parameters",
+        spec.layers,
+        spec.hidden_size,
+        len(tokenizer),
+        sum(p.numel() for p in model.parameters()),
+    )
 
 
 def check_model_folder(path: Path, allow_pickle: bool = False) -> dict:
@@ -113,8 +118,11 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> dict:
     if not weights and not (allow_pickle and list(path.glob("*.bin"))):
         raise ModelFolderError(
             f"model folder '{path}' has no *.safetensors weights"
-            + ("" if allow_pickle else " (pickle .bin weights are refused unless "
-               "model.allow_pickle is true)")
+            + (
+                ""
+                if allow_pickle
+                else " (pickle .bin weights are refused unless model.allow_pickle is true)"
+            )
         )
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type", "<missing>")
@@ -185,6 +193,8 @@ def chat_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str)
         tokenize=False,
     )
     if not full.startswith(head):
-        raise ValueError("chat template: the prompt is not a prefix of prompt + response; "
-                         "loss masking on response tokens needs it to be")
+        raise ValueError(
+            "chat template: the prompt is not a prefix of prompt + response; "
+            "loss masking on response tokens needs it to be"
+        )
     return head, full

@@ -32,8 +32,10 @@ def build_param_groups(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]], specs: list[GroupSpec]
 ) -> list[dict]:
     """Torch optimizer groups (with `name` and `param_names` kept for logging)."""
-    groups = {spec.name: {"name": spec.name, "lr": spec.lr, "params": [], "param_names": []}
-              for spec in specs}
+    groups = {
+        spec.name: {"name": spec.name, "lr": spec.lr, "params": [], "param_names": []}
+        for spec in specs
+    }
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
@@ -41,8 +43,9 @@ def build_param_groups(
         if len(owners) > 1:
             raise ParamGroupError(f"parameter '{name}' is matched by groups {owners}")
         if not owners:
-            raise ParamGroupError(f"parameter '{name}' is matched by no group "
-                                  f"(groups: {[s.name for s in specs]})")
+            raise ParamGroupError(
+                f"parameter '{name}' is matched by no group (groups: {[s.name for s in specs]})"
+            )
         groups[owners[0]]["params"].append(param)
         groups[owners[0]]["param_names"].append(name)
     return [g for g in groups.values() if g["params"]]
@@ -65,12 +68,13 @@ def vanilla_specs(lr: float) -> list[GroupSpec]:
     return [GroupSpec("all", lr, lambda name: True)]
 
 
-def check_plan_modules(
-    model_type: str, parameter_names: Iterable[str], robust: set[str]
-) -> None:
+def check_plan_modules(model_type: str, parameter_names: Iterable[str], robust: set[str]) -> None:
     """Every module the plan names must own at least one parameter of the model."""
-    owned = {module_name(*owner) for name in parameter_names
-             if (owner := module_of_parameter(model_type, name)) is not None}
+    owned = {
+        module_name(*owner)
+        for name in parameter_names
+        if (owner := module_of_parameter(model_type, name)) is not None
+    }
     missing = sorted(robust - owned)
     if missing:
         raise ParamGroupError(f"plan names module(s) {missing} that the model does not have")

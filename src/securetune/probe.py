@@ -30,15 +30,20 @@ class LayerProbes:
         z = (features - self.mean[idx, None]) / self.scale[idx, None]
         return torch.einsum("lnh,lh->ln", z, self.coef[idx]) + self.intercept[idx, None]
 
-    def accuracy(self, features: torch.Tensor, labels: torch.Tensor,
-                 layers: list[int] | None = None) -> torch.Tensor:
+    def accuracy(
+        self, features: torch.Tensor, labels: torch.Tensor, layers: list[int] | None = None
+    ) -> torch.Tensor:
         """Accuracy per layer, shape [len(layers)]."""
         pred = (self.logits(features, layers) > 0).long()
         return (pred == labels[None]).float().mean(dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "scale": self.scale, "coef": self.coef,
-                "intercept": self.intercept}
+        return {
+            "mean": self.mean,
+            "scale": self.scale,
+            "coef": self.coef,
+            "intercept": self.intercept,
+        }
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> LayerProbes:
@@ -64,22 +69,31 @@ def fit_probes(
     def as_tensor(arrays: list) -> torch.Tensor:
         return torch.tensor(np.stack(arrays), dtype=torch.float32)
 
-    return LayerProbes(as_tensor(means), as_tensor(scales), as_tensor(coefs),
-                       torch.tensor(intercepts, dtype=torch.float32))
+    return LayerProbes(
+        as_tensor(means),
+        as_tensor(scales),
+        as_tensor(coefs),
+        torch.tensor(intercepts, dtype=torch.float32),
+    )
 
 
 def accuracy_table(
-    probes: LayerProbes, train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor,
+    probes: LayerProbes,
+    train: torch.Tensor,
+    y_train: torch.Tensor,
+    test: torch.Tensor,
     y_test: torch.Tensor,
 ) -> pd.DataFrame:
     """One row per layer: train and held-out accuracy."""
-    return pd.DataFrame({
-        "layer": np.arange(train.shape[0]),
-        "train_accuracy": probes.accuracy(train, y_train).numpy().astype(float),
-        "test_accuracy": probes.accuracy(test, y_test).numpy().astype(float),
-        "n_train": len(y_train),
-        "n_test": len(y_test),
-    })
+    return pd.DataFrame(
+        {
+            "layer": np.arange(train.shape[0]),
+            "train_accuracy": probes.accuracy(train, y_train).numpy().astype(float),
+            "test_accuracy": probes.accuracy(test, y_test).numpy().astype(float),
+            "n_train": len(y_train),
+            "n_test": len(y_test),
+        }
+    )
 
 
 def proxy_layers(choice: str | list[int], table: pd.DataFrame, n_layers: int) -> list[int]:
@@ -95,6 +109,11 @@ def proxy_layers(choice: str | list[int], table: pd.DataFrame, n_layers: int) ->
     if choice == "last":
         return [n_layers - 1]
     if choice == "best":
-        return [int(table.sort_values(["test_accuracy", "layer"],
-                                      ascending=[False, True]).iloc[0]["layer"])]
+        return [
+            int(
+                table.sort_values(["test_accuracy", "layer"], ascending=[False, True]).iloc[0][
+                    "layer"
+                ]
+            )
+        ]
     raise ValueError(f"probe.proxy_layers: '{choice}' is not one of best, last, all or a list")

@@ -111,18 +111,35 @@ def score_module(
             with noise_perturbed(model, [(layer, module)], alpha, seed):
                 perturbed = layer_features(model, token_ids, pad_id, batch_size, pooling, layers)
             metrics = drift_metrics(clean, perturbed, labels, probes, layers)
-            rows.append({"layer": layer, "module": module, "perturbation": "noise",
-                         "alpha": float(alpha), "seed": seed, **metrics,
-                         "score": metrics[score]})
+            rows.append(
+                {
+                    "layer": layer,
+                    "module": module,
+                    "perturbation": "noise",
+                    "alpha": float(alpha),
+                    "seed": seed,
+                    **metrics,
+                    "score": metrics[score],
+                }
+            )
             log.info("L%d.%s alpha=%g seed=%d: %s", layer, module, alpha, seed, metrics)
     return pd.DataFrame(rows)
 
 
 ROBUSTNESS_COLUMNS = {
-    "layer": "int64", "module": "object", "perturbation": "object", "alpha": "float64",
-    "seed": "int64", "acc_before": "float64", "acc_after": "float64", "acc_drop": "float64",
-    "cosine_drift": "float64", "direction_shift": "float64", "score": "float64",
-    "model": "object", "proxy_layers": "object",
+    "layer": "int64",
+    "module": "object",
+    "perturbation": "object",
+    "alpha": "float64",
+    "seed": "int64",
+    "acc_before": "float64",
+    "acc_after": "float64",
+    "acc_drop": "float64",
+    "cosine_drift": "float64",
+    "direction_shift": "float64",
+    "score": "float64",
+    "model": "object",
+    "proxy_layers": "object",
 }
 
 
@@ -131,9 +148,11 @@ def check_robustness_table(df: pd.DataFrame) -> None:
     for column, dtype in ROBUSTNESS_COLUMNS.items():
         if column not in df.columns:
             raise ValueError(f"robustness table: missing column '{column}'")
-        if str(df[column].dtype) != dtype and not (dtype == "object" and
-                                                   str(df[column].dtype) in ("str", "string")):
-            raise ValueError(f"robustness table: column '{column}' is {df[column].dtype}, "
-                             f"expected {dtype}")
+        if str(df[column].dtype) != dtype and not (
+            dtype == "object" and str(df[column].dtype) in ("str", "string")
+        ):
+            raise ValueError(
+                f"robustness table: column '{column}' is {df[column].dtype}, expected {dtype}"
+            )
     if df.duplicated(["layer", "module", "perturbation", "alpha", "seed"]).any():
         raise ValueError("robustness table: duplicate (layer, module, perturbation, alpha, seed)")

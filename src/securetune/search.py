@@ -42,8 +42,15 @@ def greedy_search(
             break
         accuracy = evaluate([*selected, candidate])
         accepted = accuracy >= tau
-        rows.append({"step": step, "size": len(selected) + 1, "added": candidate,
-                     "probe_accuracy": accuracy, "accepted": accepted})
+        rows.append(
+            {
+                "step": step,
+                "size": len(selected) + 1,
+                "added": candidate,
+                "probe_accuracy": accuracy,
+                "accepted": accepted,
+            }
+        )
         if not accepted:
             reason = "tau"
             break

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny model built once per session, the repo root."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from securetune.models import TinyModelSpec, build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "resources" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    texts = [row[0] for row in csv.reader((DATA / "advbench_harmful_behaviors.csv").open())]
+    spec = TinyModelSpec(
+        layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        heads=4,
+        kv_heads=2,
+        vocab_size=400,
+        max_position_embeddings=256,
+    )
+    build_tiny_model(out, texts, spec, seed=0)
+    return out

@@ -1,0 +1,84 @@
+import copy
+
+import pytest
+import yaml
+
+from securetune.config import ConfigError, validate_config
+
+
+@pytest.fixture(scope="module")
+def schema(repo):
+    return repo / "schemas" / "config.schema.yaml"
+
+
+@pytest.fixture()
+def config(repo):
+    return copy.deepcopy(yaml.safe_load((repo / "config.yaml").read_text()))
+
+
+def test_shipped_configs_are_valid(repo, schema):
+    base = yaml.safe_load((repo / "config.yaml").read_text())
+    validate_config(base, schema)
+    for overlay in sorted((repo / "configs").glob("*.yaml")):
+        merged = _merge(copy.deepcopy(base), yaml.safe_load(overlay.read_text()))
+        validate_config(merged, schema)
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    """Snakemake's recursive update of the default config by --configfile."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def test_unknown_key_is_named(config, schema):
+    config["finetune"]["learning_rate"] = 1e-4
+    with pytest.raises(
+        ConfigError, match=r"unknown config key\(s\) \['learning_rate'\] under 'finetune'"
+    ):
+        validate_config(config, schema)
+
+
+def test_unknown_top_level_key_is_named(config, schema):
+    config["sead"] = 1
+    with pytest.raises(ConfigError, match=r"\['sead'\] at the top level"):
+        validate_config(config, schema)
+
+
+def test_wrong_type_names_the_key(config, schema):
+    config["finetune"]["steps"] = "ten"
+    with pytest.raises(ConfigError, match=r"'finetune\.steps': 'ten' is not of type 'integer'"):
+        validate_config(config, schema)
+
+
+def test_out_of_range_names_the_key_and_bounds(config, schema):
+    config["search"]["tau"] = 1.5
+    with pytest.raises(ConfigError, match=r"'search\.tau': 1\.5 is out of range .*'maximum': 1"):
+        validate_config(config, schema)
+
+
+def test_negative_gamma_is_refused(config, schema):
+    config["finetune"]["arms"]["ml_lr"]["gamma"] = -0.1
+    with pytest.raises(ConfigError, match=r"'finetune\.arms\.ml_lr\.gamma'"):
+        validate_config(config, schema)
+
+
+def test_ml_lr_arm_needs_gamma(config, schema):
+    del config["finetune"]["arms"]["ml_lr"]["gamma"]
+    with pytest.raises(ConfigError, match=r"finetune\.arms\.ml_lr.*'gamma' is a required"):
+        validate_config(config, schema)
+
+
+def test_unknown_module_type_lists_the_allowed(config, schema):
+    config["robustness"]["module_types"] = ["q", "qkv"]
+    with pytest.raises(ConfigError, match=r"'qkv' is not one of \['q', 'k'"):
+        validate_config(config, schema)
+
+
+def test_arm_named_base_is_reserved(config, schema):
+    config["finetune"]["arms"]["base"] = {"kind": "vanilla"}
+    with pytest.raises(ConfigError, match="finetune.arms"):
+        validate_config(config, schema)

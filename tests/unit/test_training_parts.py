@@ -1,0 +1,61 @@
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from securetune.features import layer_features, tokenize_prompts
+from securetune.finetune import IGNORE, batch_order, encode_examples, lr_factor
+from securetune.models import load_tokenizer
+from securetune.robustness import noise_perturbed
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedule_is_a_common_factor_so_group_ratios_hold(schedule):
+    factors = [lr_factor(s, 20, 0.1, schedule) for s in range(20)]
+    assert factors[0] == pytest.approx(0.5)  # warm-up: 2 steps
+    assert all(0.0 <= f <= 1.0 for f in factors)
+    if schedule == "constant":
+        assert factors[5:] == [1.0] * 15
+
+
+def test_batch_order_is_seeded_and_covers_epochs():
+    a = batch_order(10, 4, 5, seed=1)
+    assert a == batch_order(10, 4, 5, seed=1)
+    assert a != batch_order(10, 4, 5, seed=2)
+    assert sorted(sum(a[:2], []) + a[2][:2]) == list(range(10))
+
+
+def test_loss_mask_covers_exactly_the_response(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    [(ids, labels)] = encode_examples(tok, ["How are you?"], ["Fine, thanks."], 256)
+    answer = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE]
+    assert tok.decode(answer).startswith("Fine, thanks.")
+    assert labels[0] == IGNORE and len(ids) == len(labels)
+
+
+def test_features_do_not_depend_on_batch_companions(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = tokenize_prompts(tok, ["short", "a much longer prompt with more words in it"], 256)
+    together = layer_features(model, ids, tok.pad_token_id, batch_size=2)
+    alone = layer_features(model, ids[:1], tok.pad_token_id, batch_size=1)
+    assert together.shape == (2, 2, 32)
+    assert torch.allclose(together[:, :1], alone, atol=1e-5)
+
+
+def test_too_long_prompt_is_an_error(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    with pytest.raises(ValueError, match="max_prompt_tokens = 5"):
+        tokenize_prompts(tok, ["this prompt is longer than five tokens"], 5)
+
+
+def test_noise_is_seeded_and_restored(tiny_model_dir):
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    weight = model.model.layers[1].mlp.up_proj.weight
+    before = weight.detach().clone()
+    with noise_perturbed(model, [(1, "up")], alpha=1.0, seed=7):
+        first = weight.detach().clone()
+    with noise_perturbed(model, [(1, "up")], alpha=1.0, seed=7):
+        assert torch.equal(weight, first)
+    assert torch.equal(weight, before)
+    assert not torch.equal(first, before)
+    assert (first - before).std() == pytest.approx(before.std().item(), rel=0.1)

@@ -1,0 +1,61 @@
+"""Run the workflow from a copy of the repo, as a user would from a clone."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW_FILES = [
+    "Snakefile",
+    "config.yaml",
+    "rules",
+    "workflow_scripts",
+    "schemas",
+    "configs",
+    "resources",
+    "profiles",
+    "envs",
+    "src",
+]
+
+
+def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake from the venv in `workdir`; on failure, show its output."""
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "--cores", "2", *args]
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1800)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run as {rule: count}."""
+    counts = {}
+    table = output.split("Job stats:")[-1]
+    for line in table.splitlines():
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def planned_wildcards(output: str) -> list[str]:
+    """The `wildcards:` line of every job a dry run would run."""
+    return re.findall(r"^\s+wildcards: (.+)$", output, re.M)

@@ -1,0 +1,124 @@
+"""The tiny workflow for real, in a fresh folder: outputs, schemas, ranges, and what reruns."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from securetune.architectures import MODULE_TYPES, parse_module_name
+from securetune.robustness import check_robustness_table
+
+from .helpers import REPO, copy_workflow, job_counts, planned_wildcards, snakemake
+
+pytestmark = pytest.mark.slow
+TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+LAYERS = TINY["model"]["tiny"]["layers"]
+ARMS = list(TINY["finetune"]["arms"])
+BENCHMARKS = TINY["evaluation"]["benchmarks"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = copy_workflow(tmp_path_factory.mktemp("e2e") / "repo")
+    snakemake(workdir, "--configfile", "configs/tiny.yaml")
+    return workdir
+
+
+def test_robustness_table(run):
+    df = pd.read_parquet(run / "results" / "robustness.parquet")
+    check_robustness_table(df)
+    cfg = TINY["robustness"]
+    assert len(df) == LAYERS * len(MODULE_TYPES) * len(cfg["alphas"]) * cfg["seeds"]
+    assert set(df["module"]) == set(MODULE_TYPES)
+    assert sorted(set(df["layer"])) == list(range(LAYERS))
+    for column in ("acc_before", "acc_after"):
+        assert df[column].between(0, 1).all()
+    assert (df["cosine_drift"] >= 0).all() and (df["cosine_drift"] <= 2).all()
+    assert (df["direction_shift"] >= 0).all()
+    assert df["score"].equals(df[cfg["score"]])
+    # Perturbing a module changes the features of its own layer and above.
+    assert (df["cosine_drift"] > 0).all()
+
+
+def test_probe_table(run):
+    df = pd.read_parquet(run / "results" / "probe" / "accuracy.parquet")
+    assert df["layer"].tolist() == list(range(LAYERS))
+    assert df[["train_accuracy", "test_accuracy"]].stack().between(0, 1).all()
+    assert (df["n_test"] > 0).all()
+
+
+def test_plan_and_trace(run):
+    plan = json.loads((run / "results" / "search" / "plan.json").read_text())
+    assert plan["stop_reason"] in {"tau", "budget", "exhausted"}
+    assert plan["tau"] == TINY["search"]["tau"]
+    assert len(plan["modules"]) <= TINY["search"]["max_modules"]
+    assert all(parse_module_name(m)[0] < LAYERS for m in plan["modules"])
+    assert len(plan["ranking"]) == LAYERS * len(MODULE_TYPES)
+    trace = pd.read_parquet(run / "results" / "search" / "trace.parquet")
+    assert trace["probe_accuracy"].between(0, 1).all()
+    assert trace.loc[trace["accepted"], "size"].max() == len(plan["modules"])
+
+
+def test_finetune_outputs(run):
+    for arm in ARMS:
+        steps = pd.read_parquet(run / "results" / "finetune" / arm / "loss.parquet")
+        assert steps["step"].tolist() == list(range(TINY["finetune"]["steps"]))
+        assert steps["loss"].between(0, 20).all()
+        assert (steps["tokens"] > 0).all()
+        assert (run / "results" / "finetune" / arm / "model" / "model.safetensors").exists()
+    ml_lr = pd.read_parquet(run / "results" / "finetune" / "ml_lr" / "loss.parquet")
+    gamma = TINY["finetune"]["arms"]["ml_lr"]["gamma"]
+    assert ml_lr["lr_rest"].to_numpy() == pytest.approx(gamma * ml_lr["lr_robust"].to_numpy())
+
+
+def test_generations_and_scores(run):
+    for arm in ["base", *ARMS]:
+        for benchmark, n in BENCHMARKS.items():
+            gens = pd.read_parquet(run / "results" / "generations" / arm / f"{benchmark}.parquet")
+            assert len(gens) == n and gens["prompt_id"].is_unique
+            assert (gens["n_tokens"] <= TINY["generation"]["max_new_tokens"]).all()
+            scores = pd.read_parquet(run / "results" / "scores" / arm / f"{benchmark}.parquet")
+            assert scores["success"].dtype == bool and len(scores) == n
+
+
+def test_report(run):
+    report = run / "results" / "report"
+    table = pd.read_csv(report / "main_table.csv")
+    assert table["arm"].tolist() == ["base", *ARMS]
+    rates = pd.read_csv(report / "rates.csv")
+    assert ((rates["ci_low"] <= rates["value"]) & (rates["value"] <= rates["ci_high"])).all()
+    for png in ("robustness_heatmap.png", "loss_curves.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Mods_Robust" in (report / "report.md").read_text()
+
+
+def test_second_run_has_nothing_to_do(run):
+    result = snakemake(run, "--configfile", "configs/tiny.yaml")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_one_arm_reruns_only_that_arm(run):
+    changed = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
+    changed["finetune"]["arms"]["ml_lr"]["gamma"] = 0.3
+    (run / "configs" / "changed.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    plan = snakemake(run, "-n", "--configfile", "configs/changed.yaml").stdout
+    assert job_counts(plan) == {
+        "finetune": 1,
+        "generate": len(BENCHMARKS),
+        "score_generations": len(BENCHMARKS),
+        "report": 1,
+        "all": 1,
+    }
+    assert all("arm=ml_lr" in w for w in planned_wildcards(plan) if "arm=" in w)
+
+    vanilla = run / "results" / "finetune" / "vanilla" / "loss.parquet"
+    vanilla_before = (vanilla.stat().st_mtime_ns, vanilla.read_bytes())
+    old_ml_lr = pd.read_parquet(run / "results" / "finetune" / "ml_lr" / "loss.parquet")
+    snakemake(run, "--configfile", "configs/changed.yaml")
+    assert (vanilla.stat().st_mtime_ns, vanilla.read_bytes()) == vanilla_before
+    new_ml_lr = pd.read_parquet(run / "results" / "finetune" / "ml_lr" / "loss.parquet")
+    assert new_ml_lr["lr_rest"].to_numpy() == pytest.approx(0.3 * new_ml_lr["lr_robust"])
+    assert not new_ml_lr["lr_rest"].equals(old_ml_lr["lr_rest"])
