@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 CORES ?= 2
-PYTHON_SOURCES := src tests workflow_scripts bench
+PYTHON_SOURCES := $(wildcard src tests workflow_scripts bench)
 
 .PHONY: install demo test lint format clean
 
