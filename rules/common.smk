@@ -3,6 +3,7 @@ import os
 import shlex
 from pathlib import Path
 
+from securetune.checks import check_at_start
 from securetune.config import ConfigError, validate_config
 from securetune.architectures import MODULE_TYPES
 
@@ -50,6 +51,7 @@ def check_layer_choices():
 
 
 check_layer_choices()
+check_at_start(config, DATA_DIR)
 
 
 def settings(section):

@@ -48,3 +48,23 @@ rule prepare_eval_set:
         seed=config["seed"],
     script:
         "../workflow_scripts/prepare_eval_set.py"
+
+
+rule check_prompts:
+    """Probe and eval prompts fit data.max_prompt_tokens and the context (else: file, row, id)."""
+    input:
+        model="results/model/base",
+        tables=[
+            "results/data/probe.parquet",
+            *expand("results/data/eval/{benchmark}.parquet", benchmark=benchmarks()),
+        ],
+    output:
+        "results/data/prompt_check.json",
+    log:
+        "logs/check_prompts.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        max_prompt_tokens=config["data"]["max_prompt_tokens"],
+    script:
+        "../workflow_scripts/check_prompts.py"

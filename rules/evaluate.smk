@@ -3,6 +3,7 @@ rule generate:
     input:
         model=model_of_arm,
         prompts="results/data/eval/{benchmark}.parquet",
+        checked="results/data/prompt_check.json",
     output:
         "results/generations/{arm}/{benchmark}.parquet",
     log:

@@ -3,6 +3,7 @@ rule extract_features:
     input:
         model="results/model/base",
         probe_set="results/data/probe.parquet",
+        checked="results/data/prompt_check.json",
     output:
         "results/features/features.safetensors",
     log:

@@ -6,6 +6,7 @@ it) and reads safetensors only, so a downloaded model cannot execute anything th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -24,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from securetune.architectures import UnsupportedArchitecture, architecture
+from securetune.checks import check_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-
-
-class ModelFolderError(ValueError):
-    """The model folder cannot be used; the message says what is missing."""
 
 
 @dataclass(frozen=True)
@@ -107,64 +104,62 @@ def build_tiny_model(out_dir: Path, texts: list[str], spec: TinyModelSpec, seed:
     )
 
 
-def check_model_folder(path: Path, allow_pickle: bool = False) -> dict:
-    """Check a model folder before any expensive work; return its config.json."""
-    if not path.is_dir():
-        raise ModelFolderError(f"model folder '{path}' does not exist")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelFolderError(f"model folder '{path}' has no config.json")
-    weights = list(path.glob("*.safetensors"))
-    if not weights and not (allow_pickle and list(path.glob("*.bin"))):
-        raise ModelFolderError(
-            f"model folder '{path}' has no *.safetensors weights"
-            + (
-                ""
-                if allow_pickle
-                else " (pickle .bin weights are refused unless model.allow_pickle is true)"
-            )
-        )
-    config = json.loads(config_file.read_text())
-    model_type = config.get("model_type", "<missing>")
-    try:
-        architecture(model_type)
-    except UnsupportedArchitecture as err:
-        raise ModelFolderError(f"model folder '{path}': {err}") from err
-    tok_config = path / "tokenizer_config.json"
-    has_template = (path / "chat_template.jinja").exists() or (
-        tok_config.exists() and "chat_template" in json.loads(tok_config.read_text())
-    )
-    if not has_template:
-        raise ModelFolderError(
-            f"model folder '{path}': the tokenizer has no chat template; every prompt goes "
-            "through the model's own template, so give a chat model"
-        )
-    return config
-
-
-def copy_model_folder(src: Path, out_dir: Path, allow_pickle: bool = False) -> None:
-    check_model_folder(src, allow_pickle)
+def copy_model_folder(
+    src: Path, out_dir: Path, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> None:
+    check_model_folder(src, allow_pickle, trust_remote_code)
     shutil.copytree(src, out_dir, dirs_exist_ok=True)
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+POLICY_FILE = "securetune_model.json"
+
+
+def weights_revision(folder: Path) -> str:
+    """sha256 over the weight files (name and bytes): the model revision every output records."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_model_policy(folder: Path, model_cfg: dict) -> None:
+    """Record where the weights came from and how they may be loaded, inside the folder, so
+    every later job loads them under the same rules without being told again."""
+    policy = {
+        "source": model_cfg["source"],
+        "revision": weights_revision(folder),
+        "trust_remote_code": bool(model_cfg["trust_remote_code"]),
+        "allow_pickle": bool(model_cfg["allow_pickle"]),
+    }
+    (folder / POLICY_FILE).write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
+
+
+def model_policy(folder: str | Path) -> dict:
+    """The folder's policy; a folder without one gets the safe defaults."""
+    path = Path(folder) / POLICY_FILE
+    defaults = {"trust_remote_code": False, "allow_pickle": False, "revision": "unknown"}
+    return {**defaults, **json.loads(path.read_text())} if path.exists() else defaults
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    trust = model_policy(path)["trust_remote_code"]
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(
-    path: str | Path,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> PreTrainedModel:
+def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
+    """Load under the folder's policy: no remote code, safetensors only, unless it says so."""
+    policy = model_policy(path)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=getattr(torch, dtype),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=not allow_pickle,
+        trust_remote_code=policy["trust_remote_code"],
+        use_safetensors=not policy["allow_pickle"],
     )
     model.eval()
     return model

@@ -26,6 +26,7 @@ from securetune.models import (
     TinyModelSpec,
     build_tiny_model,
     copy_model_folder,
+    write_model_policy,
     load_model,
     load_tokenizer,
 )
@@ -48,13 +49,13 @@ def build_base_model(
             texts = [row[0] for path in text_files for row in csv.reader(path.open())]
             build_tiny_model(tmp, texts, TinyModelSpec(**model_cfg["tiny"]), seed)
         else:
-            source = Path(model_cfg["source"])
-            if not source.exists():
-                raise FileNotFoundError(
-                    f"model.source '{source}' is neither 'tiny' nor an existing folder "
-                    "(hub ids need the model downloaded first: huggingface-cli download)"
-                )
-            copy_model_folder(source, tmp, model_cfg["allow_pickle"])
+            copy_model_folder(
+                resolve_model_source(model_cfg["source"]),
+                tmp,
+                model_cfg["allow_pickle"],
+                model_cfg["trust_remote_code"],
+            )
+        write_model_policy(tmp, model_cfg)
 
 
 def resolve_model_source(source: str) -> Path:
@@ -88,6 +89,15 @@ def prepare_eval_set(
     data_dir: Path, out: Path, benchmark: str, n: int, probe_per_class: int, seed: int
 ) -> None:
     write_parquet(datasets.build_eval_set(data_dir, benchmark, n, seed, probe_per_class), out)
+
+
+def check_prompts(model_dir: Path, files: list[Path], max_prompt_tokens: int, out: Path) -> None:
+    """Fail with file, row and prompt id on a prompt too long for the limit or the model."""
+    from securetune.checks import write_prompt_check
+
+    config = json.loads((model_dir / "config.json").read_text())
+    context = int(config.get("max_position_embeddings", max_prompt_tokens))
+    write_prompt_check(load_tokenizer(model_dir), files, max_prompt_tokens, context, out)
 
 
 # --- features, probe, robustness, search ---------------------------------------------------------
