@@ -26,9 +26,9 @@ from securetune.models import (
     TinyModelSpec,
     build_tiny_model,
     copy_model_folder,
-    write_model_policy,
     load_model,
     load_tokenizer,
+    write_model_policy,
 )
 from securetune.probe import LayerProbes, accuracy_table, fit_probes, proxy_layers
 from securetune.robustness import check_robustness_table, noise_perturbed, score_module
