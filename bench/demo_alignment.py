@@ -15,6 +15,7 @@ writes every number to --out (JSON).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -100,6 +101,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON of every number (default: workdir)")
     # 1 on a crowded machine: two threads that wait for each other stall when one is descheduled.
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--reuse-unaligned", type=Path, help="a previous JSON: reuse its unaligned rows"
+    )
     args = parser.parse_args()
     setup_logging(args.workdir / "bench.log")
     torch.set_num_threads(args.threads)
@@ -124,7 +128,11 @@ def main() -> None:
         write_json({**result, "load_average": list(os.getloadavg())}, out)
 
     # The unaligned model first: its numbers do not depend on the alignment step.
-    result["rates"] = evaluate(args.unaligned, "unaligned", cfg, eval_sets)
+    if args.reuse_unaligned is not None:
+        previous = json.loads(args.reuse_unaligned.read_text())["rates"]
+        result["rates"] = [r for r in previous if r["arm"] == "unaligned"]
+    else:
+        result["rates"] = evaluate(args.unaligned, "unaligned", cfg, eval_sets)
     save()
     align_set = args.workdir / "align.parquet"
     prepare_alignment_set(
