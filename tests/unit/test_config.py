@@ -82,3 +82,44 @@ def test_arm_named_base_is_reserved(config, schema):
     config["finetune"]["arms"]["base"] = {"kind": "vanilla"}
     with pytest.raises(ConfigError, match="finetune.arms"):
         validate_config(config, schema)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("enabled", "yes", r"'align\.enabled': 'yes' is not of type 'boolean'"),
+        ("harmful", {"alpaca": 10}, r"'align\.harmful'.*'alpaca'"),
+        ("benign", {"gsm8k": 10}, r"'align\.benign'.*'gsm8k'"),
+        ("lookalike", {"xstest_safe": -1}, r"'align\.lookalike\.xstest_safe': -1 is out of range"),
+        ("lookalike_max_new_tokens", 0, r"'align\.lookalike_max_new_tokens': 0 is out of range"),
+        ("lr", 0, r"'align\.lr': 0 is out of range"),
+        ("epochs", 0, r"'align\.epochs': 0 is out of range"),
+        ("batch_size", 0, r"'align\.batch_size': 0 is out of range"),
+        ("max_seq_len", 4, r"'align\.max_seq_len': 4 is out of range"),
+        ("warmup_ratio", 2, r"'align\.warmup_ratio': 2 is out of range"),
+        ("schedule", "step", r"'align\.schedule': 'step' is not one of"),
+        (
+            "autocast",
+            "float16",
+            r"'align\.autocast': 'float16' is not one of \['none', 'bfloat16'\]",
+        ),
+    ],
+)
+def test_bad_align_values_name_the_key(config, schema, key, value, message):
+    config["align"][key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, schema)
+
+
+def test_arm_named_unaligned_is_reserved(config, schema):
+    config["finetune"]["arms"]["unaligned"] = {"kind": "vanilla"}
+    with pytest.raises(ConfigError, match="finetune.arms"):
+        validate_config(config, schema)
+
+
+def test_demo_config_is_a_full_config(repo, schema):
+    """configs/demo.yaml becomes config.yaml once the demo fits its time budget: it must stand
+    alone, with every section."""
+    demo = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())
+    validate_config(demo, schema)
+    assert demo["model"]["source"] == "smollm2-gguf" and demo["align"]["enabled"]

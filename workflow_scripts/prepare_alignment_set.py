@@ -1,0 +1,17 @@
+from pathlib import Path
+
+from securetune.io import setup_logging
+from securetune.stages import prepare_alignment_set
+
+setup_logging(snakemake.log[0])
+p = snakemake.params
+prepare_alignment_set(
+    Path(p.data_dir),
+    Path(snakemake.output[0]),
+    p.align,
+    p.probe_per_class,
+    p.eval_sizes,
+    p.ift_source,
+    p.ift_n,
+    p.seed,
+)
