@@ -82,3 +82,15 @@ def test_arm_named_base_is_reserved(config, schema):
     config["finetune"]["arms"]["base"] = {"kind": "vanilla"}
     with pytest.raises(ConfigError, match="finetune.arms"):
         validate_config(config, schema)
+
+
+def test_zero_training_processes_is_refused(config, schema):
+    config["finetune"]["processes"] = 0
+    with pytest.raises(ConfigError, match=r"'finetune\.processes': 0 is out of range"):
+        validate_config(config, schema)
+
+
+def test_fault_switch_takes_only_module_names(config, schema):
+    config["robustness"]["fail_modules"] = ["L1.qkv"]
+    with pytest.raises(ConfigError, match=r"'robustness\.fail_modules\.0'"):
+        validate_config(config, schema)
