@@ -92,3 +92,10 @@ def test_memory_grows_with_each_attempt(paper_plan):
     third = {j["rule"]: resources(j) for j in planned_jobs(retried.stdout + retried.stderr)}
     for rule in ("score_module", "finetune", "generate"):
         assert int(third[rule]["mem_mb"]) == 3 * int(first[rule]["mem_mb"])
+
+
+def test_nothing_site_specific_is_set(paper_plan):
+    """Account, partition and GPU model are the user's to set in slurm/config.yaml."""
+    for job in planned_jobs(paper_plan):
+        asked = resources(job)
+        assert not {"slurm_account", "slurm_partition", "gpu_model"} & asked.keys(), job
