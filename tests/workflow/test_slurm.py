@@ -39,9 +39,12 @@ def cluster_problem() -> str | None:
     """Why no SLURM cluster can take jobs here, or None when one can."""
     if shutil.which("sinfo") is None:
         return "SLURM is not installed (no sinfo)"
-    result = subprocess.run(
-        ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=60, check=False
-    )
+    try:
+        result = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return "no SLURM cluster answers within 20 s (sinfo)"
     if result.returncode != 0:
         return f"no SLURM cluster answers: {result.stderr.strip()[-300:]}"
     if not {"idle", "mixed", "allocated"} & set(result.stdout.split()):
