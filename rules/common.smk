@@ -76,6 +76,20 @@ def settings(section):
     return json.loads(json.dumps(config[section], sort_keys=True))
 
 
+def robustness_settings():
+    """The robustness section without its test-only fault switch, so that setting or clearing
+    the fault changes no healthy job's params (and reruns none)."""
+    section = settings("robustness")
+    section.pop("fail_modules", None)
+    return section
+
+
+def injected_failure(wildcards):
+    """True for the (layer, module) jobs that robustness.fail_modules (TEST ONLY) makes fail."""
+    name = f"L{wildcards.layer}.{wildcards.module_type}"
+    return name in config["robustness"].get("fail_modules", [])
+
+
 def robustness_jobs():
     """One Parquet per (layer, module type): the SLURM fan-out."""
     return expand(
@@ -147,6 +161,26 @@ def finetune_inputs(wildcards):
     if config["finetune"]["arms"][wildcards.arm]["kind"] == "ml_lr":
         inputs["plan"] = "results/search/plan.json"
     return inputs
+
+
+def training_processes():
+    """Processes per fine-tuning job (finetune.processes): torchrun's --nproc_per_node, and the
+    job's GPU count on a cluster (one process per GPU)."""
+    return config["finetune"].get("processes", 1)
+
+
+def training_launcher(wildcards):
+    """Plain python for one process; otherwise torchrun --standalone, which sets up its own
+    rendezvous on a free local port, so two training jobs on one node never collide."""
+    processes = training_processes()
+    if processes == 1:
+        return "python"
+    return f"torchrun --standalone --nproc_per_node={processes}"
+
+
+def threads_per_process(wildcards, threads):
+    """The job's threads shared among its training processes (OMP_NUM_THREADS of each)."""
+    return max(1, threads // training_processes())
 
 
 def plan_flag(wildcards, input):

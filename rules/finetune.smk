@@ -1,5 +1,6 @@
 rule finetune:
-    """Benign IFT of one arm; launched as a module so the cluster can run it under torchrun."""
+    """Benign IFT of one arm: python -m securetune.finetune, under torchrun when
+    finetune.processes > 1 (one process per GPU on a cluster)."""
     input:
         unpack(finetune_inputs),
     output:
@@ -12,11 +13,15 @@ rule finetune:
     conda:
         "../envs/torch.yaml"
     threads: 2
+    resources:
+        gpu=training_processes(),
     params:
         settings=arm_settings,
         plan=plan_flag,
+        launcher=training_launcher,
+        omp_threads=threads_per_process,
     shell:
-        "OMP_NUM_THREADS={threads} python -m securetune.finetune"
+        "OMP_NUM_THREADS={params.omp_threads} {params.launcher} -m securetune.finetune"
         " --model {input.model:q} --data {input.data:q} {params.plan}"
         " --arm-config {params.settings:q}"
         " --out-model {output.model:q} --out-log {output.steps:q} --log-file {log:q}"

@@ -16,12 +16,13 @@ rule score_module:
         "../envs/torch.yaml"
     threads: 1
     params:
-        robustness=settings("robustness"),
+        robustness=robustness_settings(),
         features=settings("features"),
         max_prompt_tokens=config["data"]["max_prompt_tokens"],
         dtype=config["model"]["dtype"],
         source=config["model"]["source"],
         seed=config["seed"],
+        inject_failure=injected_failure,
     script:
         "../workflow_scripts/score_module.py"
 

@@ -8,6 +8,12 @@ from securetune.stages import score_one_module
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 i, p = snakemake.input, snakemake.params
+if p.inject_failure:
+    # TEST ONLY (robustness.fail_modules): a failing cluster job, to test reporting and resuming.
+    raise RuntimeError(
+        f"injected failure of L{snakemake.wildcards.layer}.{snakemake.wildcards.module_type} "
+        "(config robustness.fail_modules, test only)"
+    )
 score_one_module(
     Path(i.model),
     Path(i.probe_set),

@@ -123,3 +123,15 @@ def test_demo_config_is_a_full_config(repo, schema):
     demo = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())
     validate_config(demo, schema)
     assert demo["model"]["source"] == "smollm2-gguf" and demo["align"]["enabled"]
+
+
+def test_zero_training_processes_is_refused(config, schema):
+    config["finetune"]["processes"] = 0
+    with pytest.raises(ConfigError, match=r"'finetune\.processes': 0 is out of range"):
+        validate_config(config, schema)
+
+
+def test_fault_switch_takes_only_module_names(config, schema):
+    config["robustness"]["fail_modules"] = ["L1.qkv"]
+    with pytest.raises(ConfigError, match=r"'robustness\.fail_modules\.0'"):
+        validate_config(config, schema)

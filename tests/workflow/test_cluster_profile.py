@@ -1,0 +1,101 @@
+"""The cluster profile (slurm/) with the workflow profile (profiles/default), by dry runs:
+what each job would ask SLURM for, and how fine-tuning is launched. No cluster needed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from .helpers import REPO, job_counts, snakemake
+
+
+def planned_jobs(output: str) -> list[dict[str, str]]:
+    """Each job of a dry run: its rule, wildcards, resources and shell command."""
+    jobs = []
+    for block in re.split(r"^(?:local)?rule ", output, flags=re.M)[1:]:
+        job = {"rule": block.split(":", 1)[0]}
+        for key in ("wildcards", "resources"):
+            match = re.search(rf"^\s+{key}: (.+)$", block, re.M)
+            job[key] = match.group(1) if match else ""
+        match = re.search(r"^Shell command: (.+)$", block, re.M)
+        job["shell"] = match.group(1) if match else ""
+        jobs.append(job)
+    return jobs
+
+
+def resources(job: dict[str, str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in job["resources"].split(", ") if "=" in item)
+
+
+@pytest.fixture(scope="module")
+def paper_plan():
+    result = snakemake(REPO, "--profile", "slurm", "-n", "--forceall")
+    return result.stdout + result.stderr
+
+
+def test_cluster_profile_runs_the_paper_config(paper_plan):
+    counts = job_counts(paper_plan)
+    assert counts["score_module"] == 32 * 7
+    assert "Using profiles slurm and workflow specific profile profiles/default" in paper_plan
+
+
+@pytest.mark.parametrize(
+    ("rule", "gpus"),
+    [("score_module", "1"), ("extract_features", "1"), ("generate", "1"), ("finetune", "1")],
+)
+def test_gpu_rules_ask_for_gpus_and_memory(paper_plan, rule, gpus):
+    jobs = [job for job in planned_jobs(paper_plan) if job["rule"] == rule]
+    assert jobs
+    for job in jobs:
+        asked = resources(job)
+        assert asked["gpu"] == gpus
+        assert int(asked["cpus_per_gpu"]) >= 1
+        assert int(asked["mem_mb"]) >= 16000  # a 7B model in bfloat16 is 13.5 GB
+        assert int(asked["runtime"]) > 0
+
+
+def test_cpu_rules_ask_for_no_gpu(paper_plan):
+    for job in planned_jobs(paper_plan):
+        if job["rule"] in ("prepare_eval_set", "score_generations", "report"):
+            assert "gpu" not in resources(job)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_finetune_launch_follows_the_process_count(tmp_path, processes):
+    overlay = tmp_path / "processes.yaml"
+    overlay.write_text(f"finetune:\n  processes: {processes}\n")
+    result = snakemake(
+        REPO,
+        "-n",
+        "--forceall",
+        "-p",
+        "results/finetune/vanilla/loss.parquet",
+        "--configfile",
+        "configs/tiny.yaml",
+        str(overlay),
+    )
+    (job,) = [j for j in planned_jobs(result.stdout) if j["rule"] == "finetune"]
+    assert resources(job)["gpu"] == str(processes)
+    if processes == 1:
+        assert "OMP_NUM_THREADS=2 python -m securetune.finetune" in job["shell"]
+    else:
+        assert (
+            "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m securetune.finetune"
+            in job["shell"]
+        )
+
+
+def test_memory_grows_with_each_attempt(paper_plan):
+    retried = snakemake(REPO, "--profile", "slurm", "-n", "--forceall", "--attempt", "3")
+    first = {j["rule"]: resources(j) for j in planned_jobs(paper_plan)}
+    third = {j["rule"]: resources(j) for j in planned_jobs(retried.stdout + retried.stderr)}
+    for rule in ("score_module", "finetune", "generate"):
+        assert int(third[rule]["mem_mb"]) == 3 * int(first[rule]["mem_mb"])
+
+
+def test_nothing_site_specific_is_set(paper_plan):
+    """Account, partition and GPU model are the user's to set in slurm/config.yaml."""
+    for job in planned_jobs(paper_plan):
+        asked = resources(job)
+        assert not {"slurm_account", "slurm_partition", "gpu_model"} & asked.keys(), job
