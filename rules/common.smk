@@ -4,7 +4,7 @@ import shlex
 from pathlib import Path
 
 from securetune.config import ConfigError, validate_config
-from securetune.architectures import MODULE_TYPES
+from securetune.architectures import MODULE_TYPES, module_name
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -58,6 +58,13 @@ def settings(section):
     return json.loads(json.dumps(config[section], sort_keys=True))
 
 
+def probe_spec():
+    """The data.probe_* keys: what the probe set takes first from each source, so every other
+    slice (evaluation, IFT) of that source can start after it."""
+    probe = {k: v for k, v in config["data"].items() if k.startswith("probe_")}
+    return json.loads(json.dumps(probe, sort_keys=True))
+
+
 def robustness_jobs():
     """One Parquet per (layer, module type): the SLURM fan-out."""
     return expand(
@@ -65,6 +72,31 @@ def robustness_jobs():
         layer=range(number_of_layers()),
         module_type=config["robustness"]["module_types"],
     )
+
+
+def scored_modules():
+    """(layer, module type) of every scored module, layer-major, as the jobs take them."""
+    return [
+        (layer, module_type)
+        for layer in range(number_of_layers())
+        for module_type in config["robustness"]["module_types"]
+    ]
+
+
+def module_chunks():
+    """`robustness.modules_per_job` consecutive modules per job (layer-major, so a chunk of 7
+    is one layer and shares its cached prefix)."""
+    size = config["robustness"]["modules_per_job"]
+    modules = scored_modules()
+    return [modules[i : i + size] for i in range(0, len(modules), size)]
+
+
+def robustness_file(layer, module_type):
+    return f"results/robustness/layer{layer}/{module_type}.parquet"
+
+
+def module_names(modules):
+    return [module_name(layer, module_type) for layer, module_type in modules]
 
 
 def arms():

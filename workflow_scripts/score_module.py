@@ -3,20 +3,20 @@ from pathlib import Path
 import torch
 
 from securetune.io import setup_logging
-from securetune.stages import score_one_module
+from securetune.stages import score_modules
 
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 i, p = snakemake.input, snakemake.params
-score_one_module(
+score_modules(
     Path(i.model),
     Path(i.probe_set),
     Path(i.features),
     Path(i.probes),
     Path(i.proxy),
-    Path(snakemake.output[0]),
-    int(snakemake.wildcards.layer),
-    snakemake.wildcards.module_type,
+    Path(i.ift_set),
+    [Path(f) for f in snakemake.output],
+    list(p.modules),
     p.robustness,
     p.features,
     p.max_prompt_tokens,
