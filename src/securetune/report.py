@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -159,6 +160,7 @@ def plot_robustness_by_depth(robustness: pd.DataFrame, metrics: list[str], path:
                 )
             ax.set_title(f"{perturbation}: {METRIC_LABELS.get(metric, metric)}", fontsize=9)
             ax.set_ylabel(metric)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if row == len(metrics) - 1:
                 ax.set_xlabel("layer")
     axes[0, -1].legend(title="module", fontsize=7, ncol=2)
