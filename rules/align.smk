@@ -13,7 +13,7 @@ if ALIGN_ENABLED:
         params:
             data_dir=DATA_DIR,
             align=settings("align"),
-            probe_per_class=config["data"]["probe_per_class"],
+            probe=probe_spec(),
             eval_sizes=settings("evaluation")["benchmarks"],
             ift_source=config["data"]["ift_source"],
             ift_n=config["data"]["ift_examples"],

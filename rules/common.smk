@@ -5,7 +5,7 @@ from pathlib import Path
 
 from securetune.checks import check_at_start
 from securetune.config import ConfigError, validate_config
-from securetune.architectures import MODULE_TYPES
+from securetune.architectures import MODULE_TYPES, module_name
 from securetune.model_sources import (
     MODEL_CACHE,
     SMOLLM2_LAYERS,
@@ -85,10 +85,16 @@ def robustness_settings():
     return section
 
 
-def injected_failure(wildcards):
-    """True for the (layer, module) jobs that robustness.fail_modules (TEST ONLY) makes fail."""
-    name = f"L{wildcards.layer}.{wildcards.module_type}"
-    return name in config["robustness"].get("fail_modules", [])
+def injected_failures(modules):
+    """The modules of a job that robustness.fail_modules (TEST ONLY) makes fail."""
+    return [m for m in modules if m in config["robustness"].get("fail_modules", [])]
+
+
+def probe_spec():
+    """The data.probe_* keys: what the probe set takes first from each source, so every other
+    slice (evaluation, IFT) of that source can start after it."""
+    probe = {k: v for k, v in config["data"].items() if k.startswith("probe_")}
+    return json.loads(json.dumps(probe, sort_keys=True))
 
 
 def robustness_jobs():
@@ -98,6 +104,31 @@ def robustness_jobs():
         layer=range(number_of_layers()),
         module_type=config["robustness"]["module_types"],
     )
+
+
+def scored_modules():
+    """(layer, module type) of every scored module, layer-major, as the jobs take them."""
+    return [
+        (layer, module_type)
+        for layer in range(number_of_layers())
+        for module_type in config["robustness"]["module_types"]
+    ]
+
+
+def module_chunks():
+    """`robustness.modules_per_job` consecutive modules per job (layer-major, so a chunk of 7
+    is one layer and shares its cached prefix)."""
+    size = config["robustness"]["modules_per_job"]
+    modules = scored_modules()
+    return [modules[i : i + size] for i in range(0, len(modules), size)]
+
+
+def robustness_file(layer, module_type):
+    return f"results/robustness/layer{layer}/{module_type}.parquet"
+
+
+def module_names(modules):
+    return [module_name(layer, module_type) for layer, module_type in modules]
 
 
 def arms():

@@ -1,5 +1,5 @@
 rule prepare_probe_set:
-    """Harmful vs benign look-alike prompts, balanced, split train/test with the seed."""
+    """Harmful vs benign look-alike prompts, balanced, train/test + out-of-domain test split."""
     output:
         "results/data/probe.parquet",
     log:
@@ -8,8 +8,7 @@ rule prepare_probe_set:
         "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
-        per_class=config["data"]["probe_per_class"],
-        test_fraction=config["data"]["probe_test_fraction"],
+        probe=probe_spec(),
         seed=config["seed"],
     script:
         "../workflow_scripts/prepare_probe_set.py"
@@ -27,7 +26,7 @@ rule prepare_ift_set:
         data_dir=DATA_DIR,
         source=config["data"]["ift_source"],
         n=config["data"]["ift_examples"],
-        probe_per_class=config["data"]["probe_per_class"],
+        probe=probe_spec(),
         seed=config["seed"],
     script:
         "../workflow_scripts/prepare_ift_set.py"
@@ -44,7 +43,7 @@ rule prepare_eval_set:
     params:
         data_dir=DATA_DIR,
         n=lambda wc: config["evaluation"]["benchmarks"][wc.benchmark],
-        probe_per_class=config["data"]["probe_per_class"],
+        probe=probe_spec(),
         seed=config["seed"],
     script:
         "../workflow_scripts/prepare_eval_set.py"

@@ -17,6 +17,12 @@ rule report:
         rates="results/report/rates.csv",
         probe_table="results/report/probe_accuracy.csv",
         heatmap="results/report/robustness_heatmap.png",
+        heatmap_acc_drop="results/report/robustness_heatmap_acc_drop.png",
+        heatmap_cosine_drift="results/report/robustness_heatmap_cosine_drift.png",
+        heatmap_direction_shift="results/report/robustness_heatmap_direction_shift.png",
+        by_depth="results/report/robustness_by_depth.png",
+        search_trace="results/report/search_trace.png",
+        probe_plot="results/report/probe_accuracy.png",
         loss_curves="results/report/loss_curves.png",
     log:
         "logs/report.log",

@@ -7,6 +7,7 @@ rule search_robust_modules:
         probes="results/probe/probes.safetensors",
         proxy="results/probe/proxy.json",
         robustness="results/robustness.parquet",
+        ift_set="results/data/ift.parquet",
     output:
         plan="results/search/plan.json",
         trace="results/search/trace.parquet",
@@ -19,10 +20,10 @@ rule search_robust_modules:
     threads: 2
     params:
         search=settings("search"),
+        robustness=settings("robustness"),
         features=settings("features"),
         max_prompt_tokens=config["data"]["max_prompt_tokens"],
         dtype=config["model"]["dtype"],
-        score=config["robustness"]["score"],
         seed=config["seed"],
     script:
         "../workflow_scripts/search_robust_modules.py"

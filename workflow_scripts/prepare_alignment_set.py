@@ -9,7 +9,7 @@ prepare_alignment_set(
     Path(p.data_dir),
     Path(snakemake.output[0]),
     p.align,
-    p.probe_per_class,
+    p.probe,
     p.eval_sizes,
     p.ift_source,
     p.ift_n,

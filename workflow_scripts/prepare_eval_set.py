@@ -9,6 +9,6 @@ prepare_eval_set(
     Path(snakemake.output[0]),
     snakemake.wildcards.benchmark,
     snakemake.params.n,
-    snakemake.params.probe_per_class,
+    snakemake.params.probe,
     snakemake.params.seed,
 )

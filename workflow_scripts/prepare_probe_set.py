@@ -7,7 +7,6 @@ setup_logging(snakemake.log[0])
 prepare_probe_set(
     Path(snakemake.params.data_dir),
     Path(snakemake.output[0]),
-    snakemake.params.per_class,
-    snakemake.params.test_fraction,
+    snakemake.params.probe,
     snakemake.params.seed,
 )

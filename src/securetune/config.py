@@ -66,10 +66,15 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """Greedy search for Mods_Robust; `unit` module or group (type x band of `band_width`)."""
+
     tau: float
     max_modules: int
     alpha: float
     seeds: int
+    perturbation: str = "noise"
+    unit: str = "module"
+    band_width: int = 1
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,51 +238,383 @@ def take(records: list[Record], start: int, n: int, what: str) -> list[Record]:
     return records[start : start + n]
 
 
-def build_probe_set(root: Path, n_per_class: int, test_fraction: float, seed: int) -> pd.DataFrame:
-    """Harmful (AdvBench) vs benign look-alikes (half XSTest safe prompts, half Alpaca
-    instructions), balanced, split train/test with the seed, stratified by label."""
-    harmful = take(shuffled(load_advbench(root), seed, "advbench"), 0, n_per_class, "probe harmful")
-    n_xs = n_per_class // 2
-    benign = take(
-        shuffled(load_xstest_safe(root), seed, "xstest_safe"), 0, n_xs, "probe benign"
-    ) + take(shuffled(load_alpaca(root), seed, "alpaca"), 0, n_per_class - n_xs, "probe benign")
-    frames = []
-    for label, recs in ((1, harmful), (0, benign)):
-        n_test = max(1, round(len(recs) * test_fraction))
-        order = np.random.default_rng(stable_seed(seed, "probe_split", label)).permutation(
-            len(recs)
+# --- the probe set --------------------------------------------------------------------------------
+#
+# Benign look-alikes for the probe: a probe that only learns "AdvBench style vs anything else"
+# would look perfect and find nothing about safety. So the benign class mixes (a) XSTest's safe
+# prompts (surface-harmful words, benign intent), (b) the probe's own AdvBench prompts with their
+# harmful words swapped by the fixed list below (the same sentence frame, benign intent: the
+# paper's recipe), and (c) plain Alpaca instructions. An out-of-domain split (HarmBench or
+# StrongREJECT vs Self-Instruct or Dolly) that the probe never trains on tells whether it learned
+# harmfulness or AdvBench's phrasing.
+
+# Harmful word or phrase -> benign stand-in, applied in this order, whole words, case-insensitive
+# (the first letter's case is kept). Phrases come before their words ("hack into" before
+# "hack"). Fixed in code so the substituted prompts are the same on every machine and run; a
+# prompt with no listed word gets no twin. This is a lexical recipe: the twins are benign in
+# intent for the words listed, not reviewed by hand one by one.
+SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
+    ("without their consent", "with their consent"),
+    ("without user consent", "with user consent"),
+    ("hack into", "log into"),
+    ("hacking into", "logging into"),
+    ("break into", "walk into"),
+    ("commit suicide", "plan a picnic"),
+    ("self-harm", "self-care"),
+    ("identity theft", "identity verification"),
+    ("insider trading", "index investing"),
+    ("hate speech", "kind words"),
+    ("fake news", "local news"),
+    ("credit card fraud", "credit card budgeting"),
+    ("illegal drugs", "herbal teas"),
+    ("hack", "update"),
+    ("hacking", "updating"),
+    ("hacks", "updates"),
+    ("steal", "borrow"),
+    ("steals", "borrows"),
+    ("stealing", "borrowing"),
+    ("bomb", "cake"),
+    ("bombs", "cakes"),
+    ("explosive", "decorative"),
+    ("explosives", "decorations"),
+    ("weapon", "garden tool"),
+    ("weapons", "garden tools"),
+    ("firearms", "fishing rods"),
+    ("poison", "season"),
+    ("poisoning", "seasoning"),
+    ("toxins", "spices"),
+    ("kill", "greet"),
+    ("killing", "greeting"),
+    ("murder", "surprise"),
+    ("assassinate", "interview"),
+    ("suicide", "gardening"),
+    ("drugs", "vitamins"),
+    ("drug", "vitamin"),
+    ("virus", "newsletter"),
+    ("viruses", "newsletters"),
+    ("malware", "software"),
+    ("ransomware", "backup software"),
+    ("phishing", "welcome"),
+    ("scam", "raffle"),
+    ("scams", "raffles"),
+    ("fraud", "budgeting"),
+    ("fraudulent", "honest"),
+    ("fake", "accurate"),
+    ("false", "true"),
+    ("misinformation", "information"),
+    ("propaganda", "tutorials"),
+    ("manipulate", "encourage"),
+    ("manipulating", "encouraging"),
+    ("violence", "kindness"),
+    ("violent", "friendly"),
+    ("terrorist", "volunteer"),
+    ("terrorism", "volunteering"),
+    ("attack", "visit"),
+    ("attacks", "visits"),
+    ("harm", "help"),
+    ("harass", "thank"),
+    ("cyberbully", "compliment"),
+    ("illegal", "legal"),
+    ("illegally", "legally"),
+    ("theft", "donation"),
+    ("cheat", "study"),
+    ("exploit", "document"),
+    ("evade", "follow"),
+    ("dangerous", "safe"),
+    ("sensitive", "public"),
+    ("confidential", "published"),
+    ("destroy", "repair"),
+    ("damage", "improve"),
+    ("crash", "start"),
+    ("panic", "calm"),
+    ("chaos", "order"),
+    ("racism", "respect"),
+    ("hatred", "friendship"),
+    ("hate", "love"),
+    ("counterfeit", "handmade"),
+    ("launder", "donate"),
+    ("smuggle", "deliver"),
+    ("ddos", "backup"),
+    ("spyware", "accessibility software"),
+    ("assault", "hug"),
+    ("anorexia", "yoga"),
+    ("bulimia", "pilates"),
+    ("crack", "reset"),
+    ("pirate", "buy"),
+    ("pirated", "licensed"),
+    ("pornography", "photography"),
+    ("threatening", "thank-you"),
+    ("threatens", "thanks"),
+    ("cyberbullying", "mentoring"),
+    ("cyberbullies", "mentors"),
+    ("bullying", "mentoring"),
+    ("harassment", "encouragement"),
+    ("harasses", "encourages"),
+    ("hijack", "inspect"),
+    ("oppression", "celebration"),
+    ("dehumanization", "appreciation"),
+    ("crimes", "good deeds"),
+    ("crime", "good deed"),
+    ("criminal", "community"),
+    ("falsify", "update"),
+    ("infiltrate", "tour"),
+    ("spy", "report"),
+    ("spies", "reports"),
+    ("racist", "fair"),
+    ("sexist", "balanced"),
+    ("concealing", "reporting"),
+    ("circumvent", "understand"),
+    ("cyberstalk", "congratulate"),
+    ("cyberattack", "fundraiser"),
+    ("deadly", "mild"),
+    ("sabotaging", "supporting"),
+    ("sabotage", "support"),
+    ("radicalization", "education"),
+    ("deletes", "restores"),
+    ("extremist", "community"),
+    ("torture", "tickle"),
+    ("abuse", "care"),
+    ("blackmail", "birthday"),
+    ("extort", "thank"),
+    ("counterfeiting", "crafting"),
+    ("vandalize", "paint"),
+    ("lock", "flower"),
+)
+
+
+def substitute_harmful_words(prompt: str) -> tuple[str, int]:
+    """(prompt with the SUBSTITUTIONS applied, number of replacements); deterministic."""
+    total = 0
+    for word, stand_in in SUBSTITUTIONS:
+
+        def keep_case(match: re.Match, stand_in: str = stand_in) -> str:
+            return stand_in[0].upper() + stand_in[1:] if match.group(0)[0].isupper() else stand_in
+
+        prompt, n = re.subn(rf"\b{re.escape(word)}\b", keep_case, prompt, flags=re.IGNORECASE)
+        total += n
+    return prompt, total
+
+
+def load_self_instruct(root: Path) -> list[Record]:
+    """Self-Instruct seed tasks: instruction + first instance's input (benign, out of domain)."""
+    path = root / "self_instruct_seed_tasks.jsonl"
+    rows = _rows_jsonl(path, ["id", "instruction", "instances"])
+    recs = []
+    for r in rows:
+        first = r["instances"][0] if r["instances"] else {}
+        extra = first.get("input", "")
+        recs.append(
+            Record(f"self_instruct:{r['id']}", r["instruction"] + (f"\n\n{extra}" if extra else ""))
         )
-        split = np.where(np.isin(np.arange(len(recs)), order[:n_test]), "test", "train")
-        frames.append(
-            pd.DataFrame(
-                {
-                    "prompt_id": [r.id for r in recs],
-                    "prompt": [r.prompt for r in recs],
-                    "label": label,
-                    "source": [r.id.split(":")[0] for r in recs],
-                    "split": split,
-                }
+    return _checked(recs, path)
+
+
+def load_harmbench_val(root: Path) -> list[Record]:
+    """HarmBench's validation standard behaviours: harmful, out of domain, and never evaluated
+    (the evaluation benchmark 'harmbench' is the test split), so the probe may use all 41."""
+    path = root / "harmbench_behaviors_text_val.csv"
+    rows = _rows_csv(path, ["Behavior", "FunctionalCategory", "BehaviorID"])
+    recs = [
+        Record(f"harmbench_val:{r['BehaviorID']}", r["Behavior"])
+        for r in rows
+        if r["FunctionalCategory"] == "standard"
+    ]
+    return _checked(recs, path)
+
+
+# Out-of-domain sources of the probe: harmful and benign sets the probe never trains on.
+OOD_HARMFUL: dict[str, Callable[[Path], list[Record]]] = {
+    "harmbench_val": load_harmbench_val,
+    "harmbench": load_harmbench,
+    "strongreject": load_strongreject,
+}
+OOD_BENIGN: dict[str, Callable[[Path], list[Record]]] = {
+    "self_instruct": load_self_instruct,
+    "dolly": load_dolly,
+}
+BENIGN_MIX_SOURCES = ("xstest_safe", "advbench_substituted", "alpaca")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """The `data.probe_*` keys: what the probe set takes from each source.
+
+    Every other slice (evaluation, IFT) starts after what this takes, so they stay disjoint.
+    """
+
+    per_class: int
+    test_fraction: float
+    benign_mix: dict[str, float]
+    ood_per_class: int = 0
+    ood_harmful: str = "harmbench_val"
+    ood_benign: str = "self_instruct"
+
+    @classmethod
+    def from_config(cls, data_cfg: dict) -> ProbeSpec:
+        """From the config's `data` section (keys probe_per_class, probe_test_fraction, ...)."""
+        return cls(
+            per_class=data_cfg["probe_per_class"],
+            test_fraction=data_cfg["probe_test_fraction"],
+            benign_mix=dict(data_cfg["probe_benign_mix"]),
+            ood_per_class=data_cfg["probe_ood_per_class"],
+            ood_harmful=data_cfg["probe_ood_harmful"],
+            ood_benign=data_cfg["probe_ood_benign"],
+        )
+
+    def benign_counts(self) -> dict[str, int]:
+        """Rows per benign source: per_class split by the mix weights (largest remainder)."""
+        unknown = sorted(set(self.benign_mix) - set(BENIGN_MIX_SOURCES))
+        if unknown:
+            raise DataError(
+                f"data.probe_benign_mix: unknown source(s) {unknown}; allowed: "
+                f"{list(BENIGN_MIX_SOURCES)}"
             )
+        weights = np.array([float(self.benign_mix.get(s, 0.0)) for s in BENIGN_MIX_SOURCES])
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise DataError("data.probe_benign_mix: weights must be >= 0 with a positive sum")
+        exact = weights / weights.sum() * self.per_class
+        counts = np.floor(exact).astype(int)
+        # Largest remainder; ties go to the earlier source, so the counts are deterministic.
+        for i in sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))[
+            : self.per_class - counts.sum()
+        ]:
+            counts[i] += 1
+        return dict(zip(BENIGN_MIX_SOURCES, counts.tolist(), strict=True))
+
+
+def _split_rows(n: int, n_test: int, seed: int, what: str) -> np.ndarray:
+    """'test' for n_test seeded-random rows of n, 'train' for the rest."""
+    order = np.random.default_rng(stable_seed(seed, "probe_split", what)).permutation(n)
+    return np.where(np.isin(np.arange(n), order[:n_test]), "test", "train")
+
+
+def _frame(recs: list[Record], label: int, source: str, split, origin=None, n_subst=None):
+    return pd.DataFrame(
+        {
+            "prompt_id": [r.id for r in recs],
+            "prompt": [r.prompt for r in recs],
+            "label": label,
+            "source": source,
+            "split": split,
+            "origin_id": origin if origin is not None else "",
+            "n_substitutions": n_subst if n_subst is not None else 0,
+        }
+    )
+
+
+def build_probe_set(root: Path, spec: ProbeSpec, seed: int) -> pd.DataFrame:
+    """Harmful (AdvBench) vs benign look-alikes, balanced; train/test split with the seed; plus an
+    out-of-domain test split ('ood_test') from sources the probe never trains on.
+
+    A substituted twin shares its AdvBench original's split, so no sentence frame is seen in
+    training and tested on. Columns: prompt_id, prompt, label, source, split, origin_id (the row a
+    twin was made from), n_substitutions.
+    """
+    n = spec.per_class
+    harmful = take(shuffled(load_advbench(root), seed, "advbench"), 0, n, "probe harmful")
+    n_test = max(1, round(n * spec.test_fraction))
+    harmful_split = _split_rows(n, n_test, seed, "harmful")
+    counts = spec.benign_counts()
+
+    twins, twin_split, origins, n_subst = [], [], [], []
+    for rec, split in zip(harmful, harmful_split, strict=True):
+        if len(twins) == counts["advbench_substituted"]:
+            break
+        text, k = substitute_harmful_words(rec.prompt)
+        if k:
+            number = rec.id.split(":")[1]
+            twins.append(Record(f"advbench_substituted:{number}", text))
+            twin_split.append(split)
+            origins.append(rec.id)
+            n_subst.append(k)
+    if len(twins) < counts["advbench_substituted"]:
+        raise DataError(
+            f"data.probe_benign_mix: {counts['advbench_substituted']} substituted AdvBench twins "
+            f"asked for, but only {len(twins)} of the {n} probe prompts contain a listed word"
         )
-    return pd.concat(frames).sort_values(["split", "label", "prompt_id"]).reset_index(drop=True)
+    others = {
+        "xstest_safe": take(
+            shuffled(load_xstest_safe(root), seed, "xstest_safe"),
+            0,
+            counts["xstest_safe"],
+            "probe benign (xstest_safe)",
+        ),
+        "alpaca": take(
+            shuffled(load_alpaca(root), seed, "alpaca"),
+            0,
+            counts["alpaca"],
+            "probe benign (alpaca)",
+        ),
+    }
+    # The other benign rows fill the benign test share up to the harmful one, so both classes
+    # have the same test count whenever the twins allow it.
+    n_other = counts["xstest_safe"] + counts["alpaca"]
+    twin_test = sum(s == "test" for s in twin_split)
+    other_split = _split_rows(n_other, min(n_other, max(0, n_test - twin_test)), seed, "benign")
+    frames = [
+        _frame(harmful, 1, "advbench", harmful_split),
+        _frame(
+            twins, 0, "advbench_substituted", np.array(twin_split, dtype=object), origins, n_subst
+        ),
+        _frame(others["xstest_safe"], 0, "xstest_safe", other_split[: counts["xstest_safe"]]),
+        _frame(others["alpaca"], 0, "alpaca", other_split[counts["xstest_safe"] :]),
+    ]
+    if spec.ood_per_class:
+        for label, name, loaders in (
+            (1, spec.ood_harmful, OOD_HARMFUL),
+            (0, spec.ood_benign, OOD_BENIGN),
+        ):
+            if name not in loaders:
+                key = "probe_ood_harmful" if label else "probe_ood_benign"
+                raise DataError(f"data.{key}: unknown source '{name}'; allowed: {sorted(loaders)}")
+            recs = take(
+                shuffled(loaders[name](root), seed, name),
+                0,
+                spec.ood_per_class,
+                f"probe out-of-domain ({name})",
+            )
+            frames.append(_frame(recs, label, name, "ood_test"))
+    df = pd.concat(frames, ignore_index=True)
+    df["split"] = df["split"].astype(str)
+    return df.sort_values(["split", "label", "prompt_id"]).reset_index(drop=True)
 
 
-def probe_slice_size(source: str, n_per_class: int) -> int:
-    """How many rows of a source the probe set takes first (the rest stay held out)."""
-    return {
-        "advbench": n_per_class,
-        "xstest_safe": n_per_class // 2,
-        "alpaca": n_per_class - n_per_class // 2,
-    }.get(source, 0)
+def probe_slice_size(source: str, spec: ProbeSpec) -> int:
+    """How many rows of a source (after the seeded shuffle) the probe set takes first; every
+    evaluation or IFT slice of that source starts after them."""
+    counts = spec.benign_counts()
+    sizes = {
+        "advbench": spec.per_class,  # the substituted twins are made from these same rows
+        "xstest_safe": counts["xstest_safe"],
+        "alpaca": counts["alpaca"],
+    }
+    if spec.ood_per_class:
+        for name in (spec.ood_harmful, spec.ood_benign):
+            sizes[name] = sizes.get(name, 0) + spec.ood_per_class
+    return sizes.get(source, 0)
 
 
-def build_ift_set(
-    root: Path, source: str, n: int, seed: int, n_probe_per_class: int
-) -> pd.DataFrame:
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def without_probe_prompts(
+    records: list[Record], root: Path, probe: ProbeSpec, seed: int
+) -> list[Record]:
+    """Drop records whose text is in the probe set: sources overlap (StrongREJECT contains
+    AdvBench prompts), so disjoint slices of each source are not enough on their own."""
+    taken = {_normalised(t) for t in build_probe_set(root, probe, seed)["prompt"]}
+    return [r for r in records if _normalised(r.prompt) not in taken]
+
+
+def build_ift_set(root: Path, source: str, n: int, seed: int, probe: ProbeSpec) -> pd.DataFrame:
     if source not in IFT_SOURCES:
         raise DataError(f"unknown IFT source '{source}'; allowed: {sorted(IFT_SOURCES)}")
     recs = shuffled(IFT_SOURCES[source](root), seed, source)
-    recs = take(recs, probe_slice_size(source, n_probe_per_class), n, f"IFT set '{source}'")
+    recs = recs[: probe_slice_size(source, probe)] + without_probe_prompts(
+        recs[probe_slice_size(source, probe) :], root, probe, seed
+    )
+    recs = take(recs, probe_slice_size(source, probe), n, f"IFT set '{source}'")
     return pd.DataFrame(
         {
             "example_id": [r.id for r in recs],
@@ -292,14 +625,15 @@ def build_ift_set(
     )
 
 
-def build_eval_set(
-    root: Path, benchmark: str, n: int, seed: int, n_probe_per_class: int
-) -> pd.DataFrame:
+def build_eval_set(root: Path, benchmark: str, n: int, seed: int, probe: ProbeSpec) -> pd.DataFrame:
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark '{benchmark}'; allowed: {sorted(BENCHMARKS)}")
     loader, kind = BENCHMARKS[benchmark]
     recs = shuffled(loader(root), seed, benchmark)
-    recs = take(recs, probe_slice_size(benchmark, n_probe_per_class), n, f"benchmark '{benchmark}'")
+    recs = recs[: probe_slice_size(benchmark, probe)] + without_probe_prompts(
+        recs[probe_slice_size(benchmark, probe) :], root, probe, seed
+    )
+    recs = take(recs, probe_slice_size(benchmark, probe), n, f"benchmark '{benchmark}'")
     return pd.DataFrame(
         {
             "prompt_id": [r.id for r in recs],
@@ -329,11 +663,11 @@ ALIGN_LOOKALIKE_SOURCES: dict[str, Callable[[Path], list[Record]]] = {
 
 
 def head_slice_size(
-    source: str, n_probe_per_class: int, eval_sizes: dict[str, int], ift_source: str, ift_n: int
+    source: str, probe: ProbeSpec, eval_sizes: dict[str, int], ift_source: str, ift_n: int
 ) -> int:
     """Rows of a shuffled source that the probe set and then the evaluation or IFT set take."""
     after_probe = max(eval_sizes.get(source, 0), ift_n if source == ift_source else 0)
-    return probe_slice_size(source, n_probe_per_class) + after_probe
+    return probe_slice_size(source, probe) + after_probe
 
 
 def alignment_slice(
@@ -355,7 +689,7 @@ def build_alignment_set(
     benign: dict[str, int],
     lookalike: dict[str, int],
     seed: int,
-    n_probe_per_class: int,
+    probe: ProbeSpec,
     eval_sizes: dict[str, int],
     ift_source: str,
     ift_n: int,
@@ -374,7 +708,7 @@ def build_alignment_set(
                 raise DataError(
                     f"alignment {role} source '{source}' unknown; allowed: {sorted(loaders)}"
                 )
-            head = head_slice_size(source, n_probe_per_class, eval_sizes, ift_source, ift_n)
+            head = head_slice_size(source, probe, eval_sizes, ift_source, ift_n)
             for rec in alignment_slice(loaders[source](root), source, n, head, seed):
                 rows.append(
                     {

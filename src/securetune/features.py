@@ -9,6 +9,8 @@ on what else shares its batch.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -61,17 +63,138 @@ def layer_features(
     chunks = []
     for start in range(0, len(token_ids), batch_size):
         input_ids, mask = _pad_right(token_ids[start : start + batch_size], pad_id)
-        out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        # The decoder stack alone: the LM head's logits are not needed for features.
+        out = _decoder(model)(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
+        )
         states = torch.stack(out.hidden_states[1:])  # [L, B, T, H]; index 0 is the embedding
         if layers is not None:
             states = states[layers]
-        if pooling == "last":
-            last = mask.sum(dim=1) - 1
-            pooled = states[:, torch.arange(len(last)), last]
-        elif pooling == "mean":
-            weights = (mask / mask.sum(dim=1, keepdim=True)).to(states.dtype)
-            pooled = torch.einsum("lbth,bt->lbh", states, weights)
-        else:
-            raise ValueError(f"unknown pooling '{pooling}'; allowed: ['last', 'mean']")
-        chunks.append(pooled.float())
+        chunks.append(_pool(states, mask, pooling).float())
     return torch.cat(chunks, dim=1)
+
+
+# --- cached-prefix evaluation ---------------------------------------------------------------------
+#
+# A change to a module of layer l leaves the hidden states entering layers 0..l untouched, so a
+# robustness job runs the unperturbed model once, keeps the state entering each layer it needs,
+# and for every perturbation recomputes only layers l..L-1 (about half the layers on average).
+# The decoder layers are called exactly as the model calls them: a forward pre-hook records the
+# keyword arguments each layer receives (the causal/padding mask, the rotary position embeddings
+# the model's own rotary embedding computed, position ids), so the recomputation matches a full
+# forward for any architecture transformers implements this way (Llama, Qwen2, Mistral, Gemma,
+# including per-layer masks such as sliding windows).
+
+
+@dataclass
+class _PrefixBatch:
+    mask: torch.Tensor  # [B, T] padding mask
+    layer_kwargs: list[dict[str, Any]]  # per decoder layer: what the model passed it
+    inputs: dict[int, torch.Tensor]  # layer -> hidden state entering it, [B, T, H]
+
+
+@dataclass
+class PrefixCache:
+    """Hidden states entering the decoder layers `start_layers`, for every batch of prompts."""
+
+    batches: list[_PrefixBatch]
+    start_layers: tuple[int, ...]
+    n_layers: int
+
+
+def _decoder(model: PreTrainedModel) -> torch.nn.Module:
+    """The decoder stack (`model.model` for the Llama family): layers, final norm."""
+    return model.base_model
+
+
+def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[..., B, T, H] -> [..., B, H]: the last real token, or the mean over real tokens."""
+    if pooling == "last":
+        last = mask.sum(dim=1) - 1
+        return states[..., torch.arange(len(last)), last, :]
+    if pooling == "mean":
+        weights = (mask / mask.sum(dim=1, keepdim=True)).to(states.dtype)
+        return torch.einsum("...bth,bt->...bh", states, weights)
+    raise ValueError(f"unknown pooling '{pooling}'; allowed: ['last', 'mean']")
+
+
+@torch.no_grad()
+def build_prefix_cache(
+    model: PreTrainedModel,
+    token_ids: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    start_layers: list[int],
+) -> PrefixCache:
+    """Run the unperturbed model once; keep the state entering each layer in `start_layers`."""
+    layers = _decoder(model).layers
+    wanted = sorted(set(start_layers))
+    batches = []
+    for start in range(0, len(token_ids), batch_size):
+        input_ids, mask = _pad_right(token_ids[start : start + batch_size], pad_id)
+        seen_kwargs: list[dict[str, Any]] = [{} for _ in layers]
+        inputs: dict[int, torch.Tensor] = {}
+
+        def record(
+            index: int,
+            seen_kwargs: list[dict[str, Any]] = seen_kwargs,
+            inputs: dict[int, torch.Tensor] = inputs,
+        ):
+            def hook(_module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                seen_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if index in wanted:
+                    inputs[index] = hidden.detach().clone()
+
+            return hook
+
+        handles = [
+            layer.register_forward_pre_hook(record(i), with_kwargs=True)
+            for i, layer in enumerate(layers)
+        ]
+        try:
+            _decoder(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        batches.append(_PrefixBatch(mask, seen_kwargs, inputs))
+    return PrefixCache(batches, tuple(wanted), len(layers))
+
+
+@torch.no_grad()
+def features_from_layer(
+    model: PreTrainedModel,
+    cache: PrefixCache,
+    start: int,
+    layers: list[int],
+    pooling: str,
+    clean: torch.Tensor,
+) -> torch.Tensor:
+    """Features [len(layers), N, H] with layers start..L-1 recomputed from the cached prefix.
+
+    Feature layers below `start` cannot have changed, so they are copied from `clean` (the
+    unperturbed features, [len(layers), N, H]). The last layer is taken after the final norm,
+    as transformers reports it (see `layer_features`).
+    """
+    if start not in cache.start_layers:
+        raise ValueError(f"layer {start} is not cached (cached: {list(cache.start_layers)})")
+    decoder = _decoder(model)
+    out = clean.clone()
+    recompute = [(row, layer) for row, layer in enumerate(layers) if layer >= start]
+    if not recompute:
+        return out
+    top = max(layer for _, layer in recompute)
+    offset = 0
+    for batch in cache.batches:
+        hidden = batch.inputs[start]
+        pooled: dict[int, torch.Tensor] = {}
+        for index in range(start, top + 1):
+            result = decoder.layers[index](hidden, **batch.layer_kwargs[index])
+            hidden = result[0] if isinstance(result, tuple) else result
+            state = decoder.norm(hidden) if index == cache.n_layers - 1 else hidden
+            pooled[index] = _pool(state, batch.mask, pooling).float()
+        n = len(batch.mask)
+        for row, layer in recompute:
+            out[row, offset : offset + n] = pooled[layer]
+        offset += n
+    return out

@@ -83,17 +83,29 @@ def accuracy_table(
     y_train: torch.Tensor,
     test: torch.Tensor,
     y_test: torch.Tensor,
+    ood: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
-    """One row per layer: train and held-out accuracy."""
-    return pd.DataFrame(
+    """One row per layer: train, held-out (in-domain) and out-of-domain accuracy.
+
+    In-domain test accuracy is near 100% at most layers and proves little on its own; the
+    out-of-domain accuracy (sources never trained on) says whether the probe learned
+    harmfulness or the training sources' phrasing. NaN when there is no out-of-domain split.
+    """
+    table = pd.DataFrame(
         {
             "layer": np.arange(train.shape[0]),
             "train_accuracy": probes.accuracy(train, y_train).numpy().astype(float),
             "test_accuracy": probes.accuracy(test, y_test).numpy().astype(float),
+            "ood_accuracy": np.nan,
             "n_train": len(y_train),
             "n_test": len(y_test),
+            "n_ood": 0,
         }
     )
+    if ood is not None:
+        table["ood_accuracy"] = probes.accuracy(*ood).numpy().astype(float)
+        table["n_ood"] = len(ood[1])
+    return table
 
 
 def proxy_layers(choice: str | list[int], table: pd.DataFrame, n_layers: int) -> list[int]:

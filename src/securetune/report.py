@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from securetune.architectures import MODULE_TYPES  # noqa: E402
 from securetune.io import atomic_path, stable_seed  # noqa: E402
@@ -88,22 +89,121 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     return "\n".join([header, rule, *body])
 
 
-def plot_robustness_heatmap(robustness: pd.DataFrame, metric: str, path: Path) -> None:
-    """Module type x layer, mean over seeds and alphas of `metric` (lower = more robust)."""
-    grid = (
+METRIC_LABELS = {
+    "acc_drop": "probe accuracy drop",
+    "cosine_drift": "mean cosine drift of features",
+    "direction_shift": "projection shift on harmful-benign direction (in SDs)",
+    "score": "robustness score",
+}
+
+
+def _module_grid(robustness: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Module type x layer, mean over seeds and alphas of `metric`."""
+    return (
         robustness.groupby(["module", "layer"])[metric]
         .mean()
         .unstack("layer")
         .reindex([m for m in MODULE_TYPES if m in set(robustness["module"])])
     )
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * grid.shape[1] + 2.5), 3.6))
-    image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), list(grid.index))
+
+
+def plot_robustness_heatmap(robustness: pd.DataFrame, metric: str, path: Path) -> None:
+    """Module type x layer heatmap of `metric` (mean over seeds and alphas; lower = more
+    robust), one panel per perturbation, each with its own colour bar."""
+    perturbations = sorted(robustness["perturbation"].unique())
+    n_layers = robustness["layer"].nunique()
+    width = max(5.5, 0.32 * n_layers + 3.0)
+    fig, axes = plt.subplots(
+        len(perturbations), 1, figsize=(width, 2.9 * len(perturbations)), squeeze=False
+    )
+    for ax, perturbation in zip(axes[:, 0], perturbations, strict=True):
+        grid = _module_grid(robustness[robustness["perturbation"] == perturbation], metric)
+        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis")
+        step = max(1, n_layers // 16)  # at most ~16 layer ticks stay readable
+        ticks = list(range(0, grid.shape[1], step))
+        ax.set_xticks(ticks, [str(grid.columns[i]) for i in ticks])
+        ax.set_yticks(range(grid.shape[0]), list(grid.index))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("module type")
+        ax.set_title(f"{METRIC_LABELS.get(metric, metric)}: {perturbation} perturbation")
+        fig.colorbar(image, ax=ax, label=f"{metric} (lower = more robust)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_robustness_by_depth(robustness: pd.DataFrame, metrics: list[str], path: Path) -> None:
+    """One panel per (metric, perturbation): the metric against layer, a line per module type,
+    shaded +- 1 SD over seeds and alphas."""
+    perturbations = sorted(robustness["perturbation"].unique())
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(perturbations),
+        figsize=(5.2 * len(perturbations), 2.8 * len(metrics)),
+        squeeze=False,
+        sharex=True,
+    )
+    colours = plt.get_cmap("tab10")
+    for row, metric in enumerate(metrics):
+        for col, perturbation in enumerate(perturbations):
+            ax = axes[row, col]
+            part = robustness[robustness["perturbation"] == perturbation]
+            stats = part.groupby(["module", "layer"])[metric].agg(["mean", "std"]).fillna(0.0)
+            for i, module in enumerate(m for m in MODULE_TYPES if m in set(part["module"])):
+                line = stats.loc[module]
+                ax.plot(line.index, line["mean"], marker="o", ms=3, color=colours(i), label=module)
+                ax.fill_between(
+                    line.index,
+                    line["mean"] - line["std"],
+                    line["mean"] + line["std"],
+                    color=colours(i),
+                    alpha=0.15,
+                )
+            ax.set_title(f"{perturbation}: {METRIC_LABELS.get(metric, metric)}", fontsize=9)
+            ax.set_ylabel(metric)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if row == len(metrics) - 1:
+                ax.set_xlabel("layer")
+    axes[0, -1].legend(title="module", fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_search_trace(trace: pd.DataFrame, tau: float, path: Path) -> None:
+    """Probe accuracy of each jointly perturbed candidate set against its size; tau dashed."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(trace["size"], trace["probe_accuracy"], color="0.5", linewidth=1, zorder=1)
+    kept = trace[trace["accepted"]]
+    refused = trace[~trace["accepted"]]
+    ax.scatter(kept["size"], kept["probe_accuracy"], color="tab:green", label="kept", zorder=2)
+    ax.scatter(
+        refused["size"], refused["probe_accuracy"], color="tab:red", marker="x", label="refused"
+    )
+    ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau}")
+    ax.set_xlabel("size of the candidate set (modules)")
+    ax.set_ylabel("probe accuracy, set perturbed jointly")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Greedy search for Mods_Robust")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_probe_accuracy(probe: pd.DataFrame, path: Path) -> None:
+    """Probe accuracy per layer: train, held-out in-domain and out-of-domain."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for column, label in (
+        ("train_accuracy", "train"),
+        ("test_accuracy", "test (in-domain)"),
+        ("ood_accuracy", "test (out-of-domain)"),
+    ):
+        if column in probe and probe[column].notna().any():
+            ax.plot(probe["layer"], probe[column], marker="o", ms=3, label=label)
+    ax.axhline(0.5, color="0.6", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("layer")
-    ax.set_ylabel("module type")
-    ax.set_title(f"Module robustness: {metric} (lower = more robust)")
-    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_title("Security feature classifier (probe) per layer")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
@@ -155,15 +255,40 @@ def build_report(
     _write_csv(rates, outputs["rates"])
     _write_csv(table, outputs["main_table"])
     _write_csv(probe, outputs["probe_table"])
-    plot_robustness_heatmap(robustness, score, outputs["heatmap"])
+    plot_robustness_heatmap(robustness, "score", outputs["heatmap"])
+    for metric in ROBUSTNESS_METRICS:
+        plot_robustness_heatmap(robustness, metric, outputs[f"heatmap_{metric}"])
+    plot_robustness_by_depth(robustness, list(ROBUSTNESS_METRICS), outputs["by_depth"])
+    plot_search_trace(trace, plan["tau"], outputs["search_trace"])
+    plot_probe_accuracy(probe, outputs["probe_plot"])
     plot_loss_curves(losses, outputs["loss_curves"])
 
     per_module = (
-        robustness.groupby(["layer", "module"], as_index=False)[score]
+        robustness.groupby(["layer", "module"], as_index=False)[["score", *ROBUSTNESS_METRICS]]
         .mean()
-        .sort_values([score, "layer"])
+        .sort_values(["score", "layer"])
         .head(10)
     )
+    spread = (
+        robustness.groupby(["perturbation", "module"])[list(ROBUSTNESS_METRICS)]
+        .agg(["mean", "std"])
+        .round(4)
+    )
+    spread.columns = [f"{m}_{stat}" for m, stat in spread.columns]
+    spread = spread.reset_index()
+    probe_columns = [
+        c
+        for c in (
+            "layer",
+            "train_accuracy",
+            "test_accuracy",
+            "ood_accuracy",
+            "n_train",
+            "n_test",
+            "n_ood",
+        )
+        if c in probe
+    ]
     level = int(round(confidence * 100))
     sections = [
         "# securetune report",
@@ -173,18 +298,44 @@ def build_report(
         + markdown_table(table),
         "## Fine-tuning loss\n\n![loss curves](loss_curves.png)",
         "## Probe accuracy per layer (security feature classifier)\n\n"
-        + markdown_table(probe[["layer", "train_accuracy", "test_accuracy", "n_train", "n_test"]]),
-        f"## Module robustness ({score}, lower = more robust)\n\n"
-        "![robustness heatmap](robustness_heatmap.png)\n\nMost robust modules:\n\n"
-        + markdown_table(per_module),
-        _plan_summary(plan)
+        + PROBE_LEGEND
+        + "\n\n![probe accuracy](probe_accuracy.png)\n\n"
+        + markdown_table(probe[probe_columns]),
+        f"## Module robustness (score = {score}, lower = more robust)\n\n"
+        + ROBUSTNESS_LEGEND
+        + "\n\n![robustness heatmap](robustness_heatmap.png)\n\n"
+        + "\n\n".join(f"![{m} heatmap](robustness_heatmap_{m}.png)" for m in ROBUSTNESS_METRICS)
+        + "\n\n![robustness by depth](robustness_by_depth.png)\n\n"
+        + "Mean and spread (SD over layers, alphas and seeds) per perturbation and module type:"
         + "\n\n"
+        + markdown_table(spread, ".4f")
+        + "\n\nMost robust modules (mean over perturbations, alphas and seeds):\n\n"
+        + markdown_table(per_module, ".4f"),
+        _plan_summary(plan)
+        + "\n\n![search trace](search_trace.png)\n\n"
         + markdown_table(trace[["step", "size", "added", "probe_accuracy", "accepted"]]),
     ]
     text = "\n\n".join(sections) + "\n"
     with atomic_path(outputs["report"]) as tmp:
         tmp.write_text(text)
 
+
+ROBUSTNESS_METRICS = ("acc_drop", "cosine_drift", "direction_shift")
+
+PROBE_LEGEND = (
+    "train / test: AdvBench vs benign look-alikes (XSTest safe, AdvBench with harmful words "
+    "substituted, Alpaca), held-out split; ood: sources the probe never trained on (see "
+    "data.probe_ood_*). In-domain accuracy near 1.0 proves little; the out-of-domain column "
+    "says whether the probe learned harmfulness or the sources' phrasing."
+)
+
+ROBUSTNESS_LEGEND = (
+    "Each module is perturbed alone (noise: W + alpha * std(W) * N(0, I); ift: a few steps of "
+    "benign instruction tuning on that module only) and the frozen probe re-scored on the test "
+    "prompts. acc_drop: probe accuracy lost (mean over proxy layers); cosine_drift: mean "
+    "1 - cos(clean, perturbed) of the features; direction_shift: mean |shift| of the projection "
+    "on the harmful-minus-benign direction, in SDs of the clean projections."
+)
 
 METRICS_LEGEND = (
     "attack_success: share of harmful prompts answered without a refusal phrase (keyword judge); "
@@ -195,10 +346,13 @@ METRICS_LEGEND = (
 
 def _plan_summary(plan: dict) -> str:
     modules = ", ".join(plan["modules"]) or "none"
+    unit = plan.get("unit", "module")
+    groups = f" in groups {', '.join(plan['groups'])}" if plan.get("groups") else ""
     return (
-        f"## Mods_Robust\n\n{len(plan['modules'])} module(s), search stopped by "
-        f"'{plan['stop_reason']}' (tau = {plan['tau']}, budget {plan['max_modules']}, "
-        f"proxy layers {plan['proxy_layers']}): {modules}"
+        f"## Mods_Robust\n\n{len(plan['modules'])} module(s){groups}, search over {unit}s "
+        f"stopped by '{plan['stop_reason']}' (tau = {plan['tau']}, budget "
+        f"{plan['max_modules']}, ranked by {plan.get('score', 'score')}, perturbation "
+        f"{plan.get('perturbation', 'noise')}, proxy layers {plan['proxy_layers']}): {modules}"
     )
 
 

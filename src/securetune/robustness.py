@@ -1,55 +1,183 @@
 """Stage 4: how much the probe's view of harmfulness moves when one module alone is changed.
 
 A robust module is one whose perturbation leaves the frozen probe's accuracy (the security
-features) nearly intact. Every metric is kept; `score` is the one the search ranks by.
+features) nearly intact. Two perturbations, both recorded in the table's `perturbation` column:
+
+- `noise`: W <- W + alpha * std(W) * N(0, I), several alphas and seeds;
+- `ift`: a few AdamW steps of benign instruction tuning that update only the module(s), i.e. the
+  drift that fine-tuning itself would cause there.
+
+Every metric is kept; `score` is the one the search ranks by. The perturbed features are
+recomputed from the perturbed module's layer up only (`features.features_from_layer`), which is
+exact and about halves the work.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
 from securetune.architectures import module_name, module_path
-from securetune.features import layer_features
+from securetune.features import (
+    PrefixCache,
+    build_prefix_cache,
+    features_from_layer,
+    layer_features,
+)
 from securetune.io import stable_seed
 from securetune.probe import LayerProbes
 
 log = logging.getLogger(__name__)
 
 METRICS = ("acc_drop", "cosine_drift", "direction_shift")
+PERTURBATIONS = ("noise", "ift")
+
+
+@dataclass(frozen=True)
+class IftSettings:
+    """The `ift` perturbation: `steps` AdamW steps at `lr` on batches of `batch_size`."""
+
+    lr: float
+    steps: int
+    batch_size: int
+    examples: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
+class RobustnessSettings:
+    """The config's `robustness` section, typed."""
+
+    perturbations: list[str]
+    alphas: list[float]
+    seeds: int
+    ift: IftSettings
+    score: str
+    score_weights: dict[str, float]
+    cached_prefix: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> RobustnessSettings:
+        unknown = sorted(set(cfg["perturbations"]) - set(PERTURBATIONS))
+        if unknown:
+            raise ValueError(
+                f"robustness.perturbations: unknown {unknown}; allowed: {list(PERTURBATIONS)}"
+            )
+        return cls(
+            perturbations=list(cfg["perturbations"]),
+            alphas=[float(a) for a in cfg["alphas"]],
+            seeds=int(cfg["seeds"]),
+            ift=IftSettings(**cfg["ift"]),
+            score=cfg["score"],
+            score_weights=dict(cfg["score_weights"]),
+            cached_prefix=bool(cfg["cached_prefix"]),
+        )
+
+
+def combined_score(metrics: dict[str, float], score: str, weights: dict[str, float]) -> float:
+    """The ranking score: one metric by name, or `combined` = sum of weights[m] * metric m."""
+    if score in METRICS:
+        return metrics[score]
+    if score == "combined":
+        return float(sum(weights.get(m, 0.0) * metrics[m] for m in METRICS))
+    raise ValueError(f"robustness.score: '{score}' is not one of {[*METRICS, 'combined']}")
 
 
 def _linear(model: PreTrainedModel, layer: int, module: str) -> torch.nn.Linear:
     return model.get_submodule(module_path(model.config.model_type, layer, module))
 
 
+def _weights(model: PreTrainedModel, modules: list[tuple[int, str]]) -> list[torch.nn.Parameter]:
+    return [_linear(model, layer, module).weight for layer, module in modules]
+
+
+@contextmanager
+def _restored(weights: list[torch.nn.Parameter]) -> Iterator[list[torch.Tensor]]:
+    """Yield copies of the weights; put them back on exit, whatever happened inside."""
+    originals = [w.detach().clone() for w in weights]
+    try:
+        yield originals
+    finally:
+        with torch.no_grad():
+            for weight, original in zip(weights, originals, strict=True):
+                weight.copy_(original)
+
+
+def relative_change(weights: list[torch.nn.Parameter], originals: list[torch.Tensor]) -> float:
+    """||W' - W|| / ||W|| over all the modules' weights: how far a perturbation moved them."""
+    diff = sum(
+        ((w.detach() - o).float() ** 2).sum().item()
+        for w, o in zip(weights, originals, strict=True)
+    )
+    norm = sum((o.float() ** 2).sum().item() for o in originals)
+    return math.sqrt(diff / max(norm, 1e-30))
+
+
 @contextmanager
 def noise_perturbed(
     model: PreTrainedModel, modules: list[tuple[int, str]], alpha: float, seed: int
-) -> Iterator[None]:
+) -> Iterator[dict[str, float]]:
     """W <- W + alpha * std(W) * N(0, I) on each module, restored on exit.
 
     Scaling by std(W) makes alpha comparable across modules of different size and init scale.
+    Yields {"weight_change": ||dW|| / ||W||}.
     """
-    saved = []
-    with torch.no_grad():
-        for layer, module in modules:
-            weight = _linear(model, layer, module).weight
-            saved.append((weight, weight.detach().clone()))
-            gen = torch.Generator().manual_seed(stable_seed(seed, module_name(layer, module)))
-            noise = torch.randn(weight.shape, generator=gen, dtype=torch.float32)
-            weight.add_((alpha * weight.float().std() * noise).to(weight.dtype))
-    try:
-        yield
-    finally:
+    weights = _weights(model, modules)
+    with _restored(weights) as originals:
         with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
+            for weight, (layer, module) in zip(weights, modules, strict=True):
+                gen = torch.Generator().manual_seed(stable_seed(seed, module_name(layer, module)))
+                noise = torch.randn(weight.shape, generator=gen, dtype=torch.float32)
+                weight.add_((alpha * weight.float().std() * noise).to(weight.device, weight.dtype))
+        yield {"weight_change": relative_change(weights, originals)}
+
+
+@contextmanager
+def ift_perturbed(
+    model: PreTrainedModel,
+    modules: list[tuple[int, str]],
+    batches: list[dict[str, torch.Tensor]],
+    lr: float,
+) -> Iterator[dict[str, float]]:
+    """One AdamW step per batch of benign IFT (loss on response tokens), updating only the
+    modules' weights; every other parameter is frozen and bit-identical. Restored on exit.
+
+    Yields {"weight_change": ||dW|| / ||W||, "ift_loss": mean training loss of the steps}.
+    """
+    weights = _weights(model, modules)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with _restored(weights) as originals:
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+            # No weight decay: the drift should be what the data's gradient causes, nothing else.
+            optimizer = torch.optim.AdamW(weights, lr=lr, weight_decay=0.0)
+            losses = []
+            with torch.enable_grad():
+                for batch in batches:
+                    loss = model(**batch, use_cache=False).loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+            for w in weights:
+                w.grad = None
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+        yield {
+            "weight_change": relative_change(weights, originals),
+            "ift_loss": float(sum(losses) / len(losses)),
+        }
 
 
 def harmful_direction(clean: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -86,43 +214,139 @@ def drift_metrics(
     }
 
 
+@dataclass
+class ProbeView:
+    """The frozen probe's test prompts and clean features: what scoring a perturbation needs."""
+
+    model: PreTrainedModel
+    token_ids: list[list[int]]
+    labels: torch.Tensor
+    pad_id: int
+    clean: torch.Tensor  # [len(layers), N, H] unperturbed features at the proxy layers
+    probes: LayerProbes
+    layers: list[int]
+    batch_size: int
+    pooling: str
+    cache: PrefixCache | None = None
+
+    def cache_layers(self, start_layers: list[int]) -> None:
+        """Run the unperturbed model once and keep the states entering `start_layers`."""
+        self.cache = build_prefix_cache(
+            self.model, self.token_ids, self.pad_id, self.batch_size, start_layers
+        )
+
+    def features(self, lowest_layer: int) -> torch.Tensor:
+        """Features of the (perturbed) model at the proxy layers, given that nothing below
+        `lowest_layer` changed: from the cached prefix if there is one, else a full forward."""
+        if self.cache is not None and lowest_layer in self.cache.start_layers:
+            return features_from_layer(
+                self.model, self.cache, lowest_layer, self.layers, self.pooling, self.clean
+            )
+        return layer_features(
+            self.model, self.token_ids, self.pad_id, self.batch_size, self.pooling, self.layers
+        )
+
+    def accuracy(self, features: torch.Tensor) -> float:
+        return self.probes.accuracy(features, self.labels, self.layers).mean().item()
+
+
+def ift_batches(
+    examples: list[tuple[list[int], list[int]]],
+    settings: IftSettings,
+    seed: int,
+    pad_id: int,
+) -> list[dict[str, torch.Tensor]]:
+    """The IFT perturbation's batches: a seeded order over the encoded examples."""
+    from securetune.finetune import IGNORE, batch_order, collate
+
+    # An example cut off before its response has no loss; it would make the step NaN.
+    examples = [e for e in examples if any(label != IGNORE for label in e[1])]
+    if not examples:
+        raise ValueError(
+            "robustness.ift: no IFT example keeps a response token within ift.max_seq_len"
+        )
+    batches = []
+    for idx in batch_order(len(examples), settings.batch_size, settings.steps, seed):
+        batch = collate([examples[i] for i in idx], pad_id)
+        batches.append(batch)
+    return batches
+
+
+@contextmanager
+def perturbed(
+    view: ProbeView,
+    modules: list[tuple[int, str]],
+    perturbation: str,
+    *,
+    alpha: float,
+    seed: int,
+    ift: IftSettings | None = None,
+    ift_examples: list[tuple[list[int], list[int]]] | None = None,
+) -> Iterator[dict[str, float]]:
+    """Perturb `modules` jointly with `perturbation` (noise or ift); restored on exit."""
+    if perturbation == "noise":
+        with noise_perturbed(view.model, modules, alpha, seed) as info:
+            yield info
+    elif perturbation == "ift":
+        if ift is None or not ift_examples:
+            raise ValueError("the ift perturbation needs robustness.ift settings and IFT examples")
+        batches = ift_batches(ift_examples, ift, seed, view.pad_id)
+        with ift_perturbed(view.model, modules, batches, ift.lr) as info:
+            yield info
+    else:
+        raise ValueError(f"unknown perturbation '{perturbation}'; allowed: {list(PERTURBATIONS)}")
+
+
 def score_module(
-    model: PreTrainedModel,
-    token_ids: list[list[int]],
-    labels: torch.Tensor,
-    clean: torch.Tensor,
-    probes: LayerProbes,
-    layers: list[int],
+    view: ProbeView,
     layer: int,
     module: str,
-    alphas: list[float],
-    n_seeds: int,
+    settings: RobustnessSettings,
     base_seed: int,
-    pad_id: int,
-    batch_size: int,
-    pooling: str,
-    score: str,
+    ift_examples: list[tuple[list[int], list[int]]] | None = None,
 ) -> pd.DataFrame:
-    """One row per (alpha, seed) for the perturbation of module (layer, module) alone."""
+    """One row per (perturbation, alpha, seed) for the perturbation of (layer, module) alone."""
     rows = []
-    for alpha in alphas:
-        for s in range(n_seeds):
+    runs: list[tuple[str, float, int]] = []
+    for perturbation in settings.perturbations:
+        strengths = settings.alphas if perturbation == "noise" else [math.nan]
+        runs += [(perturbation, a, s) for a in strengths for s in range(settings.seeds)]
+    for perturbation, alpha, s in runs:
+        if perturbation == "noise":
             seed = stable_seed(base_seed, "noise", layer, module, alpha, s)
-            with noise_perturbed(model, [(layer, module)], alpha, seed):
-                perturbed = layer_features(model, token_ids, pad_id, batch_size, pooling, layers)
-            metrics = drift_metrics(clean, perturbed, labels, probes, layers)
-            rows.append(
-                {
-                    "layer": layer,
-                    "module": module,
-                    "perturbation": "noise",
-                    "alpha": float(alpha),
-                    "seed": seed,
-                    **metrics,
-                    "score": metrics[score],
-                }
-            )
-            log.info("L%d.%s alpha=%g seed=%d: %s", layer, module, alpha, seed, metrics)
+        else:
+            # The same batches for every module: modules differ only in where the update lands.
+            seed = stable_seed(base_seed, "ift", s)
+        with perturbed(
+            view,
+            [(layer, module)],
+            perturbation,
+            alpha=alpha,
+            seed=seed,
+            ift=settings.ift,
+            ift_examples=ift_examples,
+        ) as info:
+            features = view.features(layer)
+        metrics = drift_metrics(view.clean, features, view.labels, view.probes, view.layers)
+        is_ift = perturbation == "ift"
+        rows.append(
+            {
+                "layer": layer,
+                "module": module,
+                "perturbation": perturbation,
+                "alpha": float(alpha),
+                "lr": settings.ift.lr if is_ift else math.nan,
+                "steps": settings.ift.steps if is_ift else 0,
+                "seed": seed,
+                **metrics,
+                "score": combined_score(metrics, settings.score, settings.score_weights),
+                "weight_change": info["weight_change"],
+                "ift_loss": info.get("ift_loss", math.nan),
+                "n_test": len(view.labels),
+                "cached_prefix": view.cache is not None,
+            }
+        )
+        log.info("L%d.%s %s alpha=%g seed=%d: %s", layer, module, perturbation, alpha, seed, info)
     return pd.DataFrame(rows)
 
 
@@ -131,6 +355,8 @@ ROBUSTNESS_COLUMNS = {
     "module": "object",
     "perturbation": "object",
     "alpha": "float64",
+    "lr": "float64",
+    "steps": "int64",
     "seed": "int64",
     "acc_before": "float64",
     "acc_after": "float64",
@@ -138,9 +364,15 @@ ROBUSTNESS_COLUMNS = {
     "cosine_drift": "float64",
     "direction_shift": "float64",
     "score": "float64",
+    "weight_change": "float64",
+    "ift_loss": "float64",
+    "n_test": "int64",
+    "cached_prefix": "bool",
+    "score_name": "object",
     "model": "object",
     "proxy_layers": "object",
 }
+KEY = ["layer", "module", "perturbation", "alpha", "seed"]
 
 
 def check_robustness_table(df: pd.DataFrame) -> None:
@@ -154,5 +386,8 @@ def check_robustness_table(df: pd.DataFrame) -> None:
             raise ValueError(
                 f"robustness table: column '{column}' is {df[column].dtype}, expected {dtype}"
             )
-    if df.duplicated(["layer", "module", "perturbation", "alpha", "seed"]).any():
+    bad = sorted(set(df["perturbation"]) - set(PERTURBATIONS))
+    if bad:
+        raise ValueError(f"robustness table: unknown perturbation(s) {bad}")
+    if df.duplicated(KEY).any():
         raise ValueError("robustness table: duplicate (layer, module, perturbation, alpha, seed)")

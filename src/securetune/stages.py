@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,17 @@ from securetune.models import (
     write_model_policy,
 )
 from securetune.probe import LayerProbes, accuracy_table, fit_probes, proxy_layers
-from securetune.robustness import check_robustness_table, noise_perturbed, score_module
+from securetune.robustness import (
+    KEY,
+    IftSettings,
+    ProbeView,
+    RobustnessSettings,
+    check_robustness_table,
+    perturbed,
+    score_module,
+)
 from securetune.scoring import score_generations
-from securetune.search import greedy_search, rank_modules
+from securetune.search import greedy_search, rank_groups, rank_modules
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +100,26 @@ def resolve_model_source(source: str) -> Path:
     )
 
 
-def prepare_probe_set(
-    data_dir: Path, out: Path, per_class: int, test_fraction: float, seed: int
-) -> None:
-    df = datasets.build_probe_set(data_dir, per_class, test_fraction, seed)
-    log.info("probe set: %s", df.groupby(["split", "label"]).size().to_dict())
+def prepare_probe_set(data_dir: Path, out: Path, probe: dict[str, Any], seed: int) -> None:
+    """`probe`: the config's data.probe_* keys (see `securetune.data.ProbeSpec.from_config`)."""
+    df = datasets.build_probe_set(data_dir, datasets.ProbeSpec.from_config(probe), seed)
+    df["seed"] = seed
+    log.info("probe set: %s", df.groupby(["split", "label", "source"]).size().to_dict())
     write_parquet(df, out)
 
 
 def prepare_ift_set(
-    data_dir: Path, out: Path, source: str, n: int, probe_per_class: int, seed: int
+    data_dir: Path, out: Path, source: str, n: int, probe: dict[str, Any], seed: int
 ) -> None:
-    write_parquet(datasets.build_ift_set(data_dir, source, n, seed, probe_per_class), out)
+    spec = datasets.ProbeSpec.from_config(probe)
+    write_parquet(datasets.build_ift_set(data_dir, source, n, seed, spec), out)
 
 
 def prepare_eval_set(
-    data_dir: Path, out: Path, benchmark: str, n: int, probe_per_class: int, seed: int
+    data_dir: Path, out: Path, benchmark: str, n: int, probe: dict[str, Any], seed: int
 ) -> None:
-    write_parquet(datasets.build_eval_set(data_dir, benchmark, n, seed, probe_per_class), out)
+    spec = datasets.ProbeSpec.from_config(probe)
+    write_parquet(datasets.build_eval_set(data_dir, benchmark, n, seed, spec), out)
 
 
 def check_prompts(model_dir: Path, files: list[Path], max_prompt_tokens: int, out: Path) -> None:
@@ -133,6 +144,12 @@ def _probe_tokens(
     return ids, torch.tensor(df["label"].to_numpy()), tokenizer.pad_token_id
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def extract_features(
     model_dir: Path,
     probe_set: Path,
@@ -142,15 +159,26 @@ def extract_features(
     max_prompt_tokens: int,
     dtype: str,
 ) -> None:
+    """Features of every split (train, test, and ood_test when the probe set has one)."""
     model = load_model(model_dir, dtype)
+    splits = [
+        s for s in ("train", "test", "ood_test") if s in set(pd.read_parquet(probe_set)["split"])
+    ]
     tensors = {}
-    for split in ("train", "test"):
+    for split in splits:
         ids, labels, pad_id = _probe_tokens(model_dir, probe_set, split, max_prompt_tokens)
         tensors[split] = layer_features(model, ids, pad_id, batch_size, pooling).contiguous()
         tensors[f"{split}_labels"] = labels.contiguous()
         log.info("%s features: %s", split, tuple(tensors[split].shape))
+    metadata = {
+        "pooling": pooling,
+        "model": str(model_dir),
+        "probe_set": str(probe_set),
+        "probe_set_sha256": _sha256(probe_set),
+        "splits": ",".join(splits),
+    }
     with atomic_path(out) as tmp:
-        save_file(tensors, tmp, metadata={"pooling": pooling, "model": str(model_dir)})
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def train_probe(
@@ -162,17 +190,32 @@ def train_probe(
     proxy_choice: str | list[int],
     seed: int,
 ) -> None:
+    """Per-layer probes; accuracy in-domain and out-of-domain per layer; the proxy layers.
+
+    The probe file's metadata records its features' provenance (file hash, model, pooling,
+    probe set hash), so a probe can never be silently paired with other features.
+    """
+    from safetensors import safe_open
+
     t = load_file(features)
+    with safe_open(features, "pt") as f:
+        feature_meta = f.metadata() or {}
     probes = fit_probes(t["train"], t["train_labels"], c, seed)
-    table = accuracy_table(probes, t["train"], t["train_labels"], t["test"], t["test_labels"])
+    ood = (t["ood_test"], t["ood_test_labels"]) if "ood_test" in t else None
+    table = accuracy_table(probes, t["train"], t["train_labels"], t["test"], t["test_labels"], ood)
     table["seed"] = seed
     log.info("probe accuracy per layer:\n%s", table.to_string(index=False))
     layers = proxy_layers(proxy_choice, table, t["train"].shape[0])
+    provenance = {
+        "features": str(features),
+        "features_sha256": _sha256(features),
+        **{f"features_{k}": v for k, v in feature_meta.items()},
+        "C": str(c),
+        "seed": str(seed),
+    }
     with atomic_path(out_probes) as tmp:
         save_file(
-            {k: v.contiguous() for k, v in probes.tensors().items()},
-            tmp,
-            metadata={"features": str(features), "C": str(c), "seed": str(seed)},
+            {k: v.contiguous() for k, v in probes.tensors().items()}, tmp, metadata=provenance
         )
     write_parquet(table, out_accuracy)
     write_json(
@@ -180,43 +223,67 @@ def train_probe(
             "choice": proxy_choice,
             "layers": layers,
             "test_accuracy": float(table.loc[layers, "test_accuracy"].mean()),
+            "ood_accuracy": (
+                float(table.loc[layers, "ood_accuracy"].mean()) if ood is not None else None
+            ),
+            "provenance": provenance,
         },
         out_proxy,
     )
 
 
-def _robustness_context(
+def _probe_view(
     model_dir: Path,
     probe_set: Path,
     features: Path,
     probes: Path,
     proxy: Path,
+    feature_cfg: dict[str, Any],
     max_prompt_tokens: int,
     dtype: str,
-) -> dict[str, Any]:
+) -> ProbeView:
     """What every robustness and search job needs: model, test prompts, clean features, probe."""
     layers = json.loads(proxy.read_text())["layers"]
     ids, labels, pad_id = _probe_tokens(model_dir, probe_set, "test", max_prompt_tokens)
-    return {
-        "model": load_model(model_dir, dtype),
-        "token_ids": ids,
-        "labels": labels,
-        "pad_id": pad_id,
-        "clean": load_file(features)["test"][layers],
-        "probes": LayerProbes.from_tensors(load_file(probes)),
-        "layers": layers,
-    }
+    return ProbeView(
+        model=load_model(model_dir, dtype),
+        token_ids=ids,
+        labels=labels,
+        pad_id=pad_id,
+        clean=load_file(features)["test"][layers],
+        probes=LayerProbes.from_tensors(load_file(probes)),
+        layers=layers,
+        batch_size=feature_cfg["batch_size"],
+        pooling=feature_cfg["pooling"],
+    )
 
 
-def score_one_module(
+def _ift_examples(
+    model_dir: Path, ift_set: Path, ift: IftSettings
+) -> list[tuple[list[int], list[int]]]:
+    """The first `ift.examples` rows of the IFT set, encoded with loss on the response only."""
+    from securetune.finetune import encode_examples
+
+    df = pd.read_parquet(ift_set)
+    if ift.examples > len(df):
+        raise ValueError(
+            f"robustness.ift.examples = {ift.examples} is more than the IFT set has "
+            f"(data.ift_examples = {len(df)})"
+        )
+    df = df.iloc[: ift.examples]
+    tokenizer = load_tokenizer(model_dir)
+    return encode_examples(tokenizer, list(df["prompt"]), list(df["response"]), ift.max_seq_len)
+
+
+def score_modules(
     model_dir: Path,
     probe_set: Path,
     features: Path,
     probes: Path,
     proxy: Path,
-    out: Path,
-    layer: int,
-    module: str,
+    ift_set: Path,
+    outs: list[Path],
+    modules: list[str],
     settings: dict[str, Any],
     feature_cfg: dict[str, Any],
     max_prompt_tokens: int,
@@ -224,34 +291,32 @@ def score_one_module(
     source: str,
     seed: int,
 ) -> None:
-    ctx = _robustness_context(
-        model_dir, probe_set, features, probes, proxy, max_prompt_tokens, dtype
+    """Score each module (`L3.q` names) alone and write its table to the matching `outs` path.
+
+    The model, prompts and probe are loaded once; with `cached_prefix` the unperturbed model runs
+    once and each perturbation recomputes only the layers from the module's own up.
+    """
+    if len(outs) != len(modules):
+        raise ValueError(f"{len(modules)} modules but {len(outs)} output paths")
+    cfg = RobustnessSettings.from_config(settings)
+    view = _probe_view(
+        model_dir, probe_set, features, probes, proxy, feature_cfg, max_prompt_tokens, dtype
     )
-    df = score_module(
-        ctx["model"],
-        ctx["token_ids"],
-        ctx["labels"],
-        ctx["clean"],
-        ctx["probes"],
-        ctx["layers"],
-        layer,
-        module,
-        settings["alphas"],
-        settings["seeds"],
-        seed,
-        ctx["pad_id"],
-        feature_cfg["batch_size"],
-        feature_cfg["pooling"],
-        settings["score"],
-    )
-    df["model"] = source
-    df["proxy_layers"] = ",".join(map(str, ctx["layers"]))
-    write_parquet(df, out)
+    parsed = [parse_module_name(m) for m in modules]
+    if cfg.cached_prefix:
+        view.cache_layers(sorted({layer for layer, _ in parsed}))
+    examples = _ift_examples(model_dir, ift_set, cfg.ift) if "ift" in cfg.perturbations else None
+    for (layer, module), out in zip(parsed, outs, strict=True):
+        df = score_module(view, layer, module, cfg, seed, examples)
+        df["score_name"] = cfg.score
+        df["model"] = source
+        df["proxy_layers"] = ",".join(map(str, view.layers))
+        write_parquet(df, out)
 
 
 def aggregate_robustness(parts: list[Path], out: Path) -> None:
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    df = df.sort_values(["layer", "module", "perturbation", "alpha", "seed"]).reset_index(drop=True)
+    df = df.sort_values(KEY).reset_index(drop=True)
     check_robustness_table(df)
     write_parquet(df, out)
 
@@ -263,53 +328,76 @@ def search_robust_modules(
     probes: Path,
     proxy: Path,
     robustness: Path,
+    ift_set: Path,
     out_plan: Path,
     out_trace: Path,
     cfg: SearchConfig,
+    robustness_cfg: dict[str, Any],
     feature_cfg: dict[str, Any],
-    score: str,
     max_prompt_tokens: int,
     dtype: str,
     seed: int,
 ) -> None:
-    ctx = _robustness_context(
-        model_dir, probe_set, features, probes, proxy, max_prompt_tokens, dtype
+    """Greedy search over modules or groups; each candidate set perturbed jointly, `cfg.seeds`
+    times, and scored by the mean proxy-layer probe accuracy."""
+    rcfg = RobustnessSettings.from_config(robustness_cfg)
+    view = _probe_view(
+        model_dir, probe_set, features, probes, proxy, feature_cfg, max_prompt_tokens, dtype
     )
-    model, layers = ctx["model"], ctx["layers"]
+    if rcfg.cached_prefix:
+        view.cache_layers(list(range(view.model.config.num_hidden_layers)))
+    examples = _ift_examples(model_dir, ift_set, rcfg.ift) if cfg.perturbation == "ift" else None
 
     def jointly_perturbed_accuracy(names: list[str]) -> float:
+        if not names:
+            return view.accuracy(view.clean)
         modules = [parse_module_name(n) for n in names]
+        lowest = min(layer for layer, _ in modules)
         accs = []
         for s in range(cfg.seeds):
-            with noise_perturbed(model, modules, cfg.alpha, stable_seed(seed, "search", s)):
-                feats = layer_features(
-                    model,
-                    ctx["token_ids"],
-                    ctx["pad_id"],
-                    feature_cfg["batch_size"],
-                    feature_cfg["pooling"],
-                    layers,
-                )
-            accs.append(ctx["probes"].accuracy(feats, ctx["labels"], layers).mean().item())
+            with perturbed(
+                view,
+                modules,
+                cfg.perturbation,
+                alpha=cfg.alpha,
+                seed=stable_seed(seed, "search", cfg.perturbation, s),
+                ift=rcfg.ift,
+                ift_examples=examples,
+            ):
+                accs.append(view.accuracy(view.features(lowest)))
         return float(sum(accs) / len(accs))
 
-    ranked = rank_modules(pd.read_parquet(robustness))
+    table = pd.read_parquet(robustness)
+    if cfg.unit == "group":
+        ranked, members = rank_groups(table, cfg.band_width)
+    else:
+        ranked, members = rank_modules(table), None
     selected, trace, reason = greedy_search(
-        ranked, jointly_perturbed_accuracy, cfg.tau, cfg.max_modules
+        ranked, jointly_perturbed_accuracy, cfg.tau, cfg.max_modules, members
     )
     log.info("Mods_Robust (%d, stopped by %s): %s", len(selected), reason, selected)
     trace["seed"] = seed
+    trace["unit"] = cfg.unit
+    trace["perturbation"] = cfg.perturbation
+    trace["tau"] = cfg.tau
     write_parquet(trace, out_trace)
+    accepted = trace.loc[trace["accepted"] & (trace["step"] > 0), "added"].tolist()
     write_json(
         {
             "modules": selected,
+            "groups": accepted if cfg.unit == "group" else None,
             "stop_reason": reason,
             "tau": cfg.tau,
             "max_modules": cfg.max_modules,
-            "alpha": cfg.alpha,
+            "unit": cfg.unit,
+            "band_width": cfg.band_width if cfg.unit == "group" else None,
+            "perturbation": cfg.perturbation,
+            "alpha": cfg.alpha if cfg.perturbation == "noise" else None,
+            "ift": asdict(rcfg.ift) if cfg.perturbation == "ift" else None,
             "seeds": cfg.seeds,
-            "score": score,
-            "proxy_layers": layers,
+            "score": rcfg.score,
+            "score_weights": rcfg.score_weights if rcfg.score == "combined" else None,
+            "proxy_layers": view.layers,
             "ranking": ranked,
             "seed": seed,
             "versions": versions(),
@@ -359,7 +447,7 @@ def prepare_alignment_set(
     data_dir: Path,
     out: Path,
     align_cfg: dict[str, Any],
-    probe_per_class: int,
+    probe: dict[str, Any],
     eval_sizes: dict[str, int],
     ift_source: str,
     ift_n: int,
@@ -371,7 +459,7 @@ def prepare_alignment_set(
         align_cfg["benign"],
         align_cfg["lookalike"],
         seed,
-        probe_per_class,
+        datasets.ProbeSpec.from_config(probe),
         eval_sizes,
         ift_source,
         ift_n,

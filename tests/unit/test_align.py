@@ -3,10 +3,12 @@
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from securetune.align import REFUSALS, trim_to_sentence, with_refusals
 from securetune.data import (
     DataError,
+    ProbeSpec,
     build_alignment_set,
     build_eval_set,
     build_ift_set,
@@ -16,8 +18,10 @@ from securetune.models import load_model
 from securetune.scoring import is_refusal
 from securetune.stages import align_base_model, prepare_alignment_set
 
-from ..conftest import DATA
+from ..conftest import DATA, REPO
 
+PROBE_CFG = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["data"]
+PROBE = ProbeSpec.from_config({**PROBE_CFG, "probe_per_class": 64})
 EVAL = {"advbench": 150, "strongreject": 100, "harmbench": 100, "xstest_safe": 100}
 
 
@@ -27,7 +31,7 @@ def _align_set(**overrides):
         benign={"alpaca": 250},
         lookalike={"xstest_safe": 80},
         seed=0,
-        n_probe_per_class=64,
+        probe=PROBE,
         eval_sizes=EVAL,
         ift_source="alpaca",
         ift_n=400,
@@ -38,10 +42,10 @@ def _align_set(**overrides):
 
 def test_alignment_set_never_overlaps_probe_eval_or_ift_prompts():
     align = _align_set()
-    used = set(build_probe_set(DATA, 64, 0.5, seed=0)["prompt_id"])
+    used = set(build_probe_set(DATA, PROBE, seed=0)["prompt_id"])
     for benchmark, n in EVAL.items():
-        used |= set(build_eval_set(DATA, benchmark, n, seed=0, n_probe_per_class=64)["prompt_id"])
-    used |= set(build_ift_set(DATA, "alpaca", 400, seed=0, n_probe_per_class=64)["example_id"])
+        used |= set(build_eval_set(DATA, benchmark, n, seed=0, probe=PROBE)["prompt_id"])
+    used |= set(build_ift_set(DATA, "alpaca", 400, seed=0, probe=PROBE)["example_id"])
     assert not used & set(align["example_id"])
     assert align["example_id"].is_unique
     assert align.groupby("role").size().to_dict() == {
@@ -104,7 +108,16 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
         "autocast": "bfloat16",
     }
     data = tmp_path / "align.parquet"
-    prepare_alignment_set(DATA, data, settings, 8, {"advbench": 8}, "alpaca", 8, seed=0)
+    prepare_alignment_set(
+        DATA,
+        data,
+        settings,
+        {**PROBE_CFG, "probe_per_class": 8},
+        {"advbench": 8},
+        "alpaca",
+        8,
+        seed=0,
+    )
     out = tmp_path / "aligned"
     steps, examples = tmp_path / "loss.parquet", tmp_path / "examples.parquet"
     align_base_model(tiny_model_dir, data, out, steps, examples, settings, seed=0)

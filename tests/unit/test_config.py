@@ -111,6 +111,28 @@ def test_bad_align_values_name_the_key(config, schema, key, value, message):
         validate_config(config, schema)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("data", "probe_ood_per_class", -1, r"'data\.probe_ood_per_class': -1 is out of range"),
+        ("data", "probe_ood_harmful", "advbench", r"'data\.probe_ood_harmful': 'advbench' is not"),
+        ("data", "probe_ood_benign", "mt_bench", r"'data\.probe_ood_benign'"),
+        ("data", "probe_benign_mix", {"gsm8k": 1}, r"\['gsm8k'\] under 'data\.probe_benign_mix'"),
+        ("robustness", "perturbations", ["noise", "dropout"], r"'robustness\.perturbations\.1'"),
+        ("robustness", "score", "loss", r"'robustness\.score': 'loss' is not one of"),
+        ("robustness", "modules_per_job", 0, r"'robustness\.modules_per_job': 0 is out of range"),
+        ("robustness", "cached_prefix", "yes", r"'robustness\.cached_prefix'"),
+        ("search", "unit", "layer", r"'search\.unit': 'layer' is not one of"),
+        ("search", "band_width", 0, r"'search\.band_width': 0 is out of range"),
+        ("search", "perturbation", "both", r"'search\.perturbation'"),
+    ],
+)
+def test_robustness_keys_refuse_wrong_values_by_name(config, schema, section, key, value, message):
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, schema)
+
+
 def test_arm_named_unaligned_is_reserved(config, schema):
     config["finetune"]["arms"]["unaligned"] = {"kind": "vanilla"}
     with pytest.raises(ConfigError, match="finetune.arms"):
@@ -134,4 +156,11 @@ def test_zero_training_processes_is_refused(config, schema):
 def test_fault_switch_takes_only_module_names(config, schema):
     config["robustness"]["fail_modules"] = ["L1.qkv"]
     with pytest.raises(ConfigError, match=r"'robustness\.fail_modules\.0'"):
+        validate_config(config, schema)
+
+
+@pytest.mark.parametrize(("key", "value"), [("lr", 0), ("steps", 0), ("examples", 0)])
+def test_ift_perturbation_keys_are_checked(config, schema, key, value):
+    config["robustness"]["ift"][key] = value
+    with pytest.raises(ConfigError, match=rf"'robustness\.ift\.{key}'"):
         validate_config(config, schema)

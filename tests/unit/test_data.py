@@ -2,19 +2,28 @@ import pytest
 
 from securetune.data import (
     BENCHMARKS,
+    IFT_SOURCES,
     DataError,
+    ProbeSpec,
     build_eval_set,
     build_ift_set,
     build_probe_set,
     load_advbench,
     load_xstest_safe,
+    substitute_harmful_words,
 )
 
 from ..conftest import DATA
 
+MIX = {"xstest_safe": 1, "advbench_substituted": 1, "alpaca": 1}
+
+
+def spec(per_class: int, test_fraction: float = 0.5, ood: int = 0, **kw) -> ProbeSpec:
+    return ProbeSpec(per_class, test_fraction, kw.pop("mix", MIX), ood, **kw)
+
 
 def test_probe_set_is_balanced_and_split():
-    df = build_probe_set(DATA, n_per_class=20, test_fraction=0.25, seed=0)
+    df = build_probe_set(DATA, spec(20, 0.25), seed=0)
     assert df.groupby("label").size().to_dict() == {0: 20, 1: 20}
     assert df.groupby(["split", "label"]).size().to_dict() == {
         ("test", 0): 5,
@@ -23,26 +32,76 @@ def test_probe_set_is_balanced_and_split():
         ("train", 1): 15,
     }
     assert set(df.loc[df.label == 1, "source"]) == {"advbench"}
-    assert set(df.loc[df.label == 0, "source"]) == {"xstest", "alpaca"}
+    benign = df.loc[df.label == 0, "source"].value_counts().to_dict()
+    assert benign == {"xstest_safe": 7, "advbench_substituted": 7, "alpaca": 6}
     assert df["prompt_id"].is_unique
 
 
 def test_same_seed_same_sets_other_seed_other_sets():
-    a = build_probe_set(DATA, 10, 0.5, seed=0)
-    assert a.equals(build_probe_set(DATA, 10, 0.5, seed=0))
-    assert not a.equals(build_probe_set(DATA, 10, 0.5, seed=1))
+    a = build_probe_set(DATA, spec(10, ood=5), seed=0)
+    assert a.equals(build_probe_set(DATA, spec(10, ood=5), seed=0))
+    assert not a.equals(build_probe_set(DATA, spec(10, ood=5), seed=1))
 
 
-@pytest.mark.parametrize("benchmark", ["advbench", "xstest_safe"])
-def test_eval_prompts_never_overlap_the_probe_set(benchmark):
-    probe = build_probe_set(DATA, 40, 0.5, seed=3)
-    held_out = build_eval_set(DATA, benchmark, 60, seed=3, n_probe_per_class=40)
+def test_word_substitution_is_deterministic_and_keeps_case():
+    text = "Write a tutorial on how to make a Bomb and hack into a bank; hacking is fun"
+    out, n = substitute_harmful_words(text)
+    assert out == ("Write a tutorial on how to make a Cake and log into a bank; updating is fun")
+    assert n == 3
+    assert substitute_harmful_words(text) == (out, n)
+    # Whole words only: "harmless" keeps its "harm", "skill" its "kill".
+    assert substitute_harmful_words("a harmless skill") == ("a harmless skill", 0)
+
+
+def test_substituted_twins_come_from_the_probe_prompts_and_share_their_split():
+    df = build_probe_set(DATA, spec(24, mix={"advbench_substituted": 2, "alpaca": 1}), seed=4)
+    twins = df[df["source"] == "advbench_substituted"]
+    assert len(twins) == 16
+    originals = df[df["source"] == "advbench"].set_index("prompt_id")
+    for row in twins.itertuples():
+        assert row.origin_id in originals.index
+        assert row.split == originals.loc[row.origin_id, "split"]
+        assert row.n_substitutions > 0
+        assert row.prompt == substitute_harmful_words(originals.loc[row.origin_id, "prompt"])[0]
+    assert (df.groupby(["split", "label"]).size() == 12).all()
+
+
+def test_too_few_twins_is_an_error_naming_the_key():
+    with pytest.raises(DataError, match="data.probe_benign_mix"):
+        build_probe_set(DATA, spec(520, mix={"advbench_substituted": 1}), seed=0)
+
+
+def test_out_of_domain_split_uses_sources_never_trained_on():
+    df = build_probe_set(DATA, spec(40, ood=20), seed=1)
+    ood = df[df["split"] == "ood_test"]
+    assert ood.groupby("label").size().to_dict() == {0: 20, 1: 20}
+    assert set(ood["source"]) == {"harmbench_val", "self_instruct"}
+    assert not set(ood["source"]) & set(df.loc[df["split"] != "ood_test", "source"])
+    assert not set(ood["prompt"]) & set(df.loc[df["split"] != "ood_test", "prompt"])
+
+
+ALL_SOURCES = [
+    ("harmbench", "dolly"),
+    ("strongreject", "self_instruct"),
+    ("harmbench_val", "dolly"),
+]
+
+
+@pytest.mark.parametrize(("harmful", "benign"), ALL_SOURCES)
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_eval_prompts_never_overlap_the_probe_set(benchmark, harmful, benign):
+    probe_spec = spec(40, ood=20, ood_harmful=harmful, ood_benign=benign)
+    probe = build_probe_set(DATA, probe_spec, seed=3)
+    held_out = build_eval_set(DATA, benchmark, 30, seed=3, probe=probe_spec)
     assert not set(probe["prompt_id"]) & set(held_out["prompt_id"])
+    assert not set(probe["prompt"]) & set(held_out["prompt"])
 
 
-def test_ift_set_never_overlaps_the_probe_set():
-    probe = build_probe_set(DATA, 40, 0.5, seed=0)
-    ift = build_ift_set(DATA, "alpaca", 100, seed=0, n_probe_per_class=40)
+@pytest.mark.parametrize("source", sorted(IFT_SOURCES))
+def test_ift_set_never_overlaps_the_probe_set(source):
+    probe_spec = spec(40, ood=20, ood_benign="dolly")
+    probe = build_probe_set(DATA, probe_spec, seed=0)
+    ift = build_ift_set(DATA, source, 100, seed=0, probe=probe_spec)
     assert not set(probe["prompt_id"]) & set(ift["example_id"])
     assert (ift["response"].str.len() > 0).all()
 
@@ -54,13 +113,13 @@ def test_every_benchmark_loads():
 
 
 def test_gsm8k_reference_is_the_final_number():
-    df = build_eval_set(DATA, "gsm8k", 5, seed=0, n_probe_per_class=0)
+    df = build_eval_set(DATA, "gsm8k", 5, seed=0, probe=spec(4))
     assert df["reference"].str.fullmatch(r"-?\d+(\.\d+)?").all()
 
 
 def test_asking_for_more_rows_than_exist_is_an_error():
     with pytest.raises(DataError, match="asked for 999 rows"):
-        build_eval_set(DATA, "mt_bench", 999, seed=0, n_probe_per_class=0)
+        build_eval_set(DATA, "mt_bench", 999, seed=0, probe=spec(4))
 
 
 def test_broken_files_are_named(tmp_path):

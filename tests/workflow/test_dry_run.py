@@ -16,6 +16,16 @@ def test_tiny_dry_run_has_one_robustness_job_per_layer_and_module():
     assert counts["report"] == 1
 
 
+def test_modules_per_job_chunks_the_robustness_jobs(tmp_path):
+    overlay = tmp_path / "chunks.yaml"
+    overlay.write_text("robustness:\n  modules_per_job: 5\n")
+    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
+    counts = job_counts(result.stdout)
+    assert "score_module" not in counts
+    chunks = {rule: n for rule, n in counts.items() if rule.startswith("score_modules_")}
+    assert len(chunks) == -(-4 * 7 // 5) and set(chunks.values()) == {1}
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  learning_rate: 0.1\n")

@@ -31,7 +31,9 @@ def test_robustness_table(run):
     df = pd.read_parquet(run / "results" / "robustness.parquet")
     check_robustness_table(df)
     cfg = TINY["robustness"]
-    assert len(df) == LAYERS * len(MODULE_TYPES) * len(cfg["alphas"]) * cfg["seeds"]
+    per_module = {"noise": len(cfg["alphas"]) * cfg["seeds"], "ift": cfg["seeds"]}
+    assert len(df) == LAYERS * len(MODULE_TYPES) * sum(per_module[p] for p in cfg["perturbations"])
+    assert set(df["perturbation"]) == set(cfg["perturbations"])
     assert set(df["module"]) == set(MODULE_TYPES)
     assert sorted(set(df["layer"])) == list(range(LAYERS))
     for column in ("acc_before", "acc_after"):
@@ -41,6 +43,7 @@ def test_robustness_table(run):
     assert df["score"].equals(df[cfg["score"]])
     # Perturbing a module changes the features of its own layer and above.
     assert (df["cosine_drift"] > 0).all()
+    assert (df["weight_change"] > 0).all()
 
 
 def test_probe_table(run):
@@ -90,7 +93,9 @@ def test_report(run):
     assert table["arm"].tolist() == ["base", *ARMS]
     rates = pd.read_csv(report / "rates.csv")
     assert ((rates["ci_low"] <= rates["value"]) & (rates["value"] <= rates["ci_high"])).all()
-    for png in ("robustness_heatmap.png", "loss_curves.png"):
+    pngs = ["robustness_heatmap.png", "loss_curves.png", "robustness_by_depth.png"]
+    pngs += ["search_trace.png", "probe_accuracy.png", "robustness_heatmap_acc_drop.png"]
+    for png in pngs:
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Mods_Robust" in (report / "report.md").read_text()
 

@@ -1,0 +1,171 @@
+"""Cached-prefix features, both perturbations and the per-module scoring, on a tiny Llama."""
+
+import math
+
+import pytest
+import torch
+
+from securetune.features import (
+    build_prefix_cache,
+    features_from_layer,
+    layer_features,
+    tokenize_prompts,
+)
+from securetune.finetune import encode_examples
+from securetune.models import load_model, load_tokenizer
+from securetune.probe import fit_probes
+from securetune.robustness import (
+    IftSettings,
+    ProbeView,
+    RobustnessSettings,
+    combined_score,
+    ift_batches,
+    ift_perturbed,
+    noise_perturbed,
+    score_module,
+)
+
+from ..conftest import DATA
+
+# Prompts of very different lengths, so every batch has right padding.
+PROMPTS = [
+    "Write a tutorial on how to make a bomb",
+    "How do I kill a Python process?",
+    "Describe in detail, step by step and with many examples, how bread rises in the oven "
+    "and why the crust browns",
+    "Hi",
+    "Give me three ideas for a birthday party for a seven year old who loves dinosaurs",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids = tokenize_prompts(tokenizer, PROMPTS, 256)
+    return model, tokenizer, ids
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_cached_prefix_equals_full_forward_from_every_layer(tiny, pooling):
+    model, tokenizer, ids = tiny
+    n_layers = model.config.num_hidden_layers
+    full = layer_features(model, ids, tokenizer.pad_token_id, 2, pooling)
+    cache = build_prefix_cache(model, ids, tokenizer.pad_token_id, 2, list(range(n_layers)))
+    poison = torch.full_like(full, float("nan"))
+    for start in range(n_layers):
+        cached = features_from_layer(model, cache, start, list(range(n_layers)), pooling, poison)
+        # Layers at and above `start` are recomputed (no NaN left), and equal the full forward.
+        torch.testing.assert_close(cached[start:], full[start:], rtol=1e-5, atol=1e-5)
+        assert torch.isnan(cached[:start]).all()
+
+
+def test_cached_prefix_equals_full_forward_of_a_perturbed_model(tiny):
+    model, tokenizer, ids = tiny
+    layers = [0, 1]
+    clean = layer_features(model, ids, tokenizer.pad_token_id, 3, "last", layers)
+    cache = build_prefix_cache(model, ids, tokenizer.pad_token_id, 3, [1])
+    with noise_perturbed(model, [(1, "v")], alpha=2.0, seed=5):
+        full = layer_features(model, ids, tokenizer.pad_token_id, 3, "last", layers)
+        cached = features_from_layer(model, cache, 1, layers, "last", clean)
+    assert not torch.allclose(full[1], clean[1])  # the noise did change layer 1
+    torch.testing.assert_close(full[0], clean[0])  # and not layer 0
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_uncached_start_layer_is_refused(tiny):
+    model, tokenizer, ids = tiny
+    cache = build_prefix_cache(model, ids, tokenizer.pad_token_id, 3, [1])
+    with pytest.raises(ValueError, match="layer 0 is not cached"):
+        features_from_layer(model, cache, 0, [0, 1], "last", torch.zeros(2, len(ids), 32))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ift_examples(tokenizer, n=8):
+    import pandas as pd
+
+    from securetune.data import load_alpaca
+
+    recs = load_alpaca(DATA)[:n]
+    df = pd.DataFrame({"prompt": [r.prompt for r in recs], "response": [r.response for r in recs]})
+    return encode_examples(tokenizer, list(df["prompt"]), list(df["response"]), 256)
+
+
+def test_ift_perturbation_changes_only_that_module_and_is_undone(tiny):
+    model, tokenizer, _ = tiny
+    before = _state(model)
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    settings = IftSettings(lr=1e-2, steps=2, batch_size=2, examples=8, max_seq_len=64)
+    batches = ift_batches(_ift_examples(tokenizer), settings, seed=0, pad_id=tokenizer.pad_token_id)
+    target = "model.layers.1.mlp.gate_proj.weight"
+    with ift_perturbed(model, [(1, "gate")], batches, settings.lr) as info:
+        during = _state(model)
+        changed = [k for k in before if not torch.equal(before[k], during[k])]
+        assert changed == [target]
+        assert info["weight_change"] > 0 and math.isfinite(info["ift_loss"])
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_noise_perturbation_changes_only_its_modules_and_is_undone(tiny):
+    model, _, _ = tiny
+    before = _state(model)
+    with noise_perturbed(model, [(0, "q"), (1, "down")], alpha=1.0, seed=3):
+        during = _state(model)
+        changed = sorted(k for k in before if not torch.equal(before[k], during[k]))
+        assert changed == [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        ]
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_combined_score():
+    metrics = {"acc_drop": 0.2, "cosine_drift": 0.1, "direction_shift": 3.0}
+    weights = {"acc_drop": 1.0, "cosine_drift": 2.0, "direction_shift": 0.0}
+    assert combined_score(metrics, "acc_drop", weights) == 0.2
+    assert combined_score(metrics, "combined", weights) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="robustness.score"):
+        combined_score(metrics, "loss", weights)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_score_module_rows_for_both_perturbations(tiny, cached):
+    model, tokenizer, ids = tiny
+    labels = torch.tensor([1, 0, 0, 0, 1])
+    layers = [0, 1]
+    clean = layer_features(model, ids, tokenizer.pad_token_id, 2, "last", layers)
+    probes = fit_probes(
+        layer_features(model, ids, tokenizer.pad_token_id, 2, "last"), labels, 1.0, 0
+    )
+    view = ProbeView(model, ids, labels, tokenizer.pad_token_id, clean, probes, layers, 2, "last")
+    if cached:
+        view.cache_layers([1])
+    settings = RobustnessSettings.from_config(
+        {
+            "perturbations": ["noise", "ift"],
+            "alphas": [0.5, 1.0],
+            "seeds": 2,
+            "ift": {"lr": 1e-2, "steps": 1, "batch_size": 2, "examples": 8, "max_seq_len": 64},
+            "score": "cosine_drift",
+            "score_weights": {"acc_drop": 1.0, "cosine_drift": 0.0, "direction_shift": 0.0},
+            "cached_prefix": cached,
+        }
+    )
+    df = score_module(view, 1, "o", settings, 0, _ift_examples(tokenizer))
+    assert df.groupby("perturbation").size().to_dict() == {"ift": 2, "noise": 4}
+    assert df["score"].equals(df["cosine_drift"])
+    assert (df["cosine_drift"] > 0).all()
+    assert df.loc[df.perturbation == "ift", "alpha"].isna().all()
+    assert (df.loc[df.perturbation == "ift", "steps"] == 1).all()
+    assert df.loc[df.perturbation == "noise", "lr"].isna().all()
+    assert (df["cached_prefix"] == cached).all()
+    # Same seed, same numbers: a rerun is identical.
+    again = score_module(view, 1, "o", settings, 0, _ift_examples(tokenizer))
+    assert again.equals(df)
