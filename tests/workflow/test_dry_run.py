@@ -61,6 +61,8 @@ def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
     arms, benchmarks = 3, 5
     assert counts["build_base_model"] == counts["align_base_model"] == 1
     assert counts["prepare_alignment_set"] == 1
-    assert counts["score_module"] == 30 * 7
+    # 30 x 7 modules, scored 35 per process (robustness.modules_per_job) on one machine
+    chunks = [rule for rule in counts if rule.startswith("score_modules_")]
+    assert len(chunks) == 30 * 7 // 35 and all(counts[c] == 1 for c in chunks)
     # base (aligned), unaligned (the converted SmolLM2) and every fine-tuned arm
     assert counts["generate"] == (arms + 2) * benchmarks
