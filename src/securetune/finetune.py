@@ -321,7 +321,8 @@ def save_checkpoint(
             torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(rngs, tmp / "rng.pt")
             (tmp / "state.json").write_text(
-                json.dumps({"step": step, "fingerprint": stamp, "rows": rows}, sort_keys=True)
+                # Keys in their order, so a resumed log has the columns of an uninterrupted one.
+                json.dumps({"step": step, "fingerprint": stamp, "rows": rows})
             )
         for old in sorted(root.glob("step_*"))[:-1]:
             shutil.rmtree(old)
