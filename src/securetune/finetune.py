@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,7 +229,9 @@ def wrap_for_processes(model: torch.nn.Module, cfg: TrainConfig, env: Dist) -> t
     return model
 
 
-def _sync_context(wrapped: torch.nn.Module, env: Dist, sync: bool) -> contextlib.AbstractContextManager:
+def _sync_context(
+    wrapped: torch.nn.Module, env: Dist, sync: bool
+) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce on all but the last micro-batch of a step."""
     if not env.active:
         return contextlib.nullcontext()
@@ -250,9 +252,7 @@ def group_grad_norms(param_groups: list[dict], sharded: bool) -> dict[str, float
     for group in param_groups:
         grads = [_local(p.grad) for p in group["params"] if p.grad is not None]
         squares.append(
-            torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-            if grads
-            else torch.zeros(())
+            torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
         )
     total = torch.stack(squares).to(torch.float64)
     if sharded:
@@ -459,7 +459,9 @@ def train_step(
         "tokens": global_tokens,
         "seed": cfg.seed,
     }
-    norms = group_grad_norms(optimizer.param_groups, sharded=cfg.distributed == "fsdp" and env.active)
+    norms = group_grad_norms(
+        optimizer.param_groups, sharded=cfg.distributed == "fsdp" and env.active
+    )
     for group in optimizer.param_groups:
         row[f"lr_{group['name']}"] = group["lr"]
         row[f"grad_norm_{group['name']}"] = norms[group["name"]]
@@ -560,9 +562,9 @@ def train(
         rows.append(row)
         tokens += row["tokens"]
         done = step + 1
-        if checkpoint_dir is not None and cfg.checkpoint_every and done < cfg.steps:
-            if done % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoint_dir, done, wrapped, model, optimizer, rows, stamp, env, fsdp)
+        every = cfg.checkpoint_every
+        if checkpoint_dir is not None and every and done % every == 0 and done < cfg.steps:
+            save_checkpoint(checkpoint_dir, done, wrapped, model, optimizer, rows, stamp, env, fsdp)
         if env.main and (step % 10 == 0 or done == cfg.steps):
             log.info("step %d/%d loss %.4f", done, cfg.steps, row["loss"])
         if on_step is not None:
@@ -612,7 +614,9 @@ def main(argv: list[str] | None = None, on_step: Callable[[int, dict], None] | N
     args = _parser().parse_args(argv)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     # Only rank 0 writes the log file; the others report warnings to stderr.
-    setup_logging(args.log_file if main_rank else None, logging.INFO if main_rank else logging.WARNING)
+    setup_logging(
+        args.log_file if main_rank else None, logging.INFO if main_rank else logging.WARNING
+    )
     cfg = TrainConfig(**json.loads(args.arm_config))
     if main_rank:
         log.info("arm config: %s", cfg)
