@@ -143,11 +143,17 @@ def lr_factor(step: int, steps: int, warmup_ratio: float, schedule: str) -> floa
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of the next-token losses on response tokens, in float32."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
+    """Sum (not mean) of the next-token losses on response tokens, in float32.
+
+    The labels are shifted (padded by one IGNORE), not the logits: slicing the logits would copy
+    the largest tensor of the step (batch x length x vocabulary).
+    """
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     return torch.nn.functional.cross_entropy(
-        shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).float(),
+        shifted.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
 
 
@@ -246,18 +252,32 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def group_grad_norms(param_groups: list[dict], sharded: bool) -> dict[str, float]:
-    """L2 norm of each group's gradient (summed over the shards under FSDP)."""
+def group_squared_norms(param_groups: list[dict], sharded: bool) -> torch.Tensor:
+    """Squared L2 norm of each group's gradient (summed over the shards under FSDP)."""
     squares = []
     for group in param_groups:
         grads = [_local(p.grad) for p in group["params"] if p.grad is not None]
-        squares.append(
-            torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        )
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        squares.append(torch.stack(norms).square().sum() if norms else torch.zeros(()))
     total = torch.stack(squares).to(torch.float64)
     if sharded:
         dist.all_reduce(total)
-    return {g["name"]: float(v) for g, v in zip(param_groups, total.sqrt().tolist(), strict=True)}
+    return total
+
+
+def clip_gradients(param_groups: list[dict], squares: torch.Tensor, max_norm: float) -> None:
+    """Scale the live gradients so their joint norm is at most `max_norm`, as torch's
+    `clip_grad_norm_` does, reusing the groups' norms instead of computing them again."""
+    live: list[torch.Tensor] = []
+    total = 0.0
+    for group, square in zip(param_groups, squares.tolist(), strict=True):
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        if grads:  # a held group (SWAT before the switch) has none and does not count
+            live += grads
+            total += square
+    coef = max_norm / (math.sqrt(total) + 1e-6)
+    if live and coef < 1.0:
+        torch._foreach_mul_(live, coef)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -459,18 +479,17 @@ def train_step(
         "tokens": global_tokens,
         "seed": cfg.seed,
     }
-    norms = group_grad_norms(
+    squares = group_squared_norms(
         optimizer.param_groups, sharded=cfg.distributed == "fsdp" and env.active
     )
-    for group in optimizer.param_groups:
+    for group, square in zip(optimizer.param_groups, squares.tolist(), strict=True):
         row[f"lr_{group['name']}"] = group["lr"]
-        row[f"grad_norm_{group['name']}"] = norms[group["name"]]
+        row[f"grad_norm_{group['name']}"] = math.sqrt(square)
         if group["name"] in held:
             for p in group["params"]:
                 p.grad = None  # AdamW skips a parameter without gradient: no moments, no decay
     if cfg.grad_clip > 0:
-        live = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(live, cfg.grad_clip)
+        clip_gradients(optimizer.param_groups, squares, cfg.grad_clip)
     optimizer.step()
     return row
 

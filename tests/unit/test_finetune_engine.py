@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from securetune.config import TrainConfig
-from securetune.finetune import train
+from securetune.finetune import IGNORE, clip_gradients, group_squared_norms, summed_loss, train
 
 ROBUST = {"L0.q", "L1.down", "L1.v"}
 ROBUST_WEIGHTS = {
@@ -175,7 +175,10 @@ main(sys.argv[2:], on_step=on_step)
     ("launcher", "changes"),
     [
         ("python", {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}),
-        ("torchrun", {"distributed": "fsdp", "kind": "swat", "switch_at": 4}),
+        (
+            "torchrun",
+            {"distributed": "fsdp", "kind": "swat", "switch_at": 4, "micro_batch_size": 1},
+        ),
     ],
     ids=["lora-dropout-1proc", "fsdp-swat-2proc"],
 )
@@ -184,14 +187,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(
 ):
     settings = arm(steps=10, checkpoint_every=3, **changes)
     start = starter(launcher)
-    run(
-        [
-            *start,
-            "-m",
-            "securetune.finetune",
-            *cli(tiny_model_dir, ift, plan, tmp_path / "a", settings),
-        ]
-    )
+    a = cli(tiny_model_dir, ift, plan, tmp_path / "a", settings)
+    run([*start, "-m", "securetune.finetune", *a])
     b = cli(tiny_model_dir, ift, plan, tmp_path / "b", settings)
     killed = run([*start, "-c", KILLER, "7", *b], check=False)
     assert killed.returncode != 0
@@ -199,38 +196,47 @@ def test_resume_after_sigkill_gives_the_uninterrupted_result(
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step_00000006"]
     result = run([*start, "-m", "securetune.finetune", *b, "--resume"])
     assert "resumed from" in result.stderr
-    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    weights_a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "model" / "model.safetensors")
     # Same processes, same shapes, same order of operations: bit for bit on CPU.
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     log_a = pd.read_parquet(tmp_path / "a" / "loss.parquet")
     pd.testing.assert_frame_equal(log_a, pd.read_parquet(tmp_path / "b" / "loss.parquet"))
     assert not (tmp_path / "b" / "checkpoints").exists()  # removed after success
+    if launcher == "torchrun":
+        # FSDP over 2 processes (micro-batches of 1 too) is the 1-process run up to float error.
+        one, log_one = run_inline(
+            tiny_model_dir, ift, tmp_path / "one", **{**settings, "distributed": "ddp"}
+        )
+        assert max_diff(one, weights_a) < 1e-5
+        assert log_a["loss"].to_numpy() == pytest.approx(log_one["loss"].to_numpy(), rel=1e-5)
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model_dir, ift, plan, tmp_path):
-    cmd = [sys.executable, "-c", KILLER, "4"]
-    run([*cmd, *cli(tiny_model_dir, ift, plan, tmp_path, arm(checkpoint_every=2))], check=False)
-    other = cli(tiny_model_dir, ift, plan, tmp_path, arm(checkpoint_every=2, gamma=0.5))
-    result = run([sys.executable, "-m", "securetune.finetune", *other, "--resume"], check=False)
-    assert result.returncode != 0
-    assert "was written for other settings" in result.stderr
-
-
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_processes_give_the_one_process_result(
-    tiny_model_dir, ift, plan, tmp_path, distributed
-):
-    settings = arm(kind="ml_lr", distributed=distributed)
-    one, log_one = run_inline(tiny_model_dir, ift, tmp_path / "one", kind="ml_lr")
-    run(
-        [
-            *starter("torchrun"),
-            "-m",
-            "securetune.finetune",
-            *cli(tiny_model_dir, ift, plan, tmp_path / "two", settings),
-        ]
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model_dir, ift, tmp_path):
+    data = pd.read_parquet(ift)
+    ckpt = tmp_path / "checkpoints"
+    first = TrainConfig(**arm(checkpoint_every=2))
+    train(
+        tiny_model_dir,
+        data,
+        first,
+        ROBUST,
+        tmp_path / "m",
+        checkpoint_dir=ckpt,
+        keep_checkpoints=True,
     )
+    assert [p.name for p in ckpt.iterdir()] == ["step_00000006"]  # the last before the end
+    other = TrainConfig(**arm(checkpoint_every=2, gamma=0.5))
+    with pytest.raises(ValueError, match="was written for other settings"):
+        train(tiny_model_dir, data, other, ROBUST, tmp_path / "m", checkpoint_dir=ckpt, resume=True)
+
+
+def test_two_processes_give_the_one_process_result(tiny_model_dir, ift, plan, tmp_path):
+    """DDP with gloo on CPU; FSDP is compared with 1 process in the resume test above."""
+    settings = arm(kind="ml_lr")
+    one, log_one = run_inline(tiny_model_dir, ift, tmp_path / "one", kind="ml_lr")
+    two_cli = cli(tiny_model_dir, ift, plan, tmp_path / "two", settings)
+    run([*starter("torchrun"), "-m", "securetune.finetune", *two_cli])
     two = load_file(tmp_path / "two" / "model" / "model.safetensors")
     log_two = pd.read_parquet(tmp_path / "two" / "loss.parquet")
     # Each process pads to its own longest example and sums in its own order: float tolerance.
@@ -239,3 +245,33 @@ def test_two_processes_give_the_one_process_result(
         assert log_two[column].to_numpy() == pytest.approx(log_one[column].to_numpy(), rel=1e-5)
     assert log_two["tokens"].tolist() == log_one["tokens"].tolist()
     assert log_two["lr_rest"].tolist() == log_one["lr_rest"].tolist()
+
+
+def test_clipping_matches_torch_and_skips_held_groups():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, c in zip(params, copies, strict=True):
+        c.grad = p.grad.clone()
+    groups = [{"name": "robust", "params": params[:2]}, {"name": "rest", "params": params[2:]}]
+    clip_gradients(groups, group_squared_norms(groups, sharded=False), 1.0)
+    torch.nn.utils.clip_grad_norm_(copies, 1.0)
+    assert all(torch.allclose(p.grad, c.grad) for p, c in zip(params, copies, strict=True))
+    # A held group (no gradients) does not count towards the norm.
+    for p in params[2:]:
+        p.grad = None
+    clip_gradients(groups, group_squared_norms(groups, sharded=False), 0.5)
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params[:2]]))
+    assert norm.item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_summed_loss_is_the_sum_over_response_tokens():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE, IGNORE, 1, 2, 3], [IGNORE, 4, 5, IGNORE, IGNORE]])
+    by_hand = sum(
+        -torch.log_softmax(logits[row, pos - 1], -1)[labels[row, pos]]
+        for row, pos in [(0, 2), (0, 3), (0, 4), (1, 1), (1, 2)]
+    )
+    assert summed_loss(logits, labels).item() == pytest.approx(by_hand.item(), rel=1e-6)
