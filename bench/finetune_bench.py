@@ -2,7 +2,8 @@
 
 Both comparisons run in one process on the same random Llama and the same batches, interleaved
 (A, B, A, B, ...), so a busy machine slows both sides alike; medians of per-step times are
-reported. The first step of each side is a warm-up and is not counted.
+reported, as wall time and as this process's CPU time (the steadier one when other jobs share
+the cores). The first step of each side is a warm-up and is not counted.
 
     python bench/finetune_bench.py --layers 6 --steps 6 --out bench/finetune_bench.json
 
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,28 +80,31 @@ class Ours:
         )
         self.step = 0
 
-    def run(self, examples, indices) -> float:
-        began = time.perf_counter()
+    def run(self, examples, indices) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process) of one step."""
+        began, cpu = time.perf_counter(), time.process_time()
         train_step(
             self.step, indices, self.model, self.optimizer, self.base_lrs, examples, self.cfg,
             Dist(), 0, set(),
         )  # fmt: skip
         self.step += 1
-        return time.perf_counter() - began
+        return time.perf_counter() - began, time.process_time() - cpu
 
 
 class StepTimes(TrainerCallback):
     def __init__(self) -> None:
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.began = time.perf_counter()
+        self.began, self.cpu = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.began)
+        self.times.append((time.perf_counter() - self.began, time.process_time() - self.cpu))
 
 
-def hf_trainer_times(model, examples, batch: int, steps: int, out: Path) -> list[float]:
+def hf_trainer_times(
+    model, examples, batch: int, steps: int, out: Path
+) -> list[tuple[float, float]]:
     """Per-step times of transformers' Trainer on the same model, batches and optimizer."""
     data = [
         {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
@@ -116,8 +121,9 @@ def hf_trainer_times(model, examples, batch: int, steps: int, out: Path) -> list
     return timer.times
 
 
-def median_after_warmup(times: list[float]) -> float:
-    return statistics.median(times[1:]) if len(times) > 1 else times[0]
+def medians(times: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median wall and CPU seconds per step."""
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 def main() -> None:
@@ -140,30 +146,25 @@ def main() -> None:
     robust = {f"L{layer}.{m}" for layer in range(args.layers) for m in ("q", "k", "v", "gate")}
     vanilla = Ours("vanilla", args.layers, set(), args.steps, args.batch)
     ml_lr = Ours("ml_lr", args.layers, robust, args.steps, args.batch)
-    times: dict[str, list[float]] = {"vanilla": [], "ml_lr": []}
+    times: dict[str, list[tuple[float, float]]] = {"vanilla": [], "ml_lr": []}
     for indices in batches:
         times["vanilla"].append(vanilla.run(examples, indices))
         times["ml_lr"].append(ml_lr.run(examples, indices))
     del vanilla, ml_lr
-    step_v, step_m = (median_after_warmup(times[k]) for k in ("vanilla", "ml_lr"))
+    (wall_v, cpu_v), (wall_m, cpu_m) = (medians(times[k][1:]) for k in ("vanilla", "ml_lr"))
 
     # 2. Ours vs HF Trainer, rounds interleaved, each on a fresh copy of the same model.
-    ours_times: list[float] = []
-    hf_times: list[float] = []
+    ours_times: list[tuple[float, float]] = []
+    hf_times: list[tuple[float, float]] = []
     for _ in range(args.rounds):
         ours = Ours("vanilla", args.layers, set(), args.steps, args.batch)
         ours_times += [ours.run(examples, i) for i in batches][1:]
         del ours
-        hf = hf_trainer_times(
-            random_model(args.layers, seed=0),
-            examples,
-            args.batch,
-            args.steps,
-            args.out.parent / "hf_tmp",
-        )
-        hf_times += hf[1:]
-    ours_tps = tokens_per_step / statistics.median(ours_times)
-    hf_tps = tokens_per_step / statistics.median(hf_times)
+        model = random_model(args.layers, seed=0)
+        hf_times += hf_trainer_times(
+            model, examples, args.batch, args.steps, Path(tempfile.mkdtemp(prefix="hf_bench_"))
+        )[1:]
+    (wall_o, cpu_o), (wall_h, cpu_h) = medians(ours_times), medians(hf_times)
 
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -173,23 +174,32 @@ def main() -> None:
         "model": f"random Llama, SmolLM2-135M width, {args.layers} layers, vocab 49152",
         "batch": f"{args.batch} x {args.seq} tokens (prompt quarter masked)",
         "steps_per_side": args.steps,
-        "vanilla_step_s": round(step_v, 3),
-        "ml_lr_step_s": round(step_m, 3),
-        "ml_lr_overhead": round(step_m / step_v - 1, 4),
-        "ours_tokens_per_s": round(ours_tps, 1),
-        "hf_trainer_tokens_per_s": round(hf_tps, 1),
-        "ours_over_hf": round(ours_tps / hf_tps, 3),
-        "step_times_s": {
-            "vanilla": [round(t, 3) for t in times["vanilla"]],
-            "ml_lr": [round(t, 3) for t in times["ml_lr"]],
-            "ours": [round(t, 3) for t in ours_times],
-            "hf_trainer": [round(t, 3) for t in hf_times],
+        "vanilla_step_s": {"wall": round(wall_v, 3), "cpu": round(cpu_v, 3)},
+        "ml_lr_step_s": {"wall": round(wall_m, 3), "cpu": round(cpu_m, 3)},
+        "ml_lr_overhead": {
+            "wall": round(wall_m / wall_v - 1, 4),
+            "cpu": round(cpu_m / cpu_v - 1, 4),
+        },
+        "ours_tokens_per_s": {
+            "wall": round(tokens_per_step / wall_o, 1),
+            "cpu": round(tokens_per_step / cpu_o, 1),
+        },
+        "hf_trainer_tokens_per_s": {
+            "wall": round(tokens_per_step / wall_h, 1),
+            "cpu": round(tokens_per_step / cpu_h, 1),
+        },
+        "ours_over_hf": {"wall": round(wall_h / wall_o, 3), "cpu": round(cpu_h / cpu_o, 3)},
+        "step_times_s_wall_cpu": {
+            "vanilla": times["vanilla"],
+            "ml_lr": times["ml_lr"],
+            "ours": ours_times,
+            "hf_trainer": hf_times,
         },
         "versions": versions(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "step_times_s_wall_cpu"}, indent=2))
 
 
 if __name__ == "__main__":
