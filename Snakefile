@@ -22,3 +22,14 @@ rule all:
     default_target: True
     input:
         "results/report/report.md",
+
+
+rule ablation_gamma:
+    """Ablation (not part of `all`): one ml_lr arm per finetune.gamma_sweep value, scored."""
+    input:
+        expand(
+            "results/scores/{arm}/{benchmark}.parquet",
+            arm=gamma_sweep_arms(),
+            benchmark=benchmarks(),
+        ),
+        expand("results/finetune/{arm}/loss.parquet", arm=gamma_sweep_arms()),

@@ -161,36 +161,68 @@ def benchmarks():
     return list(config["evaluation"]["benchmarks"])
 
 
+# Arm kinds whose groups depend on Mods_Robust, so they wait for the search plan.
+KINDS_WITH_PLAN = ("ml_lr", "freeze", "swat")
+
+
+def sweep_arm_name(gamma):
+    """`ml_lr_g0p05` for gamma 0.05: a valid arm (and folder) name for every number."""
+    text = f"{gamma:g}".replace(".", "p").replace("-", "m").replace("+", "")
+    return f"ml_lr_g{text}"
+
+
+def gamma_sweep_arms():
+    """The ablation's arms: one ml_lr arm per finetune.gamma_sweep value (not built by `all`)."""
+    sweep = {
+        sweep_arm_name(gamma): {"kind": "ml_lr", "gamma": gamma}
+        for gamma in config["finetune"].get("gamma_sweep", [])
+    }
+    clash = sorted(set(sweep) & set(config["finetune"]["arms"]))
+    if clash:
+        raise ConfigError(
+            f"config key 'finetune.gamma_sweep': arm name(s) {clash} clash with finetune.arms"
+        )
+    return sweep
+
+
+def arm_spec(arm):
+    """An arm's own settings, from finetune.arms or the gamma sweep."""
+    known = {**config["finetune"]["arms"], **gamma_sweep_arms()}
+    if arm not in known:
+        raise ConfigError(
+            f"arm '{arm}' is in neither finetune.arms nor finetune.gamma_sweep"
+        )
+    return known[arm]
+
+
 def arm_settings(wildcards):
     """The arm's full training config: shared finetune keys + its own, as one JSON string.
 
-    Only this arm's values go into its params, so changing one arm reruns only that arm.
+    Only this arm's values go into its params, so changing one arm (or the sweep) reruns only
+    that arm.
     """
-    shared = {k: v for k, v in config["finetune"].items() if k != "arms"}
-    arm = config["finetune"]["arms"][wildcards.arm]
-    return json.dumps(
-        {
-            "arm": wildcards.arm,
-            "kind": arm["kind"],
-            "lr": arm.get("lr", shared["lr"]),
-            "gamma": arm.get("gamma", 1.0),
-            "steps": shared["steps"],
-            "batch_size": shared["batch_size"],
-            "warmup_ratio": shared["warmup_ratio"],
-            "schedule": shared["schedule"],
-            "max_seq_len": shared["max_seq_len"],
-            "weight_decay": shared["weight_decay"],
-            "grad_clip": shared["grad_clip"],
-            "seed": config["seed"],
-        },
-        sort_keys=True,
-    )
+    shared = {
+        k: v for k, v in config["finetune"].items() if k not in ("arms", "gamma_sweep")
+    }
+    arm = arm_spec(wildcards.arm)
+    lr = shared.pop("lr")
+    own = {
+        "arm": wildcards.arm,
+        "kind": arm["kind"],
+        "lr": arm.get("lr", lr),
+        # freeze is gamma = 0 by construction (its rest is frozen, not slowed).
+        "gamma": 0.0 if arm["kind"] == "freeze" else arm.get("gamma", 1.0),
+        "seed": config["seed"],
+    }
+    if "switch_at" in arm:
+        own["switch_at"] = arm["switch_at"]
+    return json.dumps({**shared, **own}, sort_keys=True)
 
 
 def finetune_inputs(wildcards):
-    """ml_lr arms need the search plan; vanilla arms do not (so they never wait for it)."""
+    """Arms that use Mods_Robust need the search plan; vanilla arms do not (so never wait)."""
     inputs = {"model": "results/model/base", "data": "results/data/ift.parquet"}
-    if config["finetune"]["arms"][wildcards.arm]["kind"] == "ml_lr":
+    if arm_spec(wildcards.arm)["kind"] in KINDS_WITH_PLAN:
         inputs["plan"] = "results/search/plan.json"
     return inputs
 

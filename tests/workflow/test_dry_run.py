@@ -2,13 +2,13 @@
 
 import pytest
 
-from .helpers import REPO, job_counts, snakemake
+from .helpers import REPO, job_counts, planned_wildcards, snakemake
 
 
 def test_tiny_dry_run_has_one_robustness_job_per_layer_and_module():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml")
     counts = job_counts(result.stdout)
-    layers, modules, arms, benchmarks = 4, 7, 2, 4
+    layers, modules, arms, benchmarks = 4, 7, 4, 4
     assert counts["score_module"] == layers * modules
     assert counts["finetune"] == arms
     assert counts["generate"] == (arms + 1) * benchmarks
@@ -52,7 +52,7 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/paper.yaml")
     counts = job_counts(result.stdout)
     assert counts["score_module"] == 32 * 7
-    assert counts["generate"] == 3 * 6
+    assert counts["generate"] == 5 * 6
 
 
 def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
@@ -66,3 +66,18 @@ def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
     assert len(chunks) == 30 * 7 // 35 and all(counts[c] == 1 for c in chunks)
     # base (aligned), unaligned (the converted SmolLM2) and every fine-tuned arm
     assert counts["generate"] == (arms + 2) * benchmarks
+
+
+def test_gamma_ablation_is_its_own_target():
+    # The target goes first: --configfile takes every argument after it.
+    result = snakemake(
+        REPO, "ablation_gamma", "-n", "--forceall", "--configfile", "configs/tiny.yaml"
+    )
+    counts = job_counts(result.stdout)
+    sweep = ["ml_lr_g0", "ml_lr_g0p3", "ml_lr_g1"]  # finetune.gamma_sweep: [0.0, 0.3, 1.0]
+    assert counts["finetune"] == len(sweep)
+    assert counts["generate"] == len(sweep) * 4
+    assert "report" not in counts
+    planned = planned_wildcards(result.stdout)
+    arms_planned = {w.split(",")[0] for w in planned if w.startswith("arm=")}
+    assert arms_planned == {f"arm={arm}" for arm in sweep}
