@@ -58,7 +58,7 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
 def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/demo.yaml")
     counts = job_counts(result.stdout)
-    arms, benchmarks = 3, 5
+    arms, benchmarks = 5, 5  # its 3 arms + freeze and swat from config.yaml (overlays merge)
     assert counts["build_base_model"] == counts["align_base_model"] == 1
     assert counts["prepare_alignment_set"] == 1
     # 30 x 7 modules, scored 35 per process (robustness.modules_per_job) on one machine
