@@ -80,6 +80,11 @@ def benchmarks():
     return list(config["evaluation"]["benchmarks"])
 
 
+def benchmark_source(wildcards):
+    """The user's folder with a benchmark's full set, or "" for the bundled subset."""
+    return config["evaluation"].get("sources", {}).get(wildcards.benchmark, "")
+
+
 def arm_settings(wildcards):
     """The arm's full training config: shared finetune keys + its own, as one JSON string.
 

@@ -34,7 +34,9 @@ rule prepare_ift_set:
 
 
 rule prepare_eval_set:
-    """Held-out prompts of one benchmark."""
+    """Held-out prompts of one benchmark, none of them in the probe set."""
+    input:
+        probe="results/data/probe.parquet",
     output:
         "results/data/eval/{benchmark}.parquet",
     log:
@@ -44,6 +46,7 @@ rule prepare_eval_set:
     params:
         data_dir=DATA_DIR,
         n=lambda wc: config["evaluation"]["benchmarks"][wc.benchmark],
+        source=benchmark_source,
         probe_per_class=config["data"]["probe_per_class"],
         seed=config["seed"],
     script:

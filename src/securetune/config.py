@@ -88,10 +88,3 @@ class TrainConfig:
     weight_decay: float
     grad_clip: float
     seed: int
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    backend: str
-    max_new_tokens: int
-    batch_size: int

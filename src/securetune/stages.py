@@ -18,9 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from securetune import data as datasets
 from securetune.architectures import parse_module_name
-from securetune.config import GenerationConfig, SearchConfig
+from securetune.config import SearchConfig
 from securetune.features import layer_features, tokenize_prompts
-from securetune.generation import generate_greedy, generations_table
 from securetune.io import atomic_dir, atomic_path, stable_seed, versions, write_json, write_parquet
 from securetune.models import (
     TinyModelSpec,
@@ -85,9 +84,18 @@ def prepare_ift_set(
 
 
 def prepare_eval_set(
-    data_dir: Path, out: Path, benchmark: str, n: int, probe_per_class: int, seed: int
+    data_dir: Path,
+    probe_set: Path,
+    out: Path,
+    benchmark: str,
+    n: int,
+    probe_per_class: int,
+    seed: int,
+    source: Path | None = None,
 ) -> None:
-    write_parquet(datasets.build_eval_set(data_dir, benchmark, n, seed, probe_per_class), out)
+    exclude = datasets.probe_prompts(pd.read_parquet(probe_set))
+    df = datasets.build_eval_set(data_dir, benchmark, n, seed, probe_per_class, source, exclude)
+    write_parquet(df, out)
 
 
 # --- features, probe, robustness, search ---------------------------------------------------------
@@ -289,31 +297,6 @@ def search_robust_modules(
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-
-
-def generate(
-    model_dir: Path,
-    prompts: Path,
-    out: Path,
-    arm: str,
-    cfg: GenerationConfig,
-    dtype: str,
-    seed: int,
-) -> None:
-    torch.manual_seed(seed)
-    eval_set = pd.read_parquet(prompts)
-    model = load_model(model_dir, dtype)
-    tokenizer = load_tokenizer(model_dir)
-    texts, counts = generate_greedy(
-        model, tokenizer, list(eval_set["prompt"]), cfg.max_new_tokens, cfg.batch_size
-    )
-    table = generations_table(eval_set, texts, counts, arm)
-    table["backend"] = cfg.backend
-    table["max_new_tokens"] = cfg.max_new_tokens
-    table["decoding"] = "greedy"
-    table["seed"] = seed
-    table["versions"] = json.dumps(versions(), sort_keys=True)
-    write_parquet(table, out)
 
 
 def score(generations: Path, out: Path) -> None:
