@@ -99,12 +99,30 @@ def with_retries(fn: Callable[[], T], attempts: int, what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Each prompt through the model's chat template, tokenised without extra special tokens
-    (the template already has them)."""
+Conversation = list[dict[str, str]]
+
+
+def user_turns(prompts: list[str]) -> list[Conversation]:
+    """Each prompt as a single-turn conversation, the way every benchmark asks it."""
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def render(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> str:
+    """A conversation through the model's chat template, ending with the assistant header."""
+    if len(conversation) == 1 and conversation[0]["role"] == "user":
+        return chat_prompt(tokenizer, conversation[0]["content"])
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str] | list[Conversation]
+) -> list[list[int]]:
+    """Each prompt (or conversation) through the model's chat template, tokenised without extra
+    special tokens (the template already has them)."""
+    conversations = user_turns(prompts) if prompts and isinstance(prompts[0], str) else prompts
     return [
-        tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
-        for p in prompts
+        tokenizer(render(tokenizer, c), add_special_tokens=False)["input_ids"]
+        for c in conversations
     ]
 
 
@@ -228,38 +246,41 @@ def servable_model(model_dir: Path) -> Iterator[Path]:
 
 
 def check_engine_prompt_tokens(
-    engine_tokenizer: Any, prompts: list[str], expected: list[list[int]]
+    engine_tokenizer: Any, conversations: list[Conversation], expected: list[list[int]]
 ) -> None:
     """Fail if vLLM's own tokenizer and chat template would give other prompt tokens than
     ours: the backends must see identical inputs for their outputs to be comparable."""
-    for prompt, ids in zip(prompts, expected, strict=True):
+    for conversation, ids in zip(conversations, expected, strict=True):
         theirs = engine_tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            conversation, add_generation_prompt=True, tokenize=True
         )
         if isinstance(theirs, dict) or hasattr(theirs, "keys"):
             theirs = theirs["input_ids"]
         if list(theirs) != list(ids):
             raise GenerationError(
                 f"vLLM's chat template gives other prompt tokens than transformers' for "
-                f"{prompt[:40]!r}: {list(theirs)[:12]}... vs {list(ids)[:12]}..."
+                f"{conversation[-1]['content'][:40]!r}: {list(theirs)[:12]}... "
+                f"vs {list(ids)[:12]}..."
             )
 
 
 def generate_completions(
     model_dir: Path,
-    prompts: list[str],
+    prompts: list[str] | list[Conversation],
     cfg: GenerationConfig,
     dtype: str,
     seed: int,
     tensor_parallel_size: int = 1,
 ) -> tuple[list[Completion], list[list[int]]]:
-    """(completions, prompt token ids) of `prompts` with the configured backend."""
+    """(completions, prompt token ids) of `prompts` (strings asked as single user turns, or
+    whole conversations) with the configured backend."""
+    conversations = user_turns(prompts) if prompts and isinstance(prompts[0], str) else prompts
     with servable_model(model_dir) as served:
         tokenizer = load_tokenizer(served)
-        token_ids = prompt_token_ids(tokenizer, prompts)
+        token_ids = prompt_token_ids(tokenizer, conversations)
         if cfg.backend == "vllm":
             llm = open_vllm_engine(served, cfg, dtype, seed, tensor_parallel_size)
-            check_engine_prompt_tokens(llm.get_tokenizer(), prompts[:4], token_ids[:4])
+            check_engine_prompt_tokens(llm.get_tokenizer(), conversations[:4], token_ids[:4])
             done = with_retries(
                 lambda: generate_vllm(llm, token_ids, cfg, seed, tokenizer.eos_token_id),
                 cfg.max_retries,
@@ -296,7 +317,7 @@ def generations_table(
             "arm": arm,
             "benchmark": eval_set["benchmark"],
             "kind": eval_set["kind"],
-            "category": eval_set["category"] if "category" in eval_set else "",
+            "category": eval_set.get("category", ""),
             "reference": eval_set["reference"],
             "backend": cfg.backend,
             "decoding": cfg.decoding,

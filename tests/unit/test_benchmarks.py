@@ -1,4 +1,4 @@
-"""Benchmark loaders of the evaluation stage: contextual HarmBench, HEx-PHI, sources, disjointness."""
+"""Evaluation benchmark loaders: contextual HarmBench, HEx-PHI, sources, disjointness."""
 
 from __future__ import annotations
 

@@ -60,9 +60,11 @@ def test_sampling_depends_on_seed(tiny_model_dir):
 def test_lora_adapter_is_merged_before_serving(tiny_model_dir, tmp_path):
     base = load_model(tiny_model_dir)
     torch.manual_seed(0)
-    peft_model = get_peft_model(
-        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(base, lora)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter change something
+            torch.nn.init.normal_(p, std=0.5)
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     load_tokenizer(tiny_model_dir).save_pretrained(adapter)
