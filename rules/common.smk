@@ -5,6 +5,7 @@ from pathlib import Path
 
 from securetune.config import ConfigError, validate_config
 from securetune.architectures import MODULE_TYPES
+from securetune.data import BENCHMARKS
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -128,3 +129,77 @@ def model_of_arm(wildcards):
     if wildcards.arm == "base":
         return "results/model/base"
     return f"results/finetune/{wildcards.arm}/model"
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def generation_env():
+    """vLLM jobs get the vLLM environment; transformers jobs the torch one."""
+    if config["generation"]["backend"] == "vllm":
+        return "../envs/vllm.yaml"
+    return "../envs/torch.yaml"
+
+
+def generation_threads():
+    """vLLM's CPU engine uses every core it is given; transformers' generate gains little
+    from a second thread at batch sizes this small, so it leaves it to another job."""
+    return 2 if config["generation"]["backend"] == "vllm" else 1
+
+
+def harmful_benchmarks():
+    return [b for b in benchmarks() if BENCHMARKS[b][1] == "harmful"]
+
+
+def harmful_generations(wildcards):
+    return expand(
+        "results/generations/{arm}/{benchmark}.parquet",
+        arm=wildcards.arm,
+        benchmark=harmful_benchmarks(),
+    )
+
+
+def guard_model(wildcards):
+    """The guard judge's model: the base model folder for "base", else the folder or hub id."""
+    model = config["evaluation"]["guard"]["model"]
+    return "results/model/base" if model == "base" else model
+
+
+def guard_inputs(wildcards):
+    inputs = {"generations": harmful_generations(wildcards)}
+    if config["evaluation"]["guard"]["model"] == "base":
+        inputs["model"] = "results/model/base"
+    elif Path(config["evaluation"]["guard"]["model"]).exists():
+        inputs["model"] = config["evaluation"]["guard"]["model"]
+    return inputs
+
+
+def judge_settings(wildcards):
+    """What the judges read, as one JSON string (only their own sections)."""
+    return json.dumps(
+        {
+            "guard": config["evaluation"]["guard"],
+            "llm_judge": config["evaluation"]["llm_judge"],
+            "generation": config["generation"],
+        },
+        sort_keys=True,
+    )
+
+
+def enabled_judges():
+    return [
+        judge
+        for judge, key in (("guard", "guard"), ("llm", "llm_judge"))
+        if config["evaluation"][key]["enabled"]
+    ]
+
+
+def judge_files():
+    """One judged table per (enabled judge, evaluated arm), when there is a harmful benchmark."""
+    if not harmful_benchmarks():
+        return []
+    return expand(
+        "results/judge/{judge}/{arm}.parquet",
+        judge=enabled_judges(),
+        arm=evaluated_arms(),
+    )

@@ -6,18 +6,53 @@ rule report:
             arm=evaluated_arms(),
             benchmark=benchmarks(),
         ),
+        judged=judge_files(),
         losses=expand("results/finetune/{arm}/loss.parquet", arm=arms()),
         probe="results/probe/accuracy.parquet",
         robustness="results/robustness.parquet",
         plan="results/search/plan.json",
         trace="results/search/trace.parquet",
     output:
-        report="results/report/report.md",
-        main_table="results/report/main_table.csv",
-        rates="results/report/rates.csv",
-        probe_table="results/report/probe_accuracy.csv",
-        heatmap="results/report/robustness_heatmap.png",
-        loss_curves="results/report/loss_curves.png",
+        report=report(
+            "results/report/report.md",
+            category="Report",
+            caption="../report/report_md.rst",
+        ),
+        main_table=report(
+            "results/report/main_table.csv",
+            category="Main table",
+            caption="../report/main_table.rst",
+        ),
+        rates=report(
+            "results/report/rates.csv",
+            category="Main table",
+            caption="../report/rates.rst",
+        ),
+        per_benchmark=report(
+            "results/report/per_benchmark.csv",
+            category="Main table",
+            caption="../report/per_benchmark.rst",
+        ),
+        guard_categories=report(
+            "results/report/guard_categories.csv",
+            category="Judges",
+            caption="../report/guard_categories.rst",
+        ),
+        probe_table=report(
+            "results/report/probe_accuracy.csv",
+            category="Safety features",
+            caption="../report/probe_accuracy.rst",
+        ),
+        heatmap=report(
+            "results/report/robustness_heatmap.png",
+            category="Safety features",
+            caption="../report/robustness_heatmap.rst",
+        ),
+        loss_curves=report(
+            "results/report/loss_curves.png",
+            category="Fine-tuning",
+            caption="../report/loss_curves.rst",
+        ),
     log:
         "logs/report.log",
     conda:

@@ -58,6 +58,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     max_retries: int = 2
+    gpus: int = 0  # the job's GPU count; vLLM's tensor-parallel size (the CLI's --gpus)
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
     @classmethod

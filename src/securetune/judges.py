@@ -128,6 +128,7 @@ def judge_with_guard(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=gen_cfg.batch_size,
         max_retries=gen_cfg.max_retries,
+        gpus=gen_cfg.gpus,
         vllm=gen_cfg.vllm,
     )
     done, _ = generate_completions(
