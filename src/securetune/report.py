@@ -135,7 +135,8 @@ def headline_rates(
                     "n": int(np.sum(~np.isnan(values))),
                 }
             )
-    return pd.DataFrame(rows, columns=["arm", "benchmark", "metric", "value", "ci_low", "ci_high", "n"])
+    columns = ["arm", "benchmark", "metric", "value", "ci_low", "ci_high", "n"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def headline_table(headline: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
@@ -150,7 +151,7 @@ def headline_table(headline: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame
         ]
     )
     table = cells.pivot(index="arm", columns="metric", values="cell")
-    table = table.reindex(index=arm_order, columns=metrics).fillna("n/a")
+    table = table.reindex(index=arm_order, columns=metrics).astype(object).fillna("n/a")
     table.columns.name = None
     return table.reset_index()
 
@@ -265,9 +266,7 @@ def build_report(
     per_benchmark = main_table(rates, losses, arm_order)
     if "final_train_loss" in per_benchmark:
         table["final_train_loss"] = per_benchmark["final_train_loss"].to_numpy()
-    categories = (
-        unsafe_rate_per_category(tables["guard"]) if "guard" in tables else pd.DataFrame()
-    )
+    categories = unsafe_rate_per_category(tables["guard"]) if "guard" in tables else pd.DataFrame()
     _write_csv(pd.concat([headline, rates], ignore_index=True), outputs["rates"])
     _write_csv(table, outputs["main_table"])
     _write_csv(per_benchmark, outputs["per_benchmark"])

@@ -71,11 +71,12 @@ def _generate(model: Path, tmp: Path, backend: str) -> pd.DataFrame:
     subprocess.run(
         [
             sys.executable, "-m", "securetune.generation", "--model", str(model),
-            "--prompts", str(prompts), "--out", str(out), "--out-meta", str(out.with_suffix(".json")),
+            "--prompts", str(prompts), "--out", str(out),
+            "--out-meta", str(out.with_suffix(".json")), "--log-file", str(tmp / f"{backend}.log"),
             "--arm", "base", "--settings", json.dumps(settings), "--dtype", "float32",
         ],
         check=True,
-        timeout=900,
+        timeout=1800,  # engine start is ~20 s idle, but minutes on a shared, loaded machine
         env={**os.environ, "OMP_NUM_THREADS": "2"},
     )  # fmt: skip
     return pd.read_parquet(out)
