@@ -184,13 +184,21 @@ def open_vllm_engine(
     vllm_environment(cfg)
     from vllm import LLM  # imported late: it is heavy and absent where only transformers runs
 
+    max_len = cfg.vllm.max_model_len
+    config_file = model_dir / "config.json"
+    if config_file.exists():
+        # vLLM refuses a length past the model's positions; the model's limit is the real one.
+        limit = json.loads(config_file.read_text()).get("max_position_embeddings", max_len)
+        if limit < max_len:
+            log.info("max_model_len %d capped at the model's %d positions", max_len, limit)
+            max_len = int(limit)
     return LLM(
         model=str(model_dir),
         tokenizer=str(model_dir),
         dtype=dtype,
         seed=seed,
         tensor_parallel_size=tensor_parallel_size,
-        max_model_len=cfg.vllm.max_model_len,
+        max_model_len=max_len,
         enforce_eager=cfg.vllm.enforce_eager,
         gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
         trust_remote_code=False,
