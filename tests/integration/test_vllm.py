@@ -41,10 +41,11 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def vllm_model(tmp_path_factory) -> Path:
-    """vLLM's CPU attention needs a head size of 32 or more: hidden 64 over 2 heads."""
+    """vLLM's CPU attention needs a head size of 32 or more: hidden 64 over 2 heads. 2048
+    positions: the judge rubric is long in a 400-token BPE vocabulary."""
     out = tmp_path_factory.mktemp("vllm") / "model"
     texts = [row[0] for row in csv.reader((DATA / "advbench_harmful_behaviors.csv").open())]
-    build_tiny_model(out, texts, TinyModelSpec(2, 64, 128, 2, 1, 400, 512), seed=0)
+    build_tiny_model(out, texts, TinyModelSpec(2, 64, 128, 2, 1, 400, 2048), seed=0)
     return out
 
 
@@ -114,7 +115,7 @@ def served(vllm_model, tmp_path_factory):
         [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model),
             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-            "--api-key", key, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+            "--api-key", key, "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
