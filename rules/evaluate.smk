@@ -1,28 +1,39 @@
 rule generate:
-    """Greedy completions of one model on one benchmark."""
+    """Completions of one model on one benchmark (vLLM or transformers, from config).
+
+    A shell rule running the module: vLLM spawns workers, which needs a __main__ guard.
+    """
     input:
         model=model_of_arm,
         prompts="results/data/eval/{benchmark}.parquet",
         checked="results/data/prompt_check.json",
     output:
-        "results/generations/{arm}/{benchmark}.parquet",
+        generations="results/generations/{arm}/{benchmark}.parquet",
+        settings="results/generations/{arm}/{benchmark}.json",
     log:
         "logs/generate/{arm}/{benchmark}.log",
     benchmark:
         "benchmarks/generate/{arm}/{benchmark}.tsv"
     conda:
-        "../envs/torch.yaml"
-    threads: 1
+        generation_env()
+    threads: generation_threads()
+    resources:
+        gpu=config["generation"]["gpus"],
     params:
-        generation=settings("generation"),
+        generation=json.dumps(settings("generation"), sort_keys=True),
         dtype=config["model"]["dtype"],
         seed=config["seed"],
-    script:
-        "../workflow_scripts/generate.py"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m securetune.generation"
+        " --model {input.model:q} --prompts {input.prompts:q} --arm {wildcards.arm}"
+        " --out {output.generations:q} --out-meta {output.settings:q}"
+        " --settings {params.generation:q} --dtype {params.dtype} --seed {params.seed}"
+        " --gpus {resources.gpu} --log-file {log:q}"
 
 
 rule score_generations:
-    """Keyword refusal scoring; separate from generation, so a new scorer never regenerates."""
+    """Keyword refusal, exact match and ROUGE-L; separate from generation, so a new scorer
+    never regenerates."""
     input:
         "results/generations/{arm}/{benchmark}.parquet",
     output:
@@ -33,3 +44,47 @@ rule score_generations:
         "../envs/torch.yaml"
     script:
         "../workflow_scripts/score_generations.py"
+
+
+rule judge_guard:
+    """Guard-model verdicts on every harmful completion of one arm: one engine per arm."""
+    input:
+        unpack(guard_inputs),
+    output:
+        "results/judge/guard/{arm}.parquet",
+    log:
+        "logs/judge_guard/{arm}.log",
+    benchmark:
+        "benchmarks/judge_guard/{arm}.tsv"
+    conda:
+        generation_env()
+    threads: generation_threads()
+    resources:
+        gpu=config["generation"]["gpus"],
+    params:
+        judge_model=guard_model,
+        settings=judge_settings,
+        dtype=config["model"]["dtype"],
+        seed=config["seed"],
+    shell:
+        "OMP_NUM_THREADS={threads} python -m securetune.judges guard"
+        " --generations {input.generations:q} --judge-model {params.judge_model:q}"
+        " --out {output:q} --settings {params.settings:q} --dtype {params.dtype}"
+        " --seed {params.seed} --gpus {resources.gpu} --log-file {log:q}"
+
+
+rule judge_llm:
+    """LLM-as-judge harmfulness (1-5) of every harmful completion of one arm, over HTTP."""
+    input:
+        generations=harmful_generations,
+    output:
+        "results/judge/llm/{arm}.parquet",
+    log:
+        "logs/judge_llm/{arm}.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        settings=judge_settings,
+    shell:
+        "python -m securetune.judges llm --generations {input.generations:q}"
+        " --out {output:q} --settings {params.settings:q} --log-file {log:q}"

@@ -6,24 +6,77 @@ rule report:
             arm=evaluated_arms(),
             benchmark=benchmarks(),
         ),
+        judged=judge_files(),
         losses=expand("results/finetune/{arm}/loss.parquet", arm=arms()),
         probe="results/probe/accuracy.parquet",
         robustness="results/robustness.parquet",
         plan="results/search/plan.json",
         trace="results/search/trace.parquet",
     output:
-        report="results/report/report.md",
-        main_table="results/report/main_table.csv",
-        rates="results/report/rates.csv",
-        probe_table="results/report/probe_accuracy.csv",
-        heatmap="results/report/robustness_heatmap.png",
-        heatmap_acc_drop="results/report/robustness_heatmap_acc_drop.png",
-        heatmap_cosine_drift="results/report/robustness_heatmap_cosine_drift.png",
-        heatmap_direction_shift="results/report/robustness_heatmap_direction_shift.png",
-        by_depth="results/report/robustness_by_depth.png",
-        search_trace="results/report/search_trace.png",
-        probe_plot="results/report/probe_accuracy.png",
-        loss_curves="results/report/loss_curves.png",
+        report=report(
+            "results/report/report.md",
+            category="Report",
+            caption="../report/report_md.rst",
+        ),
+        main_table=report(
+            "results/report/main_table.csv",
+            category="Main table",
+            caption="../report/main_table.rst",
+        ),
+        rates=report(
+            "results/report/rates.csv",
+            category="Main table",
+            caption="../report/rates.rst",
+        ),
+        per_benchmark=report(
+            "results/report/per_benchmark.csv",
+            category="Main table",
+            caption="../report/per_benchmark.rst",
+        ),
+        guard_categories=report(
+            "results/report/guard_categories.csv",
+            category="Judges",
+            caption="../report/guard_categories.rst",
+        ),
+        probe_table=report(
+            "results/report/probe_accuracy.csv",
+            category="Safety features",
+            caption="../report/probe_accuracy.rst",
+        ),
+        heatmap=report(
+            "results/report/robustness_heatmap.png",
+            category="Safety features",
+            caption="../report/robustness_heatmap.rst",
+        ),
+        heatmap_acc_drop=report(
+            "results/report/robustness_heatmap_acc_drop.png",
+            category="Safety features",
+        ),
+        heatmap_cosine_drift=report(
+            "results/report/robustness_heatmap_cosine_drift.png",
+            category="Safety features",
+        ),
+        heatmap_direction_shift=report(
+            "results/report/robustness_heatmap_direction_shift.png",
+            category="Safety features",
+        ),
+        by_depth=report(
+            "results/report/robustness_by_depth.png",
+            category="Safety features",
+        ),
+        search_trace=report(
+            "results/report/search_trace.png",
+            category="Safety features",
+        ),
+        probe_plot=report(
+            "results/report/probe_accuracy.png",
+            category="Safety features",
+        ),
+        loss_curves=report(
+            "results/report/loss_curves.png",
+            category="Fine-tuning",
+            caption="../report/loss_curves.rst",
+        ),
     log:
         "logs/report.log",
     conda:

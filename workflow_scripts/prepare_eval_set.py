@@ -4,11 +4,14 @@ from securetune.io import setup_logging
 from securetune.stages import prepare_eval_set
 
 setup_logging(snakemake.log[0])
+p = snakemake.params
 prepare_eval_set(
-    Path(snakemake.params.data_dir),
+    Path(p.data_dir),
+    Path(snakemake.input.probe),
     Path(snakemake.output[0]),
     snakemake.wildcards.benchmark,
-    snakemake.params.n,
-    snakemake.params.probe,
-    snakemake.params.seed,
+    p.n,
+    p.probe,
+    p.seed,
+    Path(p.source) if p.source else None,
 )

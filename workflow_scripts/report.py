@@ -7,6 +7,7 @@ setup_logging(snakemake.log[0])
 i, p = snakemake.input, snakemake.params
 build_report(
     [Path(f) for f in i.scores],
+    [Path(f) for f in i.judged],
     [Path(f) for f in i.losses],
     Path(i.probe),
     Path(i.robustness),

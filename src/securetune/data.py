@@ -8,6 +8,7 @@ fine-tune is ever used to measure the result.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -33,6 +34,7 @@ class Record:
     prompt: str
     response: str = ""
     reference: str = ""
+    category: str = ""
 
 
 def _read_text(path: Path) -> str:
@@ -50,7 +52,9 @@ def _read_text(path: Path) -> str:
 
 
 def _rows_csv(path: Path, columns: list[str], header: bool = True) -> list[dict[str, str]]:
-    lines = _read_text(path).splitlines()
+    # A file object, not a list of lines: quoted fields may span lines (HarmBench's contexts
+    # hold code), and csv needs the newlines to keep them.
+    lines = io.StringIO(_read_text(path), newline="")
     if not header:
         return [dict(zip(columns, row, strict=False)) for row in csv.reader(lines)]
     reader = csv.DictReader(lines)
@@ -98,15 +102,35 @@ def load_advbench(root: Path) -> list[Record]:
     return _checked([Record(f"advbench:{i}", r["goal"]) for i, r in enumerate(rows)], path)
 
 
-def load_harmbench(root: Path) -> list[Record]:
-    """HarmBench standard behaviours (contextual ones need their context string; see issue 3)."""
+def _harmbench_rows(root: Path) -> tuple[Path, list[dict[str, str]]]:
     path = root / "harmbench_behaviors_text_test.csv"
-    rows = _rows_csv(path, ["Behavior", "FunctionalCategory", "BehaviorID"])
+    columns = ["Behavior", "FunctionalCategory", "SemanticCategory", "ContextString", "BehaviorID"]
+    return path, _rows_csv(path, columns)
+
+
+def load_harmbench(root: Path) -> list[Record]:
+    """HarmBench standard behaviours (the behaviour alone is the prompt)."""
+    path, rows = _harmbench_rows(root)
     recs = [
-        Record(f"harmbench:{r['BehaviorID']}", r["Behavior"])
+        Record(f"harmbench:{r['BehaviorID']}", r["Behavior"], category=r["SemanticCategory"])
         for r in rows
         if r["FunctionalCategory"] == "standard"
     ]
+    return _checked(recs, path)
+
+
+def load_harmbench_contextual(root: Path) -> list[Record]:
+    """HarmBench contextual behaviours: the context string, then the behaviour that refers to
+    it, separated the way HarmBench's own prompt template does (context first, a rule, the ask)."""
+    path, rows = _harmbench_rows(root)
+    recs = []
+    for number, r in enumerate(rows, start=2):
+        if r["FunctionalCategory"] != "contextual":
+            continue
+        if not r["ContextString"].strip():
+            raise DataError(f"data file '{path}', line {number}: contextual row without context")
+        prompt = f"{r['ContextString'].strip()}\n\n---\n\n{r['Behavior']}"
+        recs.append(Record(f"harmbench:{r['BehaviorID']}", prompt, category=r["SemanticCategory"]))
     return _checked(recs, path)
 
 
@@ -114,7 +138,11 @@ def load_strongreject(root: Path) -> list[Record]:
     path = root / "strongreject_dataset.csv"
     rows = _rows_csv(path, ["forbidden_prompt"])
     return _checked(
-        [Record(f"strongreject:{i}", r["forbidden_prompt"]) for i, r in enumerate(rows)], path
+        [
+            Record(f"strongreject:{i}", r["forbidden_prompt"], category=r.get("category", ""))
+            for i, r in enumerate(rows)
+        ],
+        path,
     )
 
 
@@ -199,24 +227,73 @@ def load_gsm8k_test(root: Path) -> list[Record]:
 
 
 def load_mt_bench(root: Path) -> list[Record]:
+    """MT-Bench first turns (the second turn needs the model's own first answer)."""
     path = root / "mt_bench_questions.jsonl"
     rows = _rows_jsonl(path, ["question_id", "turns"])
-    return _checked([Record(f"mt_bench:{r['question_id']}", r["turns"][0]) for r in rows], path)
+    return _checked(
+        [
+            Record(f"mt_bench:{r['question_id']}", r["turns"][0], category=r.get("category", ""))
+            for r in rows
+        ],
+        path,
+    )
+
+
+def load_self_instruct(root: Path) -> list[Record]:
+    """Self-Instruct seed tasks with their first instance's output as the reference answer:
+    held-out Alpaca-style instructions (no stage trains on them) for the usability metric."""
+    path = root / "self_instruct_seed_tasks.jsonl"
+    rows = _rows_jsonl(path, ["id", "instruction", "instances"])
+    recs = []
+    for r in rows:
+        first = r["instances"][0]
+        prompt = r["instruction"] + (f"\n\n{first['input']}" if first.get("input") else "")
+        recs.append(Record(f"self_instruct:{r['id']}", prompt, reference=first["output"]))
+    return _checked(recs, path)
+
+
+HEXPHI_FILE = "category_{}.csv"
+HEXPHI_CATEGORIES = 11
+
+
+def load_hexphi(root: Path) -> list[Record]:
+    """HEx-PHI (Qi et al. 2023; gated, so never bundled): the folder the user downloaded, with
+    one headerless CSV per category, `category_1.csv` ... `category_11.csv`, one prompt a row.
+
+    A missing category file is an error: a silently partial benchmark would bias the rate.
+    """
+    recs = []
+    for cat in range(1, HEXPHI_CATEGORIES + 1):
+        path = root / HEXPHI_FILE.format(cat)
+        rows = _rows_csv(path, ["prompt"], header=False)
+        recs += [
+            Record(f"hexphi:{cat}:{i}", r["prompt"], category=str(cat))
+            for i, r in enumerate(rows)
+            if r.get("prompt", "").strip()
+        ]
+    return _checked(recs, root)
 
 
 # name -> (loader, kind). The kind says how a benchmark is scored:
 #   harmful: attack success = the answer does not refuse;  over_refusal: refusal of a safe prompt;
-#   math: exact match of the final number;  usability: refusal of a benign instruction.
+#   math: exact match of the final number;  usability: refusal of a benign instruction, and
+#   ROUGE-L against the reference answer where there is one (self_instruct).
 BENCHMARKS: dict[str, tuple[Callable[[Path], list[Record]], str]] = {
     "advbench": (load_advbench, "harmful"),
     "harmbench": (load_harmbench, "harmful"),
+    "harmbench_contextual": (load_harmbench_contextual, "harmful"),
+    "hexphi": (load_hexphi, "harmful"),
     "strongreject": (load_strongreject, "harmful"),
     "donotanswer": (load_donotanswer, "harmful"),
     "xstest_unsafe": (load_xstest_unsafe, "harmful"),
     "xstest_safe": (load_xstest_safe, "over_refusal"),
     "gsm8k": (load_gsm8k_test, "math"),
     "mt_bench": (load_mt_bench, "usability"),
+    "self_instruct": (load_self_instruct, "usability"),
 }
+
+# Benchmarks with no bundled copy: the user must give `evaluation.sources.<name>`.
+NOT_BUNDLED = {"hexphi"}
 
 IFT_SOURCES: dict[str, Callable[[Path], list[Record]]] = {
     "alpaca": load_alpaca,
@@ -393,20 +470,6 @@ def substitute_harmful_words(prompt: str) -> tuple[str, int]:
         prompt, n = re.subn(rf"\b{re.escape(word)}\b", keep_case, prompt, flags=re.IGNORECASE)
         total += n
     return prompt, total
-
-
-def load_self_instruct(root: Path) -> list[Record]:
-    """Self-Instruct seed tasks: instruction + first instance's input (benign, out of domain)."""
-    path = root / "self_instruct_seed_tasks.jsonl"
-    rows = _rows_jsonl(path, ["id", "instruction", "instances"])
-    recs = []
-    for r in rows:
-        first = r["instances"][0] if r["instances"] else {}
-        extra = first.get("input", "")
-        recs.append(
-            Record(f"self_instruct:{r['id']}", r["instruction"] + (f"\n\n{extra}" if extra else ""))
-        )
-    return _checked(recs, path)
 
 
 def load_harmbench_val(root: Path) -> list[Record]:
@@ -625,21 +688,48 @@ def build_ift_set(root: Path, source: str, n: int, seed: int, probe: ProbeSpec) 
     )
 
 
-def build_eval_set(root: Path, benchmark: str, n: int, seed: int, probe: ProbeSpec) -> pd.DataFrame:
+def build_eval_set(
+    root: Path,
+    benchmark: str,
+    n: int,
+    seed: int,
+    probe: ProbeSpec,
+    source: Path | None = None,
+    exclude_prompts: frozenset[str] = frozenset(),
+) -> pd.DataFrame:
+    """`n` held-out prompts of a benchmark, from the bundled copy in `root` or from `source`,
+    the user's folder with the full set under the same file name(s) as the bundled copy.
+
+    Disjoint from the probe set twice over: the probe's slice of the shuffled source is skipped
+    (as before), and any prompt whose text is in `exclude_prompts` (the probe set's prompts) is
+    dropped, which also holds when a full copy reorders or extends the bundled one.
+    """
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark '{benchmark}'; allowed: {sorted(BENCHMARKS)}")
+    if source is None and benchmark in NOT_BUNDLED:
+        raise DataError(
+            f"benchmark '{benchmark}' is not bundled (gated); give its folder in "
+            f"config key 'evaluation.sources.{benchmark}'"
+        )
     loader, kind = BENCHMARKS[benchmark]
-    recs = shuffled(loader(root), seed, benchmark)
-    recs = recs[: probe_slice_size(benchmark, probe)] + without_probe_prompts(
-        recs[probe_slice_size(benchmark, probe) :], root, probe, seed
-    )
-    recs = take(recs, probe_slice_size(benchmark, probe), n, f"benchmark '{benchmark}'")
+    if source is not None and not source.is_dir():
+        raise DataError(f"config key 'evaluation.sources.{benchmark}': '{source}' is not a folder")
+    folder = root if source is None else source
+    recs = shuffled(loader(folder), seed, benchmark)
+    skip = probe_slice_size(benchmark, probe) if source is None else 0
+    held_out = [
+        r
+        for r in without_probe_prompts(recs[skip:], root, probe, seed)
+        if _normalised(r.prompt) not in exclude_prompts
+    ]
+    recs = take(held_out, 0, n, f"benchmark '{benchmark}' (after removing probe prompts)")
     return pd.DataFrame(
         {
             "prompt_id": [r.id for r in recs],
             "prompt": [r.prompt for r in recs],
             "benchmark": benchmark,
             "kind": kind,
+            "category": [r.category for r in recs],
             "reference": [r.reference for r in recs],
         }
     )
@@ -720,3 +810,12 @@ def build_alignment_set(
                     }
                 )
     return pd.DataFrame(rows, columns=["example_id", "prompt", "response", "source", "role"])
+
+
+def _normalised(prompt: str) -> str:
+    return " ".join(prompt.lower().split())
+
+
+def probe_prompts(probe_set: pd.DataFrame) -> frozenset[str]:
+    """The probe set's prompts, normalised, for `build_eval_set(exclude_prompts=...)`."""
+    return frozenset(_normalised(p) for p in probe_set["prompt"])

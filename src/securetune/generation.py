@@ -1,23 +1,175 @@
-"""Stage 7: greedy generation for one (arm, benchmark), transformers backend.
+"""Stage 7: completions of one model on one benchmark, with vLLM or transformers.
 
-Greedy decoding makes the completions a function of the weights alone, so arms differ only by
-what fine-tuning did. Settings and versions are saved beside the completions.
+Both backends get the same prompt token ids (the model's own chat template, rendered and
+tokenised here once), so a difference between backends can only come from decoding, never from
+prompt formatting. Greedy by default: completions are then a function of the weights alone, so
+arms differ only by what fine-tuning did. Settings, seed, backend and versions are saved in every
+row and in a JSON file beside the table.
+
+Run as a module (`python -m securetune.generation ...`): vLLM starts its workers with spawn,
+which re-imports the main module, so the engine must be created under a `__main__` guard; a
+Snakemake `script:` gives no such guard, hence the workflow's `shell:` rule.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from securetune.models import chat_prompt
+from securetune.io import setup_logging, stable_seed, versions, write_json, write_parquet
+from securetune.models import chat_prompt, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BACKENDS = ("vllm", "transformers")
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """Engine settings; the defaults fit a 2-core, 24 GiB CPU machine and any GPU node."""
+
+    max_model_len: int = 2048
+    # Eager mode skips torch.compile and CUDA graphs: engine start drops from minutes to
+    # seconds on CPU, and short evaluation runs never earn the compile time back.
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.9
+    cpu_kvcache_gb: int = 1
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    backend: str
+    max_new_tokens: int
+    batch_size: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_retries: int = 2
+    gpus: int = 0  # the job's GPU count; vLLM's tensor-parallel size (the CLI's --gpus)
+    vllm: VllmSettings = field(default_factory=VllmSettings)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:
+        d = dict(d)
+        d["vllm"] = VllmSettings(**d.get("vllm", {}))
+        if d["backend"] not in BACKENDS:
+            raise ValueError(f"generation.backend '{d['backend']}' is not one of {BACKENDS}")
+        return cls(**d)
+
+    @property
+    def decoding(self) -> str:
+        return "greedy" if self.temperature == 0 else "sampling"
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+
+
+class GenerationError(RuntimeError):
+    """Generation failed after every retry; no output is written."""
+
+
+def with_retries(fn: Callable[[], T], attempts: int, what: str) -> T:
+    """Call `fn` up to `attempts` + 1 times; a failure after the last one is raised.
+
+    Bounded, so a broken engine or endpoint fails the job (and Snakemake can retry it) instead
+    of hanging or writing a partial table.
+    """
+    for attempt in range(attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - anything the engine raises is worth a retry
+            if attempt == attempts:
+                raise GenerationError(f"{what}: failed {attempts + 1} time(s): {err}") from err
+            log.warning("%s failed (attempt %d/%d): %s", what, attempt + 1, attempts + 1, err)
+    raise AssertionError("unreachable")
+
+
+Conversation = list[dict[str, str]]
+
+
+def user_turns(prompts: list[str]) -> list[Conversation]:
+    """Each prompt as a single-turn conversation, the way every benchmark asks it."""
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def render(tokenizer: PreTrainedTokenizerBase, conversation: Conversation) -> str:
+    """A conversation through the model's chat template, ending with the assistant header."""
+    if len(conversation) == 1 and conversation[0]["role"] == "user":
+        return chat_prompt(tokenizer, conversation[0]["content"])
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str] | list[Conversation]
+) -> list[list[int]]:
+    """Each prompt (or conversation) through the model's chat template, tokenised without extra
+    special tokens (the template already has them)."""
+    conversations = user_turns(prompts) if prompts and isinstance(prompts[0], str) else prompts
+    return [
+        tokenizer(render(tokenizer, c), add_special_tokens=False)["input_ids"]
+        for c in conversations
+    ]
+
+
+def _strip_eos(ids: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
+    ids = [i for i in ids if i != pad_id or pad_id == eos_id]
+    if eos_id is not None and eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return ids
 
 
 @torch.no_grad()
+def generate_transformers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: list[list[int]],
+    cfg: GenerationConfig,
+    seed: int,
+) -> list[Completion]:
+    """`model.generate` over left-padded batches of the given prompt ids, in order."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out: list[Completion] = []
+    for start in range(0, len(token_ids), cfg.batch_size):
+        chunk = token_ids[start : start + cfg.batch_size]
+        width = max(len(ids) for ids in chunk)
+        # Decoder-only generation continues from the right edge, so pad on the left.
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+        sampling: dict[str, Any] = {"do_sample": False}
+        if cfg.temperature > 0:
+            torch.manual_seed(stable_seed(seed, "generate", start))
+            sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            **sampling,
+        )
+        for row in generated[:, width:].tolist():
+            ids = _strip_eos(row, eos_id, pad_id)
+            out.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
+        log.info("generated %d/%d", min(start + cfg.batch_size, len(token_ids)), len(token_ids))
+    return out
+
+
 def generate_greedy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -25,42 +177,243 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
 ) -> tuple[list[str], list[int]]:
-    """(completion text, number of generated tokens) per prompt, in order."""
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    texts, counts = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            **enc,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+    """(completion, number of tokens) per prompt, greedy, in-process with transformers: for
+    stages that generate a little on a model they already hold (the alignment look-alikes)."""
+    cfg = GenerationConfig("transformers", max_new_tokens, batch_size)
+    done = generate_transformers(model, tokenizer, prompt_token_ids(tokenizer, prompts), cfg, 0)
+    return [c.text for c in done], [len(c.token_ids) for c in done]
+
+
+def vllm_environment(cfg: GenerationConfig) -> None:
+    """CPU engine settings (ignored by the CUDA build): KV cache size, and no core held back
+    for the engine's own threads, since small machines have only two."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm.cpu_kvcache_gb))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def open_vllm_engine(
+    model_dir: Path, cfg: GenerationConfig, dtype: str, seed: int, tensor_parallel_size: int
+) -> Any:
+    """A vLLM `LLM` on a local folder. Call only under a `__main__` guard (spawned workers)."""
+    vllm_environment(cfg)
+    from vllm import LLM  # imported late: it is heavy and absent where only transformers runs
+
+    max_len = cfg.vllm.max_model_len
+    config_file = model_dir / "config.json"
+    if config_file.exists():
+        # vLLM refuses a length past the model's positions; the model's limit is the real one.
+        limit = json.loads(config_file.read_text()).get("max_position_embeddings", max_len)
+        if limit < max_len:
+            log.info("max_model_len %d capped at the model's %d positions", max_len, limit)
+            max_len = int(limit)
+    return LLM(
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_len,
+        enforce_eager=cfg.vllm.enforce_eager,
+        gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+        trust_remote_code=False,
+    )
+
+
+def generate_vllm(
+    llm: Any, token_ids: list[list[int]], cfg: GenerationConfig, seed: int, eos_id: int | None
+) -> list[Completion]:
+    """All prompts in one call: vLLM schedules its own continuous batches."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_tokens=cfg.max_new_tokens,
+        seed=seed,
+        skip_special_tokens=True,
+    )
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False
+    )
+    done = [
+        Completion(o.outputs[0].text, _strip_eos(list(o.outputs[0].token_ids), eos_id, None))
+        for o in outputs
+    ]
+    if len(done) != len(token_ids):
+        raise GenerationError(f"vLLM returned {len(done)} completions for {len(token_ids)} prompts")
+    return done
+
+
+@contextmanager
+def servable_model(model_dir: Path) -> Iterator[Path]:
+    """The folder to serve: `model_dir` itself, or, for a LoRA adapter folder (one with
+    adapter_config.json), the adapter merged into its base model in a temporary folder.
+
+    Merging once costs seconds and lets both backends serve LoRA arms exactly like full models.
+    """
+    if not (model_dir / "adapter_config.json").exists():
+        yield model_dir
+        return
+    from peft import AutoPeftModelForCausalLM
+
+    tmp = Path(tempfile.mkdtemp(prefix="merged-", dir=model_dir.parent))
+    try:
+        merged = AutoPeftModelForCausalLM.from_pretrained(model_dir).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(model_dir).save_pretrained(tmp)
+        log.info("merged LoRA adapter %s into its base for serving", model_dir)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_engine_prompt_tokens(
+    engine_tokenizer: Any, conversations: list[Conversation], expected: list[list[int]]
+) -> None:
+    """Fail if vLLM's own tokenizer and chat template would give other prompt tokens than
+    ours: the backends must see identical inputs for their outputs to be comparable."""
+    for conversation, ids in zip(conversations, expected, strict=True):
+        theirs = engine_tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True
         )
-        new = out[:, enc["input_ids"].shape[1] :]
-        for row in new:
-            real = row[row != tokenizer.pad_token_id]
-            if len(real) and real[-1].item() == tokenizer.eos_token_id:
-                real = real[:-1]
-            counts.append(int(len(real)))
-            texts.append(tokenizer.decode(real, skip_special_tokens=True))
-        log.info("generated %d/%d", min(start + batch_size, len(prompts)), len(prompts))
-    return texts, counts
+        if isinstance(theirs, dict) or hasattr(theirs, "keys"):
+            theirs = theirs["input_ids"]
+        if list(theirs) != list(ids):
+            raise GenerationError(
+                f"vLLM's chat template gives other prompt tokens than transformers' for "
+                f"{conversation[-1]['content'][:40]!r}: {list(theirs)[:12]}... "
+                f"vs {list(ids)[:12]}..."
+            )
+
+
+def generate_completions(
+    model_dir: Path,
+    prompts: list[str] | list[Conversation],
+    cfg: GenerationConfig,
+    dtype: str,
+    seed: int,
+    tensor_parallel_size: int = 1,
+) -> tuple[list[Completion], list[list[int]]]:
+    """(completions, prompt token ids) of `prompts` (strings asked as single user turns, or
+    whole conversations) with the configured backend."""
+    conversations = user_turns(prompts) if prompts and isinstance(prompts[0], str) else prompts
+    with servable_model(model_dir) as served:
+        tokenizer = load_tokenizer(served)
+        token_ids = prompt_token_ids(tokenizer, conversations)
+        if cfg.backend == "vllm":
+            llm = open_vllm_engine(served, cfg, dtype, seed, tensor_parallel_size)
+            check_engine_prompt_tokens(llm.get_tokenizer(), conversations[:4], token_ids[:4])
+            done = with_retries(
+                lambda: generate_vllm(llm, token_ids, cfg, seed, tokenizer.eos_token_id),
+                cfg.max_retries,
+                "vLLM generation",
+            )
+        else:
+            torch.manual_seed(seed)
+            model = load_model(served, dtype)
+            done = with_retries(
+                lambda: generate_transformers(model, tokenizer, token_ids, cfg, seed),
+                cfg.max_retries,
+                "transformers generation",
+            )
+    return done, token_ids
 
 
 def generations_table(
-    eval_set: pd.DataFrame, completions: list[str], n_tokens: list[int], arm: str
+    eval_set: pd.DataFrame,
+    completions: list[Completion],
+    prompt_ids: list[list[int]],
+    arm: str,
+    cfg: GenerationConfig,
+    seed: int,
 ) -> pd.DataFrame:
+    """One row per prompt, with the settings that made it (tidy, self-describing)."""
     return pd.DataFrame(
         {
             "prompt_id": eval_set["prompt_id"],
             "prompt": eval_set["prompt"],
-            "completion": completions,
-            "n_tokens": n_tokens,
+            "completion": [c.text for c in completions],
+            "completion_token_ids": [c.token_ids for c in completions],
+            "n_tokens": [len(c.token_ids) for c in completions],
+            "n_prompt_tokens": [len(ids) for ids in prompt_ids],
             "arm": arm,
             "benchmark": eval_set["benchmark"],
             "kind": eval_set["kind"],
+            "category": eval_set.get("category", ""),
             "reference": eval_set["reference"],
+            "backend": cfg.backend,
+            "decoding": cfg.decoding,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens,
+            "seed": seed,
         }
     )
+
+
+def run_generation(
+    model_dir: Path,
+    prompts: Path,
+    out: Path,
+    out_meta: Path,
+    arm: str,
+    cfg: GenerationConfig,
+    dtype: str,
+    seed: int,
+    tensor_parallel_size: int = 1,
+) -> None:
+    """The `generate` rule: completions of every prompt, or no output at all."""
+    log.info("generation settings: %s", json.dumps(asdict(cfg), sort_keys=True))
+    eval_set = pd.read_parquet(prompts)
+    job_seed = stable_seed(seed, arm, out.stem)
+    done, token_ids = generate_completions(
+        model_dir, list(eval_set["prompt"]), cfg, dtype, job_seed, tensor_parallel_size
+    )
+    table = generations_table(eval_set, done, token_ids, arm, cfg, job_seed)
+    write_parquet(table, out)
+    write_json(
+        {
+            "arm": arm,
+            "benchmark": out.stem,
+            "model": str(model_dir),
+            "settings": asdict(cfg),
+            "dtype": dtype,
+            "seed": job_seed,
+            "tensor_parallel_size": tensor_parallel_size,
+            "n_prompts": len(table),
+            "versions": versions(),
+        },
+        out_meta,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=run_generation.__doc__)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--prompts", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out-meta", type=Path, required=True)
+    parser.add_argument("--arm", required=True)
+    parser.add_argument("--settings", required=True, help="the generation config section, JSON")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpus", type=int, default=0, help="tensor-parallel size (0 = CPU)")
+    parser.add_argument("--log-file", type=Path)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_file)
+    run_generation(
+        args.model,
+        args.prompts,
+        args.out,
+        args.out_meta,
+        args.arm,
+        GenerationConfig.from_dict(json.loads(args.settings)),
+        args.dtype,
+        args.seed,
+        max(1, args.gpus),
+    )
+
+
+if __name__ == "__main__":
+    main()

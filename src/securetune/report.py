@@ -1,4 +1,5 @@
-"""Stage 9: the tables and figures, with bootstrap confidence intervals over prompts."""
+"""Stage 9: the tables and figures, with bootstrap confidence intervals over prompts (and over
+seeds, when a rate was measured under several)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,41 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from securetune.architectures import MODULE_TYPES  # noqa: E402
 from securetune.io import atomic_path, stable_seed  # noqa: E402
+from securetune.judges import unsafe_rate_per_category  # noqa: E402
 from securetune.scoring import METRIC_OF_KIND  # noqa: E402
 
 
 def bootstrap_ci(
-    values: np.ndarray, n_resamples: int, level: float, seed: int
+    values: np.ndarray,
+    n_resamples: int,
+    level: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap of the mean, resampling prompts with replacement."""
+    """(mean, low, high): percentile bootstrap of the mean, resampling prompts with replacement.
+
+    With `groups` (one seed label per value) and more than one seed, resampling is two-level:
+    seeds first, then prompts within each drawn seed, so the interval covers seed-to-seed
+    variation (of fine-tuning or sampling) as well as the choice of prompts. NaN values (a
+    judge verdict that could not be parsed) are left out.
+    """
     values = np.asarray(values, dtype=float)
+    keep = ~np.isnan(values)
+    values = values[keep]
     if len(values) == 0:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(n_resamples, len(values)), replace=True).mean(axis=1)
+    labels = None if groups is None else np.asarray(groups)[keep]
+    if labels is None or len(np.unique(labels)) < 2:
+        means = rng.choice(values, size=(n_resamples, len(values)), replace=True).mean(axis=1)
+    else:
+        per_seed = [values[labels == g] for g in np.unique(labels)]
+        means = np.empty(n_resamples)
+        for i in range(n_resamples):
+            drawn = rng.integers(0, len(per_seed), size=len(per_seed))
+            means[i] = np.concatenate(
+                [rng.choice(per_seed[d], size=len(per_seed[d]), replace=True) for d in drawn]
+            ).mean()
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(values.mean()), float(low), float(high)
@@ -51,7 +75,86 @@ def summarise_scores(
                 "n": len(group),
             }
         )
+        if "rouge_l" in group and group["rouge_l"].notna().any():
+            mean, low, high = bootstrap_ci(
+                group["rouge_l"].to_numpy(),
+                n_resamples,
+                level,
+                stable_seed(seed, arm, benchmark, "rouge_l"),
+            )
+            rows.append(
+                {
+                    "arm": arm,
+                    "benchmark": benchmark,
+                    "metric": "rouge_l",
+                    "value": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n": int(group["rouge_l"].notna().sum()),
+                }
+            )
     return pd.DataFrame(rows)
+
+
+# The paper's main-table columns: (name, source table, kind filter, value column, what it means).
+HEADLINE_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("harmfulness_score", "llm", "harmful", "harmfulness"),
+    ("unsafe_rate", "guard", "harmful", "unsafe"),
+    ("attack_success", "keyword", "harmful", "success"),
+    ("over_refusal", "keyword", "over_refusal", "success"),
+    ("usability", "keyword", "usability", "rouge_l"),
+    ("task_accuracy", "keyword", "math", "success"),
+)
+
+
+def headline_rates(
+    tables: dict[str, pd.DataFrame], n_resamples: int, level: float, seed: int
+) -> pd.DataFrame:
+    """One row per (arm, headline metric), pooling the prompts of every benchmark of the kind
+    (e.g. all harmful benchmarks for attack success), with its bootstrap CI. A metric whose
+    judge is off, or with no benchmark of its kind, is absent (shown as n/a)."""
+    rows = []
+    for metric, source, kind, column in HEADLINE_METRICS:
+        table = tables.get(source)
+        if table is None or table.empty or column not in table:
+            continue
+        table = table[table["kind"] == kind]
+        for arm, group in table.groupby("arm", sort=True):
+            values = group[column].astype(float).to_numpy()
+            groups = group["replicate"].to_numpy() if "replicate" in group else None
+            mean, low, high = bootstrap_ci(
+                values, n_resamples, level, stable_seed(seed, arm, metric), groups
+            )
+            rows.append(
+                {
+                    "arm": arm,
+                    "benchmark": "+".join(sorted(set(group["benchmark"]))),
+                    "metric": metric,
+                    "value": mean,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "n": int(np.sum(~np.isnan(values))),
+                }
+            )
+    columns = ["arm", "benchmark", "metric", "value", "ci_low", "ci_high", "n"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def headline_table(headline: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
+    """Arm x headline metric, each cell 'value [low, high]', in the paper's column order."""
+    metrics = [m for m, *_ in HEADLINE_METRICS]
+    cells = headline.assign(
+        cell=[
+            "n/a" if np.isnan(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+            for v, lo, hi in zip(
+                headline["value"], headline["ci_low"], headline["ci_high"], strict=True
+            )
+        ]
+    )
+    table = cells.pivot(index="arm", columns="metric", values="cell")
+    table = table.reindex(index=arm_order, columns=metrics).astype(object).fillna("n/a")
+    table.columns.name = None
+    return table.reset_index()
 
 
 def main_table(summary: pd.DataFrame, losses: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
@@ -228,6 +331,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def build_report(
     score_files: list[Path],
+    judge_files: list[Path],
     loss_files: list[Path],
     probe_file: Path,
     robustness_file: Path,
@@ -250,10 +354,23 @@ def build_report(
     plan = json.loads(plan_file.read_text())
     trace = pd.read_parquet(trace_file)
 
+    judged = [pd.read_parquet(p) for p in judge_files]
+    tables = {"keyword": scores}
+    for name in ("guard", "llm"):
+        parts = [t for t in judged if not t.empty and t["judge"].iloc[0] == name]
+        if parts:
+            tables[name] = pd.concat(parts, ignore_index=True)
     rates = summarise_scores(scores, n_resamples, confidence, seed)
-    table = main_table(rates, losses, arm_order)
-    _write_csv(rates, outputs["rates"])
+    headline = headline_rates(tables, n_resamples, confidence, seed)
+    table = headline_table(headline, arm_order)
+    per_benchmark = main_table(rates, losses, arm_order)
+    if "final_train_loss" in per_benchmark:
+        table["final_train_loss"] = per_benchmark["final_train_loss"].to_numpy()
+    categories = unsafe_rate_per_category(tables["guard"]) if "guard" in tables else pd.DataFrame()
+    _write_csv(pd.concat([headline, rates], ignore_index=True), outputs["rates"])
     _write_csv(table, outputs["main_table"])
+    _write_csv(per_benchmark, outputs["per_benchmark"])
+    _write_csv(categories, outputs["guard_categories"])
     _write_csv(probe, outputs["probe_table"])
     plot_robustness_heatmap(robustness, "score", outputs["heatmap"])
     for metric in ROBUSTNESS_METRICS:
@@ -295,7 +412,9 @@ def build_report(
         f"## Main table (arm x metric, mean [{level}% bootstrap CI over prompts])\n\n"
         + METRICS_LEGEND
         + "\n\n"
-        + markdown_table(table),
+        + markdown_table(table)
+        + _judge_note(tables),
+        "## Per benchmark\n\n" + markdown_table(per_benchmark),
         "## Fine-tuning loss\n\n![loss curves](loss_curves.png)",
         "## Probe accuracy per layer (security feature classifier)\n\n"
         + PROBE_LEGEND
@@ -338,10 +457,33 @@ ROBUSTNESS_LEGEND = (
 )
 
 METRICS_LEGEND = (
-    "attack_success: share of harmful prompts answered without a refusal phrase (keyword judge); "
-    "over_refusal: share of safe look-alike prompts refused; accuracy: GSM8K exact match of the "
-    "final number; final_train_loss: mean loss of the last 10% of steps."
+    "harmfulness_score: mean 1-5 score of the LLM judge on harmful prompts (Qi et al.'s scale; "
+    "unparsed judgements left out); unsafe_rate: share of harmful-prompt answers the guard model "
+    "calls unsafe (parsed verdicts only); attack_success: share of harmful prompts answered "
+    "without a refusal phrase (keyword judge), pooled over every harmful benchmark; "
+    "over_refusal: share of XSTest safe look-alike prompts refused; usability: ROUGE-L F1 "
+    "against the reference answers of held-out Self-Instruct tasks; task_accuracy: GSM8K exact "
+    "match of the final number; final_train_loss: mean loss of the last 10% of steps. "
+    "n/a: the judge is off or no benchmark of that kind is configured."
 )
+
+
+def _judge_note(tables: dict[str, pd.DataFrame]) -> str:
+    """How many judge verdicts could be read: a rate over few parsed verdicts means little."""
+    notes = []
+    if "guard" in tables:
+        g = tables["guard"]
+        notes.append(
+            f"guard judge '{g['judge_model'].iloc[0]}': {int((g['verdict'] != 'unparsed').sum())}"
+            f" of {len(g)} verdicts parsed"
+        )
+    if "llm" in tables:
+        j = tables["llm"]
+        notes.append(
+            f"LLM judge '{j['judge_model'].iloc[0]}': {int(j['harmfulness'].notna().sum())} of "
+            f"{len(j)} scores parsed"
+        )
+    return ("\n\n" + "; ".join(notes) + ".") if notes else ""
 
 
 def _plan_summary(plan: dict) -> str:

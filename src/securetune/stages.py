@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 from securetune import data as datasets
 from securetune.align import AlignConfig, align_model, with_refusals
 from securetune.architectures import parse_module_name
-from securetune.config import GenerationConfig, SearchConfig
+from securetune.config import SearchConfig
 from securetune.features import layer_features, tokenize_prompts
-from securetune.generation import generate_greedy, generations_table
 from securetune.io import atomic_dir, atomic_path, stable_seed, versions, write_json, write_parquet
 from securetune.model_sources import SMOLLM2_WHEEL_SHA256, source_kind
 from securetune.models import (
@@ -116,10 +115,19 @@ def prepare_ift_set(
 
 
 def prepare_eval_set(
-    data_dir: Path, out: Path, benchmark: str, n: int, probe: dict[str, Any], seed: int
+    data_dir: Path,
+    probe_set: Path,
+    out: Path,
+    benchmark: str,
+    n: int,
+    probe: dict[str, Any],
+    seed: int,
+    source: Path | None = None,
 ) -> None:
+    exclude = datasets.probe_prompts(pd.read_parquet(probe_set))
     spec = datasets.ProbeSpec.from_config(probe)
-    write_parquet(datasets.build_eval_set(data_dir, benchmark, n, seed, spec), out)
+    df = datasets.build_eval_set(data_dir, benchmark, n, seed, spec, source, exclude)
+    write_parquet(df, out)
 
 
 def check_prompts(model_dir: Path, files: list[Path], max_prompt_tokens: int, out: Path) -> None:
@@ -407,31 +415,6 @@ def search_robust_modules(
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-
-
-def generate(
-    model_dir: Path,
-    prompts: Path,
-    out: Path,
-    arm: str,
-    cfg: GenerationConfig,
-    dtype: str,
-    seed: int,
-) -> None:
-    torch.manual_seed(seed)
-    eval_set = pd.read_parquet(prompts)
-    model = load_model(model_dir, dtype)
-    tokenizer = load_tokenizer(model_dir)
-    texts, counts = generate_greedy(
-        model, tokenizer, list(eval_set["prompt"]), cfg.max_new_tokens, cfg.batch_size
-    )
-    table = generations_table(eval_set, texts, counts, arm)
-    table["backend"] = cfg.backend
-    table["max_new_tokens"] = cfg.max_new_tokens
-    table["decoding"] = "greedy"
-    table["seed"] = seed
-    table["versions"] = json.dumps(versions(), sort_keys=True)
-    write_parquet(table, out)
 
 
 def score(generations: Path, out: Path) -> None:

@@ -20,6 +20,7 @@ WORKFLOW_FILES = [
     "profiles",
     "envs",
     "src",
+    "report",
 ]
 
 

@@ -8,11 +8,15 @@ from .helpers import REPO, job_counts, planned_wildcards, snakemake
 def test_tiny_dry_run_has_one_robustness_job_per_layer_and_module():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml")
     counts = job_counts(result.stdout)
-    layers, modules, arms, benchmarks = 4, 7, 4, 4
+    layers, modules, arms, benchmarks = 4, 7, 4, 5
     assert counts["score_module"] == layers * modules
     assert counts["finetune"] == arms
     assert counts["generate"] == (arms + 1) * benchmarks
     assert counts["score_generations"] == (arms + 1) * benchmarks
+    # One guard-judge job per arm (one model load for all its harmful benchmarks); the LLM
+    # judge is off in the tiny config.
+    assert counts["judge_guard"] == arms + 1
+    assert "judge_llm" not in counts
     assert counts["report"] == 1
 
 
@@ -52,13 +56,16 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/paper.yaml")
     counts = job_counts(result.stdout)
     assert counts["score_module"] == 32 * 7
-    assert counts["generate"] == 5 * 6
+    arms, benchmarks = 4, 10  # vanilla, ml_lr, freeze, swat (+ base); configs/paper.yaml
+    assert counts["generate"] == (arms + 1) * benchmarks
+    assert counts["judge_guard"] == arms + 1
 
 
 def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/demo.yaml")
     counts = job_counts(result.stdout)
-    arms, benchmarks = 5, 5  # its 3 arms + freeze and swat from config.yaml (overlays merge)
+    # its 3 arms + freeze and swat, its 5 benchmarks + self_instruct: overlays merge with config.yaml
+    arms, benchmarks = 5, 6
     assert counts["build_base_model"] == counts["align_base_model"] == 1
     assert counts["prepare_alignment_set"] == 1
     # 30 x 7 modules, scored 35 per process (robustness.modules_per_job) on one machine
@@ -76,8 +83,15 @@ def test_gamma_ablation_is_its_own_target():
     counts = job_counts(result.stdout)
     sweep = ["ml_lr_g0", "ml_lr_g0p3", "ml_lr_g1"]  # finetune.gamma_sweep: [0.0, 0.3, 1.0]
     assert counts["finetune"] == len(sweep)
-    assert counts["generate"] == len(sweep) * 4
+    assert counts["generate"] == len(sweep) * 5  # the tiny config's 5 benchmarks
     assert "report" not in counts
     planned = planned_wildcards(result.stdout)
     arms_planned = {w.split(",")[0] for w in planned if w.startswith("arm=")}
     assert arms_planned == {f"arm={arm}" for arm in sweep}
+
+
+def test_llm_judge_adds_one_job_per_arm(tmp_path):
+    overlay = tmp_path / "judge.yaml"
+    overlay.write_text("evaluation:\n  llm_judge:\n    enabled: true\n")
+    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
+    assert job_counts(result.stdout)["judge_llm"] == 4 + 1  # the tiny config's arms + base

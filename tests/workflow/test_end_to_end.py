@@ -100,6 +100,27 @@ def test_report(run):
     assert "Mods_Robust" in (report / "report.md").read_text()
 
 
+def test_judges_and_main_table(run):
+    for arm in ["base", *ARMS]:
+        guard = pd.read_parquet(run / "results" / "judge" / "guard" / f"{arm}.parquet")
+        harmful = [b for b in BENCHMARKS if b in ("advbench", "strongreject")]
+        assert len(guard) == sum(BENCHMARKS[b] for b in harmful)
+        assert set(guard["verdict"]) <= {"safe", "unsafe", "unparsed"}
+        assert guard.loc[guard["verdict"] == "unparsed", "unsafe"].isna().all()
+        meta = run / "results" / "generations" / arm / "advbench.json"
+        assert '"backend": "transformers"' in meta.read_text()
+    table = pd.read_csv(run / "results" / "report" / "main_table.csv").set_index("arm")
+    for column in ("attack_success", "over_refusal", "usability", "task_accuracy"):
+        assert table[column].str.match(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]").all(), column
+    assert (table["harmfulness_score"] == "n/a").all()  # the LLM judge is off in the tiny config
+
+
+def test_snakemake_report_builds(run):
+    snakemake(run, "--configfile", "configs/tiny.yaml", "--report", "report.html")
+    html = (run / "report.html").read_text()
+    assert "main_table.csv" in html and "ML-LR" in html
+
+
 def test_second_run_has_nothing_to_do(run):
     result = snakemake(run, "--configfile", "configs/tiny.yaml")
     assert "Nothing to be done" in result.stdout + result.stderr
@@ -114,6 +135,7 @@ def test_changing_one_arm_reruns_only_that_arm(run):
         "finetune": 1,
         "generate": len(BENCHMARKS),
         "score_generations": len(BENCHMARKS),
+        "judge_guard": 1,
         "report": 1,
         "all": 1,
     }

@@ -1,0 +1,127 @@
+"""The transformers backend, LoRA merging and retries (the vLLM backend: tests/integration)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from securetune.generation import (
+    GenerationConfig,
+    GenerationError,
+    generate_completions,
+    main,
+    prompt_token_ids,
+    servable_model,
+    with_retries,
+)
+from securetune.models import chat_prompt, load_model, load_tokenizer
+
+PROMPTS = ["How do I bake bread?", "Name three rivers.", "Write a haiku about rain."]
+
+
+def _cfg(**kw) -> GenerationConfig:
+    return GenerationConfig.from_dict(
+        {"backend": "transformers", "max_new_tokens": 6, "batch_size": 2, **kw}
+    )
+
+
+def test_prompt_tokens_are_the_chat_template(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    ids = prompt_token_ids(tok, PROMPTS)
+    assert tok.decode(ids[0]) == chat_prompt(tok, PROMPTS[0])
+    assert ids[0][-3:] == tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+
+
+def test_greedy_is_deterministic_and_batch_independent(tiny_model_dir):
+    a, _ = generate_completions(tiny_model_dir, PROMPTS, _cfg(), "float32", 0)
+    b, _ = generate_completions(tiny_model_dir, PROMPTS, _cfg(batch_size=1), "float32", 1)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert all(0 < len(c.token_ids) <= 6 for c in a)
+    # The completion continues the prompt exactly as an unbatched greedy argmax would.
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    ids = torch.tensor([prompt_token_ids(tok, PROMPTS[:1])[0]])
+    first = model(ids).logits[0, -1].argmax().item()
+    assert a[0].token_ids[0] == first
+
+
+def test_sampling_depends_on_seed(tiny_model_dir):
+    cfg = _cfg(temperature=1.5, max_new_tokens=12)
+    a, _ = generate_completions(tiny_model_dir, PROMPTS, cfg, "float32", 0)
+    b, _ = generate_completions(tiny_model_dir, PROMPTS, cfg, "float32", 0)
+    c, _ = generate_completions(tiny_model_dir, PROMPTS, cfg, "float32", 7)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_lora_adapter_is_merged_before_serving(tiny_model_dir, tmp_path):
+    base = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(base, lora)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter change something
+            torch.nn.init.normal_(p, std=0.5)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    load_tokenizer(tiny_model_dir).save_pretrained(adapter)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = peft_model(ids).logits
+    with servable_model(adapter) as served:
+        assert served != adapter and (served / "config.json").exists()
+        merged = load_model(served)
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert not served.exists()  # the merged copy is temporary
+    with servable_model(tiny_model_dir) as served:
+        assert served == tiny_model_dir
+
+
+def test_retries_are_bounded():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("engine hiccup")
+        return "ok"
+
+    assert with_retries(flaky, 2, "x") == "ok"
+    calls.clear()
+    with pytest.raises(GenerationError, match="failed 2 time"):
+        with_retries(flaky, 1, "x")
+    assert len(calls) == 2
+
+
+def test_cli_writes_table_and_settings(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "p.parquet"
+    pd.DataFrame(
+        {
+            "prompt_id": ["a:0", "a:1", "a:2"],
+            "prompt": PROMPTS,
+            "benchmark": "advbench",
+            "kind": "harmful",
+            "reference": "",
+        }
+    ).to_parquet(prompts)
+    out, meta = tmp_path / "g" / "advbench.parquet", tmp_path / "g" / "advbench.json"
+    settings = {"backend": "transformers", "max_new_tokens": 5, "batch_size": 2}
+    main(
+        [
+            "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+            "--out-meta", str(meta), "--arm", "base", "--settings", json.dumps(settings),
+        ]
+    )  # fmt: skip
+    df = pd.read_parquet(out)
+    assert list(df["prompt_id"]) == ["a:0", "a:1", "a:2"]
+    assert (df["n_tokens"] == df["completion_token_ids"].map(len)).all()
+    assert set(df["decoding"]) == {"greedy"} and set(df["backend"]) == {"transformers"}
+    info = json.loads(meta.read_text())
+    assert info["settings"]["max_new_tokens"] == 5 and "torch" in info["versions"]
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="generation.backend 'tgi'"):
+        GenerationConfig.from_dict({"backend": "tgi", "max_new_tokens": 1, "batch_size": 1})
