@@ -64,7 +64,7 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
 def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/demo.yaml")
     counts = job_counts(result.stdout)
-    # its 3 arms + freeze and swat, its 5 benchmarks + self_instruct: overlays merge with config.yaml
+    # its 3 arms + freeze and swat; its 5 benchmarks + self_instruct (overlays merge)
     arms, benchmarks = 5, 6
     assert counts["build_base_model"] == counts["align_base_model"] == 1
     assert counts["prepare_alignment_set"] == 1
