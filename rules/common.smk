@@ -209,7 +209,10 @@ def arm_settings(wildcards):
     that arm.
     """
     shared = {
-        k: v for k, v in config["finetune"].items() if k not in ("arms", "gamma_sweep")
+        k: v
+        for k, v in config["finetune"].items()
+        # processes is the launcher's (torchrun), not the trainer's
+        if k not in ("arms", "gamma_sweep", "processes")
     }
     arm = arm_spec(wildcards.arm)
     lr = shared.pop("lr")
