@@ -211,8 +211,8 @@ def arm_settings(wildcards):
     shared = {
         k: v
         for k, v in config["finetune"].items()
-        # processes is the launcher's (torchrun), not the trainer's
-        if k not in ("arms", "gamma_sweep", "processes")
+        # processes and gpus are the launcher's (torchrun) and the scheduler's, not the trainer's
+        if k not in ("arms", "gamma_sweep", "processes", "gpus")
     }
     arm = arm_spec(wildcards.arm)
     lr = shared.pop("lr")
@@ -241,6 +241,12 @@ def training_processes():
     """Processes per fine-tuning job (finetune.processes): torchrun's --nproc_per_node, and the
     job's GPU count on a cluster (one process per GPU)."""
     return config["finetune"].get("processes", 1)
+
+
+def training_gpus():
+    """GPUs a fine-tuning job asks for (finetune.gpus): 0 trains on CPU, with gloo under
+    torchrun; otherwise one per process (checked at start)."""
+    return config["finetune"].get("gpus", 0)
 
 
 def training_launcher(wildcards):

@@ -14,7 +14,7 @@ rule finetune:
         "../envs/torch.yaml"
     threads: 2
     resources:
-        gpu=training_processes(),
+        gpu=training_gpus(),
     params:
         settings=arm_settings,
         plan=plan_flag,

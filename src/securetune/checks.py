@@ -178,3 +178,21 @@ def check_at_start(config: dict, data_dir: Path) -> None:
     check_data_sources(
         data_dir, config["data"]["ift_source"], list(config["evaluation"]["benchmarks"])
     )
+    check_training_layout(config["finetune"])
+
+
+def check_training_layout(finetune: dict) -> None:
+    """The fine-tuning job's processes, GPUs and batch must fit together: one process per GPU,
+    and the global batch split evenly over the processes."""
+    processes = finetune.get("processes", 1)
+    gpus = finetune.get("gpus", 0)
+    if gpus not in (0, processes):
+        raise ConfigError(
+            f"config key 'finetune.gpus': {gpus} must be 0 (train on CPU) or equal to "
+            f"finetune.processes ({processes}), one training process per GPU"
+        )
+    if finetune["batch_size"] % processes:
+        raise ConfigError(
+            f"config key 'finetune.batch_size': {finetune['batch_size']} does not split evenly "
+            f"over finetune.processes ({processes})"
+        )

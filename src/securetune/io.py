@@ -101,3 +101,10 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         handlers=handlers,
         force=True,
     )
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind, error, trace) -> None:
+    """An error that ends a script goes to its rule's log file too, where Snakemake's error
+    report points the user, and not only to the job's stderr."""
+    logging.getLogger("securetune").critical("job failed", exc_info=(kind, error, trace))

@@ -42,7 +42,7 @@ def test_cluster_profile_runs_the_paper_config(paper_plan):
 
 @pytest.mark.parametrize(
     ("rule", "gpus"),
-    [("score_module", "1"), ("extract_features", "1"), ("generate", "1"), ("finetune", "1")],
+    [("score_module", "1"), ("extract_features", "1"), ("generate", "1"), ("finetune", "8")],
 )
 def test_gpu_rules_ask_for_gpus_and_memory(paper_plan, rule, gpus):
     jobs = [job for job in planned_jobs(paper_plan) if job["rule"] == rule]
@@ -61,10 +61,10 @@ def test_cpu_rules_ask_for_no_gpu(paper_plan):
             assert "gpu" not in resources(job)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_finetune_launch_follows_the_process_count(tmp_path, processes):
+@pytest.mark.parametrize(("processes", "gpus"), [(1, 0), (2, 0), (1, 1), (2, 2)])
+def test_finetune_launch_follows_the_process_count(tmp_path, processes, gpus):
     overlay = tmp_path / "processes.yaml"
-    overlay.write_text(f"finetune:\n  processes: {processes}\n")
+    overlay.write_text(f"finetune:\n  processes: {processes}\n  gpus: {gpus}\n")
     result = snakemake(
         REPO,
         "-n",
@@ -76,7 +76,7 @@ def test_finetune_launch_follows_the_process_count(tmp_path, processes):
         str(overlay),
     )
     (job,) = [j for j in planned_jobs(result.stdout) if j["rule"] == "finetune"]
-    assert resources(job)["gpu"] == str(processes)
+    assert resources(job)["gpu"] == str(gpus)
     if processes == 1:
         assert "OMP_NUM_THREADS=2 python -m securetune.finetune" in job["shell"]
     else:
@@ -99,3 +99,11 @@ def test_nothing_site_specific_is_set(paper_plan):
     for job in planned_jobs(paper_plan):
         asked = resources(job)
         assert not {"slurm_account", "slurm_partition", "gpu_model"} & asked.keys(), job
+
+
+def test_gpus_other_than_the_process_count_are_refused(tmp_path):
+    overlay = tmp_path / "gpus.yaml"
+    overlay.write_text("finetune:\n  processes: 2\n  gpus: 4\n")
+    result = snakemake(REPO, "-n", "--configfile", "configs/tiny.yaml", str(overlay), check=False)
+    assert result.returncode != 0
+    assert "'finetune.gpus': 4 must be 0" in result.stdout + result.stderr

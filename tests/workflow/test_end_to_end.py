@@ -92,7 +92,12 @@ def test_report(run):
     table = pd.read_csv(report / "main_table.csv")
     assert table["arm"].tolist() == ["base", *ARMS]
     rates = pd.read_csv(report / "rates.csv")
-    assert ((rates["ci_low"] <= rates["value"]) & (rates["value"] <= rates["ci_high"])).all()
+    # A rate over no scored prompt (the random tiny guard parses no verdict) has no value.
+    measured = rates[rates["n"] > 0]
+    assert (
+        (measured["ci_low"] <= measured["value"]) & (measured["value"] <= measured["ci_high"])
+    ).all()
+    assert rates.loc[rates["n"] == 0, ["value", "ci_low", "ci_high"]].isna().all().all()
     pngs = ["robustness_heatmap.png", "loss_curves.png", "robustness_by_depth.png"]
     pngs += ["search_trace.png", "probe_accuracy.png", "robustness_heatmap_acc_drop.png"]
     for png in pngs:

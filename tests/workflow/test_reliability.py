@@ -234,6 +234,10 @@ def test_killed_run_resumes_and_reproduces_a_clean_run_byte_for_byte(workflow, t
     _kill_during_robustness(killed, name)
     finished = {p: p.stat().st_mtime_ns for p in (killed / "results").rglob("*.parquet")}
     assert finished, "the kill came before any output"
+    # A SIGKILLed Snakemake cannot release its lock; the user removes it, as Snakemake says.
+    locked = snakemake(killed, "--configfile", name, check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    snakemake(killed, "--unlock", "--configfile", name)
     snakemake(killed, "--configfile", name)
     for path, mtime in finished.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was recomputed"
