@@ -4,7 +4,7 @@ import shlex
 from pathlib import Path
 
 from securetune.checks import check_at_start
-from securetune.config import ConfigError, validate_config
+from securetune.config import ConfigError, config_in_force, validate_config
 from securetune.architectures import MODULE_TYPES, module_name
 from securetune.model_sources import (
     MODEL_CACHE,
@@ -17,7 +17,19 @@ from securetune.model_sources import (
 
 from securetune.data import BENCHMARKS
 
-validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+# A full config given with --configfile replaces config.yaml rather than merging into it. In
+# place, since the rules read this very dict; remote jobs get the same files and decide alike.
+_in_force = config_in_force(
+    config,
+    workflow.config_settings.configfiles,
+    workflow.config_settings.overwrite_config,
+    SCHEMA,
+)
+if _in_force is not config:
+    config.clear()
+    config.update(_in_force)
+validate_config(config, SCHEMA)
 
 # Jobs import the package from this checkout, whatever environment runs them (venv, conda env
 # on a cluster node), so code and workflow never drift apart.
@@ -141,6 +153,14 @@ def evaluated_arms():
     """The reference `base` (no fine-tuning), the `unaligned` source model when the base is
     safety-aligned first, and every fine-tuned arm."""
     return ["base", *(["unaligned"] if ALIGN_ENABLED else []), *arms()]
+
+
+def arm_kinds():
+    """Each evaluated arm's kind, in report order; base and unaligned are `reference`."""
+    return {
+        arm: "reference" if arm in ("base", "unaligned") else arm_spec(arm)["kind"]
+        for arm in evaluated_arms()
+    }
 
 
 def base_model_inputs(wildcards):

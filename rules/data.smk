@@ -26,6 +26,26 @@ rule prepare_ift_set:
         data_dir=DATA_DIR,
         source=config["data"]["ift_source"],
         n=config["data"]["ift_examples"],
+        skip=0,
+        probe=probe_spec(),
+        seed=config["seed"],
+    script:
+        "../workflow_scripts/prepare_ift_set.py"
+
+
+rule prepare_ift_heldout:
+    """Held-out examples of the IFT source (the rows after the training set's): the task metric."""
+    output:
+        "results/data/ift_heldout.parquet",
+    log:
+        "logs/prepare_ift_heldout.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        data_dir=DATA_DIR,
+        source=config["data"]["ift_source"],
+        n=config["data"]["ift_heldout_examples"],
+        skip=config["data"]["ift_examples"],
         probe=probe_spec(),
         seed=config["seed"],
     script:

@@ -46,6 +46,29 @@ rule score_generations:
         "../workflow_scripts/score_generations.py"
 
 
+rule heldout_ift_loss:
+    """The arm's loss on held-out examples of the IFT task (response tokens, float32)."""
+    input:
+        model=model_of_arm,
+        heldout="results/data/ift_heldout.parquet",
+    output:
+        "results/ift_loss/{arm}.parquet",
+    log:
+        "logs/heldout_ift_loss/{arm}.log",
+    benchmark:
+        "benchmarks/heldout_ift_loss/{arm}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=min(1, config["generation"]["gpus"]),
+    params:
+        max_seq_len=config["finetune"]["max_seq_len"],
+        batch_size=config["generation"]["batch_size"],
+    script:
+        "../workflow_scripts/heldout_ift_loss.py"
+
+
 rule judge_guard:
     """Guard-model verdicts on every harmful completion of one arm: one engine per arm."""
     input:

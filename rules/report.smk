@@ -8,6 +8,7 @@ rule report:
         ),
         judged=judge_files(),
         losses=expand("results/finetune/{arm}/loss.parquet", arm=arms()),
+        ift_losses=expand("results/ift_loss/{arm}.parquet", arm=evaluated_arms()),
         probe="results/probe/accuracy.parquet",
         robustness="results/robustness.parquet",
         plan="results/search/plan.json",
@@ -72,6 +73,11 @@ rule report:
             "results/report/probe_accuracy.png",
             category="Safety features",
         ),
+        frontier=report(
+            "results/report/safety_frontier.png",
+            category="Fine-tuning",
+            caption="../report/safety_frontier.rst",
+        ),
         loss_curves=report(
             "results/report/loss_curves.png",
             category="Fine-tuning",
@@ -83,6 +89,7 @@ rule report:
         "../envs/torch.yaml"
     params:
         arm_order=evaluated_arms(),
+        arm_kinds=arm_kinds(),
         report=settings("report"),
         score=config["robustness"]["score"],
         seed=config["seed"],

@@ -11,4 +11,5 @@ prepare_ift_set(
     snakemake.params.n,
     snakemake.params.probe,
     snakemake.params.seed,
+    snakemake.params.skip,
 )

@@ -9,6 +9,8 @@ build_report(
     [Path(f) for f in i.scores],
     [Path(f) for f in i.judged],
     [Path(f) for f in i.losses],
+    [Path(f) for f in i.ift_losses],
+    dict(p.arm_kinds),
     Path(i.probe),
     Path(i.robustness),
     Path(i.plan),

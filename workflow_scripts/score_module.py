@@ -11,7 +11,8 @@ i, p = snakemake.input, snakemake.params
 if p.inject_failure:
     # TEST ONLY (robustness.fail_modules): a failing cluster job, to test reporting and resuming.
     raise RuntimeError(
-        f"injected failure of {p.inject_failure} (config robustness.fail_modules, test only)"
+        f"injected failure of {', '.join(p.inject_failure)}"
+        " (config robustness.fail_modules, test only)"
     )
 score_modules(
     Path(i.model),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,32 @@ def validate_config(config: dict[str, Any], schema_path: str | Path) -> None:
     if errors:
         lines = "\n  - ".join(_describe(e) for e in errors)
         raise ConfigError(f"invalid config ({len(errors)} problem(s)):\n  - {lines}")
+
+
+def is_full_config(overlay: dict[str, Any], schema_path: str | Path) -> bool:
+    """Does a config file hold every top-level section the schema requires?"""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    return set(schema["required"]) <= set(overlay)
+
+
+def config_in_force(
+    default: dict[str, Any],
+    overlay_files: list[Path],
+    overlays_merged: dict[str, Any],
+    schema_path: str | Path,
+) -> dict[str, Any]:
+    """The config a run uses: config.yaml extended by the --configfile overlays, unless the first
+    overlay is a full config (configs/tiny.yaml, configs/paper.yaml), which replaces config.yaml.
+
+    Snakemake merges overlays key by key, which is right for a partial overlay (paper_gsm8k.yaml
+    on paper.yaml) but would let the default's arms and benchmarks leak into another scale.
+    `overlays_merged` is Snakemake's own merge of the overlays and --config values.
+    """
+    if overlay_files and is_full_config(
+        yaml.safe_load(Path(overlay_files[0]).read_text()) or {}, schema_path
+    ):
+        return copy.deepcopy(overlays_merged)
+    return default
 
 
 @dataclass(frozen=True)

@@ -670,14 +670,20 @@ def without_probe_prompts(
     return [r for r in records if _normalised(r.prompt) not in taken]
 
 
-def build_ift_set(root: Path, source: str, n: int, seed: int, probe: ProbeSpec) -> pd.DataFrame:
+def build_ift_set(
+    root: Path, source: str, n: int, seed: int, probe: ProbeSpec, skip: int = 0
+) -> pd.DataFrame:
+    """`n` benign instruction-tuning examples of `source`, after the probe's slice of it and
+    `skip` more rows: skip = the training set's size gives the held-out set, the next rows of
+    the same shuffled source, which no stage trains on."""
     if source not in IFT_SOURCES:
         raise DataError(f"unknown IFT source '{source}'; allowed: {sorted(IFT_SOURCES)}")
     recs = shuffled(IFT_SOURCES[source](root), seed, source)
     recs = recs[: probe_slice_size(source, probe)] + without_probe_prompts(
         recs[probe_slice_size(source, probe) :], root, probe, seed
     )
-    recs = take(recs, probe_slice_size(source, probe), n, f"IFT set '{source}'")
+    what = f"IFT {'held-out ' if skip else ''}set '{source}'"
+    recs = take(recs, probe_slice_size(source, probe) + skip, n, what)
     return pd.DataFrame(
         {
             "example_id": [r.id for r in recs],

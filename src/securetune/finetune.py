@@ -157,6 +157,30 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+@torch.no_grad()
+def example_losses(
+    model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """(summed loss, predicted tokens) of each example's response, in float32: the training
+    objective measured on examples no stage trains on (the held-out IFT loss)."""
+    model.eval()
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        device = next(model.parameters()).device
+        tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        logits = model(
+            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+        ).logits
+        shifted = torch.nn.functional.pad(tensors["labels"][:, 1:], (0, 1), value=IGNORE)
+        per_token = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
+        )
+        for row, example in enumerate(batch):
+            out.append((float(per_token[row].sum()), predicted_tokens(example)))
+    return out
+
+
 # --- processes -----------------------------------------------------------------------------------
 
 

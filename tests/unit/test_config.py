@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from securetune.config import ConfigError, validate_config
+from securetune.config import ConfigError, is_full_config, validate_config
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def schema(repo):
 
 @pytest.fixture()
 def config(repo):
-    return copy.deepcopy(yaml.safe_load((repo / "config.yaml").read_text()))
+    return copy.deepcopy(yaml.safe_load((repo / "configs" / "tiny.yaml").read_text()))
 
 
 def test_shipped_configs_are_valid(repo, schema):
@@ -139,11 +139,17 @@ def test_arm_named_unaligned_is_reserved(config, schema):
         validate_config(config, schema)
 
 
-def test_demo_config_is_a_full_config(repo, schema):
-    """configs/demo.yaml becomes config.yaml once the demo fits its time budget: it must stand
-    alone, with every section."""
-    demo = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())
-    validate_config(demo, schema)
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_other_scales_are_full_configs(repo, schema, name):
+    """Given first with --configfile, a full config replaces config.yaml whole: it must validate
+    on its own."""
+    scale = yaml.safe_load((repo / "configs" / f"{name}.yaml").read_text())
+    assert is_full_config(scale, schema)
+    validate_config(scale, schema)
+
+
+def test_default_config_is_the_demo(repo):
+    demo = yaml.safe_load((repo / "config.yaml").read_text())
     assert demo["model"]["source"] == "smollm2-gguf" and demo["align"]["enabled"]
 
 

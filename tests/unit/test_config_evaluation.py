@@ -17,7 +17,7 @@ def schema(repo):
 
 @pytest.fixture()
 def config(repo):
-    return copy.deepcopy(yaml.safe_load((repo / "config.yaml").read_text()))
+    return copy.deepcopy(yaml.safe_load((repo / "configs" / "tiny.yaml").read_text()))
 
 
 @pytest.mark.parametrize(

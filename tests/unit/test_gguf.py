@@ -51,7 +51,8 @@ def smollm2(tmp_path_factory):
         pytest.skip(f"{WHEEL} absent: `make models` fetches it (make test does)")
     root = tmp_path_factory.mktemp("smollm2")
     out = root / "model"
-    build_base_model(out, {"source": "smollm2-gguf", "allow_pickle": False}, [], 0, WHEEL)
+    model_cfg = {"source": "smollm2-gguf", "allow_pickle": False, "trust_remote_code": False}
+    build_base_model(out, model_cfg, [], 0, WHEEL)
     return out, extract_gguf(WHEEL, root)
 
 

@@ -6,8 +6,14 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from securetune.report import bootstrap_ci, headline_rates, headline_table
+from securetune.report import (
+    bootstrap_ci,
+    frontier_verdicts,
+    headline_rates,
+    headline_table,
+)
 
 
 def test_bootstrap_ignores_nan_and_brackets_the_mean():
@@ -66,8 +72,36 @@ def test_headline_pools_harmful_benchmarks_and_marks_missing_judges():
         "over_refusal",
         "usability",
         "task_accuracy",
+        "heldout_ift_loss",
     ]
     row = table.set_index("arm").loc["vanilla"]
     assert row["harmfulness_score"] == "n/a" and row["unsafe_rate"] == "n/a"
     assert row["task_accuracy"] == "n/a"  # no math benchmark configured
     assert row["attack_success"].startswith("0.875 [")
+
+
+def _point(arm, loss, attack):
+    return [
+        {"arm": arm, "metric": "heldout_ift_loss", "value": loss, "ci_low": loss, "ci_high": loss},
+        {"arm": arm, "metric": "attack_success", "value": attack, "ci_low": 0.0, "ci_high": 1.0},
+    ]
+
+
+def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
+    # Vanilla at three learning rates: lower lr, higher loss, lower attack success.
+    rows = _point("v_hi", 1.0, 0.4) + _point("v_mid", 1.1, 0.3) + _point("v_lo", 1.3, 0.1)
+    rows += _point("ml_lr", 1.05, 0.2) + _point("worse", 1.2, 0.3) + _point("off", 0.9, 0.0)
+    rows += _point("base", 1.5, 0.05)
+    kinds = {"base": "reference", "v_hi": "vanilla", "v_mid": "vanilla", "v_lo": "vanilla"}
+    kinds |= {"ml_lr": "ml_lr", "worse": "ml_lr", "off": "freeze"}
+    verdicts = frontier_verdicts(pd.DataFrame(rows), kinds).set_index("arm")
+    assert list(verdicts.index) == ["ml_lr", "worse", "off"]
+    assert verdicts.loc["ml_lr", "gap"] == pytest.approx(0.2 - 0.35)
+    assert verdicts.loc["ml_lr", "verdict"].startswith("below")
+    assert verdicts.loc["worse", "gap"] == pytest.approx(0.3 - 0.2)
+    assert verdicts.loc["worse", "verdict"].startswith("on or above")
+    assert verdicts.loc["off", "verdict"] == "outside the vanilla arms' loss range"
+    one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
+    assert frontier_verdicts(pd.DataFrame(rows), one_vanilla)["verdict"][0].startswith(
+        "no frontier"
+    )

@@ -3,7 +3,15 @@ import torch
 from transformers import LlamaForCausalLM
 
 from securetune.features import layer_features, tokenize_prompts
-from securetune.finetune import IGNORE, batch_order, encode_examples, lr_factor
+from securetune.finetune import (
+    IGNORE,
+    batch_order,
+    collate,
+    encode_examples,
+    example_losses,
+    lr_factor,
+    summed_loss,
+)
 from securetune.models import load_tokenizer
 from securetune.robustness import noise_perturbed
 
@@ -59,3 +67,21 @@ def test_noise_is_seeded_and_restored(tiny_model_dir):
     assert torch.equal(weight, before)
     assert not torch.equal(first, before)
     assert (first - before).std() == pytest.approx(before.std().item(), rel=0.1)
+
+
+def test_heldout_losses_are_the_training_loss_per_example_and_batch_free(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = encode_examples(
+        tok, ["Hi", "Name three colours, please."], ["Hello there.", "Red, green, blue."], 256
+    )
+    together = example_losses(model, examples, tok.pad_token_id, batch_size=2)
+    alone = [example_losses(model, [e], tok.pad_token_id, batch_size=1)[0] for e in examples]
+    for (sum_a, n_a), (sum_b, n_b) in zip(together, alone, strict=True):
+        assert n_a == n_b > 0 and sum_a == pytest.approx(sum_b, rel=1e-4)
+    batch = collate(examples, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert sum(t for t, _ in together) == pytest.approx(
+        float(summed_loss(logits, batch["labels"])), rel=1e-4
+    )

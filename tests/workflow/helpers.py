@@ -24,7 +24,9 @@ WORKFLOW_FILES = [
 ]
 
 
-def copy_workflow(dest: Path) -> Path:
+def copy_workflow(dest: Path, tiny_default: bool = False) -> Path:
+    """A copy of the repo's workflow; with `tiny_default`, configs/tiny.yaml is its config.yaml,
+    so partial overlays (a test's one changed key) extend the tiny scale, not the demo."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
@@ -32,7 +34,20 @@ def copy_workflow(dest: Path) -> Path:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dest / name)
+    if tiny_default:
+        shutil.copy2(REPO / "configs" / "tiny.yaml", dest / "config.yaml")
     return dest
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """Snakemake's key-by-key merge of an overlay into a config (a new dict)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

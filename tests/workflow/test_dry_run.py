@@ -5,11 +5,13 @@ import pytest
 from .helpers import REPO, job_counts, planned_wildcards, snakemake
 
 
-def test_tiny_dry_run_has_one_robustness_job_per_layer_and_module():
+def test_tiny_dry_run_counts():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml")
     counts = job_counts(result.stdout)
     layers, modules, arms, benchmarks = 4, 7, 4, 5
-    assert counts["score_module"] == layers * modules
+    chunks = [rule for rule in counts if rule.startswith("score_modules_")]
+    assert len(chunks) == layers * modules // 7  # robustness.modules_per_job: 7
+    assert counts["heldout_ift_loss"] == arms + 1
     assert counts["finetune"] == arms
     assert counts["generate"] == (arms + 1) * benchmarks
     assert counts["score_generations"] == (arms + 1) * benchmarks
@@ -30,6 +32,13 @@ def test_modules_per_job_chunks_the_robustness_jobs(tmp_path):
     assert len(chunks) == -(-4 * 7 // 5) and set(chunks.values()) == {1}
 
 
+def test_one_robustness_job_per_layer_and_module_as_on_a_cluster(tmp_path):
+    overlay = tmp_path / "one.yaml"
+    overlay.write_text("robustness:\n  modules_per_job: 1\n")
+    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
+    assert job_counts(result.stdout)["score_module"] == 4 * 7
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  learning_rate: 0.1\n")
@@ -45,7 +54,7 @@ def test_bad_config_stops_before_any_job(tmp_path):
 def test_proxy_layer_past_depth_is_refused(tmp_path, layer):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"probe:\n  proxy_layers: [0, {layer}]\n")
-    result = snakemake(REPO, "-n", "--configfile", str(bad), check=False)
+    result = snakemake(REPO, "-n", "--configfile", "configs/tiny.yaml", str(bad), check=False)
     assert result.returncode != 0
     assert f"'probe.proxy_layers': layer(s) [{layer}] past the model's depth" in (
         result.stderr + result.stdout
@@ -61,11 +70,10 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
     assert counts["judge_guard"] == arms + 1
 
 
-def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
-    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/demo.yaml")
+def test_default_dry_run_is_the_demo_aligning_the_base_and_evaluating_the_unaligned_model():
+    result = snakemake(REPO, "-n", "--forceall")
     counts = job_counts(result.stdout)
-    # its 3 arms + freeze and swat; its 5 benchmarks + self_instruct (overlays merge)
-    arms, benchmarks = 5, 6
+    arms, benchmarks = 4, 5  # vanilla at 3 learning rates and ml_lr; config.yaml's benchmarks
     assert counts["build_base_model"] == counts["align_base_model"] == 1
     assert counts["prepare_alignment_set"] == 1
     # 30 x 7 modules, scored 35 per process (robustness.modules_per_job) on one machine
@@ -73,6 +81,19 @@ def test_demo_dry_run_aligns_the_base_and_evaluates_the_unaligned_model_too():
     assert len(chunks) == 30 * 7 // 35 and all(counts[c] == 1 for c in chunks)
     # base (aligned), unaligned (the converted SmolLM2) and every fine-tuned arm
     assert counts["generate"] == (arms + 2) * benchmarks
+    assert counts["heldout_ift_loss"] == arms + 2
+
+
+def test_a_full_config_replaces_the_default_and_a_partial_one_extends_it(tmp_path):
+    tiny = job_counts(
+        snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml").stdout
+    )
+    assert "align_base_model" not in tiny  # nothing of the demo's alignment or arms leaks in
+    assert tiny["finetune"] == 4 and tiny["generate"] == 5 * 5
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("finetune:\n  steps: 3\n")
+    plan = snakemake(REPO, "-n", "--forceall", "--configfile", str(partial)).stdout
+    assert job_counts(plan)["align_base_model"] == 1 and 'steps": 3' in plan
 
 
 def test_gamma_ablation_is_its_own_target():

@@ -100,6 +100,7 @@ def test_report(run):
     assert rates.loc[rates["n"] == 0, ["value", "ci_low", "ci_high"]].isna().all().all()
     pngs = ["robustness_heatmap.png", "loss_curves.png", "robustness_by_depth.png"]
     pngs += ["search_trace.png", "probe_accuracy.png", "robustness_heatmap_acc_drop.png"]
+    pngs += ["safety_frontier.png"]
     for png in pngs:
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Mods_Robust" in (report / "report.md").read_text()
@@ -114,8 +115,16 @@ def test_judges_and_main_table(run):
         assert guard.loc[guard["verdict"] == "unparsed", "unsafe"].isna().all()
         meta = run / "results" / "generations" / arm / "advbench.json"
         assert '"backend": "transformers"' in meta.read_text()
-    table = pd.read_csv(run / "results" / "report" / "main_table.csv").set_index("arm")
-    for column in ("attack_success", "over_refusal", "usability", "task_accuracy"):
+    table = pd.read_csv(
+        run / "results" / "report" / "main_table.csv", keep_default_na=False
+    ).set_index("arm")
+    for column in (
+        "attack_success",
+        "over_refusal",
+        "usability",
+        "task_accuracy",
+        "heldout_ift_loss",
+    ):
         assert table[column].str.match(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]").all(), column
     assert (table["harmfulness_score"] == "n/a").all()  # the LLM judge is off in the tiny config
 
@@ -141,6 +150,7 @@ def test_changing_one_arm_reruns_only_that_arm(run):
         "generate": len(BENCHMARKS),
         "score_generations": len(BENCHMARKS),
         "judge_guard": 1,
+        "heldout_ift_loss": 1,
         "report": 1,
         "all": 1,
     }

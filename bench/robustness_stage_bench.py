@@ -1,0 +1,107 @@
+"""The robustness stage as the demo runs it vs the naive way, on the same modules, in one run.
+
+    python bench/robustness_stage_bench.py --workdir . --modules-per-type 2 --threads 1
+
+Needs a finished demo run in --workdir (its results/model/base, probe set, features, probes).
+Both ways call the workflow's own `securetune.stages.score_modules` with the demo config's
+robustness settings:
+- naive: one Python process per module (torch import and model load each time), full forward
+  of every layer for each perturbation (`cached_prefix: false`): a cluster job per module;
+- amortised: one process for every module, the unperturbed hidden states cached once and only
+  the layers from the module's own up recomputed (`cached_prefix: true`): the demo's chunks.
+Prints the wall time of each, the ratio, and whether the two give the same tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from securetune.architectures import MODULE_TYPES
+from securetune.model_sources import SMOLLM2_LAYERS
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCORE = """
+import json, sys, torch
+from pathlib import Path
+from securetune.stages import score_modules
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+r = Path(a["workdir"]) / "results"
+score_modules(
+    r / "model/base", r / "data/probe.parquet", r / "features/features.safetensors",
+    r / "probe/probes.safetensors", r / "probe/proxy.json", r / "data/ift.parquet",
+    [Path(p) for p in a["outs"]], a["modules"], a["robustness"], a["features"],
+    a["max_prompt_tokens"], a["dtype"], a["source"], a["seed"],
+)
+"""
+
+
+def run(args: dict) -> float:
+    """Wall seconds of one scoring process, start-up included."""
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-c", SCORE, json.dumps(args)], check=True)
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO)
+    parser.add_argument("--config", type=Path, default=REPO / "config.yaml")
+    parser.add_argument("--modules-per-type", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    options = parser.parse_args()
+    config = yaml.safe_load(options.config.read_text())
+    layers = config["model"].get("layers") or SMOLLM2_LAYERS
+    step = max(1, layers // options.modules_per_type)
+    chosen = [
+        f"L{layer}.{module}"
+        for module in MODULE_TYPES
+        for layer in range(step // 2, layers, step)[: options.modules_per_type]
+    ]
+    common = {
+        "workdir": str(options.workdir.resolve()),
+        "features": config["features"],
+        "max_prompt_tokens": config["data"]["max_prompt_tokens"],
+        "dtype": config["model"]["dtype"],
+        "source": config["model"]["source"],
+        "seed": config["seed"],
+        "threads": options.threads,
+        "modules": chosen,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        naive_dir, fast_dir = Path(tmp, "naive"), Path(tmp, "amortised")
+        naive_cfg = {**config["robustness"], "cached_prefix": False}
+        fast_cfg = {**config["robustness"], "cached_prefix": True}
+        naive = sum(
+            run({**common, "modules": [m], "outs": [str(naive_dir / f"{m}.parquet")],
+                 "robustness": naive_cfg})
+            for m in chosen
+        )  # fmt: skip
+        outs = [str(fast_dir / f"{m}.parquet") for m in chosen]
+        fast = run({**common, "outs": outs, "robustness": fast_cfg})
+        same = all(
+            pd.read_parquet(naive_dir / f"{m}.parquet")
+            .drop(columns="cached_prefix")
+            .equals(pd.read_parquet(fast_dir / f"{m}.parquet").drop(columns="cached_prefix"))
+            for m in chosen
+        )
+    print(f"modules: {len(chosen)} ({', '.join(chosen)})")
+    per = len(chosen)
+    print("| way | wall (s) | per module (s) |\n|---|---|---|")
+    print(f"| naive: a process and a full forward per module | {naive:.1f} | {naive / per:.2f} |")
+    print(f"| amortised: one process, cached prefix | {fast:.1f} | {fast / per:.2f} |")
+    print(f"ratio naive / amortised: {naive / fast:.2f}x; identical tables: {same}")
+
+
+if __name__ == "__main__":
+    main()
