@@ -17,7 +17,8 @@ if ALIGN_ENABLED:
             eval_sizes=settings("evaluation")["benchmarks"],
             ift_source=config["data"]["ift_source"],
             # the IFT set and its held-out rows: the alignment slice must miss both
-            ift_n=config["data"]["ift_examples"] + config["data"]["ift_heldout_examples"],
+            ift_n=config["data"]["ift_examples"]
+            + config["data"]["ift_heldout_examples"],
             seed=config["seed"],
         script:
             "../workflow_scripts/prepare_alignment_set.py"
