@@ -6,7 +6,7 @@ run one job each: the alignment set and step (`stages.prepare_alignment_set`,
 generation, keyword scoring and bootstrap CIs. Prints a Markdown table for BENCHMARKS.md and
 writes every number to --out (JSON).
 
-    python bench/demo_alignment.py --config configs/demo.yaml --unaligned results/model/unaligned \
+    python bench/demo_alignment.py --config config.yaml --unaligned results/model/unaligned \
         --workdir /tmp/align_bench [--overlay smaller.yaml]
 
 `--unaligned` is the converted SmolLM2 folder (rule build_base_model with align.enabled).
@@ -94,7 +94,7 @@ def evaluate(model_dir: Path, arm: str, cfg: dict, eval_sets: dict[str, pd.DataF
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=REPO / "config.yaml")
     parser.add_argument("--overlay", type=Path, help="smaller sizes for a quick measurement")
     parser.add_argument("--unaligned", type=Path, required=True, help="converted source model")
     parser.add_argument("--workdir", type=Path, required=True)
