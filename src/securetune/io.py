@@ -60,6 +60,22 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
         df.reset_index(drop=True).to_parquet(tmp, index=False, compression="zstd")
 
 
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
+    """Save tensors atomically with their metadata in sorted order, so equal inputs give equal
+    bytes: the safetensors library writes metadata in hash-map order, which changes from one
+    process to the next (and with it the file's hash, recorded downstream as provenance)."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + size :])
+
+
 def write_json(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

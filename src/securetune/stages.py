@@ -16,14 +16,21 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from securetune import data as datasets
 from securetune.align import AlignConfig, align_model, with_refusals
 from securetune.architectures import parse_module_name
 from securetune.config import SearchConfig
 from securetune.features import layer_features, tokenize_prompts
-from securetune.io import atomic_dir, atomic_path, stable_seed, versions, write_json, write_parquet
+from securetune.io import (
+    atomic_dir,
+    stable_seed,
+    versions,
+    write_json,
+    write_parquet,
+    write_safetensors,
+)
 from securetune.model_sources import SMOLLM2_WHEEL_SHA256, source_kind
 from securetune.models import (
     TinyModelSpec,
@@ -191,8 +198,7 @@ def extract_features(
         "probe_set_sha256": _sha256(probe_set),
         "splits": ",".join(splits),
     }
-    with atomic_path(out) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    write_safetensors(tensors, out, metadata)
 
 
 def train_probe(
@@ -227,10 +233,9 @@ def train_probe(
         "C": str(c),
         "seed": str(seed),
     }
-    with atomic_path(out_probes) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in probes.tensors().items()}, tmp, metadata=provenance
-        )
+    write_safetensors(
+        {k: v.contiguous() for k, v in probes.tensors().items()}, out_probes, provenance
+    )
     write_parquet(table, out_accuracy)
     write_json(
         {
