@@ -1,11 +1,14 @@
-"""Shared fixtures: a tiny model built once per session, the repo root."""
+"""Shared fixtures: a tiny model built once per session, the repo root, the config schema and
+a fresh copy of the tiny config to break."""
 
 from __future__ import annotations
 
+import copy
 import csv
 from pathlib import Path
 
 import pytest
+import yaml
 
 from securetune.models import TinyModelSpec, build_tiny_model
 
@@ -16,6 +19,17 @@ DATA = REPO / "resources" / "data"
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def schema(repo: Path) -> Path:
+    return repo / "schemas" / "config.schema.yaml"
+
+
+@pytest.fixture()
+def config(repo: Path) -> dict:
+    """configs/tiny.yaml, a copy each test may change."""
+    return copy.deepcopy(yaml.safe_load((repo / "configs" / "tiny.yaml").read_text()))
 
 
 @pytest.fixture(scope="session")

@@ -6,16 +6,6 @@ import yaml
 from securetune.config import ConfigError, is_full_config, validate_config
 
 
-@pytest.fixture(scope="module")
-def schema(repo):
-    return repo / "schemas" / "config.schema.yaml"
-
-
-@pytest.fixture()
-def config(repo):
-    return copy.deepcopy(yaml.safe_load((repo / "configs" / "tiny.yaml").read_text()))
-
-
 def test_shipped_configs_are_valid(repo, schema):
     base = yaml.safe_load((repo / "config.yaml").read_text())
     validate_config(base, schema)

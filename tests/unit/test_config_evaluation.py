@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import yaml
 
 from securetune.config import ConfigError, validate_config
-
-
-@pytest.fixture(scope="module")
-def schema(repo):
-    return repo / "schemas" / "config.schema.yaml"
-
-
-@pytest.fixture()
-def config(repo):
-    return copy.deepcopy(yaml.safe_load((repo / "configs" / "tiny.yaml").read_text()))
 
 
 @pytest.mark.parametrize(

@@ -1,21 +1,8 @@
 """The finetune section: every new key refuses a wrong value, naming the key."""
 
-import copy
-
 import pytest
-import yaml
 
 from securetune.config import ConfigError, TrainConfig, validate_config
-
-
-@pytest.fixture(scope="module")
-def schema(repo):
-    return repo / "schemas" / "config.schema.yaml"
-
-
-@pytest.fixture()
-def config(repo):
-    return copy.deepcopy(yaml.safe_load((repo / "configs" / "tiny.yaml").read_text()))
 
 
 @pytest.mark.parametrize(
