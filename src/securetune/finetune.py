@@ -142,13 +142,18 @@ def lr_factor(step: int, steps: int, warmup_ratio: float, schedule: str) -> floa
     raise ValueError(f"unknown schedule '{schedule}'; allowed: constant, linear, cosine")
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of the next-token losses on response tokens, in float32.
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts: the labels shifted left, padded by one IGNORE.
 
-    The labels are shifted (padded by one IGNORE), not the logits: slicing the logits would copy
-    the largest tensor of the step (batch x length x vocabulary).
+    The labels are shifted, not the logits: slicing the logits would copy the largest tensor of
+    the step (batch x length x vocabulary).
     """
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of the next-token losses on response tokens, in float32."""
+    shifted = next_token_labels(labels)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         shifted.reshape(-1),
@@ -172,7 +177,7 @@ def example_losses(
         logits = model(
             input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
         ).logits
-        shifted = torch.nn.functional.pad(tensors["labels"][:, 1:], (0, 1), value=IGNORE)
+        shifted = next_token_labels(tensors["labels"])
         per_token = torch.nn.functional.cross_entropy(
             logits.float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
         )

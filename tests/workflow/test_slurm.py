@@ -55,11 +55,15 @@ def scenario_config() -> dict:
     return config
 
 
-BENCHMARKS = list(scenario_config()["evaluation"]["benchmarks"])
-ARMS = scenario_config()["finetune"]["arms"]
+SCENARIO = scenario_config()
+BENCHMARKS = list(SCENARIO["evaluation"]["benchmarks"])
 # The arms that wait for the search's plan (Mods_Robust): the failed module holds them back.
-PLANNED_ARMS = [arm for arm, spec in ARMS.items() if spec["kind"] in ("ml_lr", "freeze", "swat")]
-GUARD = scenario_config()["evaluation"]["guard"]["enabled"]
+PLANNED_ARMS = [
+    arm
+    for arm, spec in SCENARIO["finetune"]["arms"].items()
+    if spec["kind"] in ("ml_lr", "freeze", "swat")
+]
+GUARD = SCENARIO["evaluation"]["guard"]["enabled"]
 BASE = "configs/slurm_test.yaml"
 
 
