@@ -15,6 +15,7 @@ from securetune.config import ConfigError, TrainConfig, validate_config
         ("micro_batch_size", -1, r"'finetune\.micro_batch_size': -1 is out of range"),
         ("checkpoint_every", 2.5, r"'finetune\.checkpoint_every': 2\.5 is not of type"),
         ("gamma_sweep", [0.1, -0.1], r"'finetune\.gamma_sweep\.1': -0\.1 is out of range"),
+        ("gpus", -1, r"'finetune\.gpus': -1 is out of range"),
     ],
 )
 def test_wrong_finetune_value_names_the_key(config, schema, key, value, message):
