@@ -31,20 +31,14 @@ def smollm2_shaped(out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from securetune.model_sources import SMOLLM2_SHAPE
     from securetune.models import build_tokenizer
 
     texts = [r[0] for r in csv.reader((DATA / "advbench_harmful_behaviors.csv").open())]
     tokenizer = build_tokenizer(texts, 4096)
     config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
+        **SMOLLM2_SHAPE,
         rope_theta=100000.0,
-        tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

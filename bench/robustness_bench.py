@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from securetune.features import build_prefix_cache, features_from_layer, layer_features
+from securetune.model_sources import SMOLLM2_SHAPE
 from securetune.robustness import noise_perturbed
 
 
@@ -29,16 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**SMOLLM2_SHAPE)
     model = LlamaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(0)
     # Lengths between half and all of --tokens, so batches are padded as real prompts are.
