@@ -65,6 +65,7 @@ rule heldout_ift_loss:
     params:
         max_seq_len=config["finetune"]["max_seq_len"],
         batch_size=config["generation"]["batch_size"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/heldout_ift_loss.py"
 

@@ -14,4 +14,5 @@ heldout_ift_loss(
     snakemake.wildcards.arm,
     snakemake.params.max_seq_len,
     snakemake.params.batch_size,
+    snakemake.params.seed,
 )

@@ -48,8 +48,8 @@ from safetensors.torch import load_file, save_file
 
 from securetune.architectures import architecture
 from securetune.config import LoraSettings, TrainConfig
-from securetune.io import atomic_dir, setup_logging, versions, write_parquet
-from securetune.models import chat_example, load_model, load_tokenizer
+from securetune.io import atomic_dir, provenance, setup_logging, versions, write_parquet
+from securetune.models import chat_example, load_model, load_tokenizer, write_derived_policy
 from securetune.param_groups import (
     KINDS_WITH_PLAN,
     freeze_for_arm,
@@ -531,8 +531,10 @@ def save_model(
     robust: set[str],
     out_dir: Path,
     env: Dist,
+    parent: Path,
 ) -> None:
-    """Save a plain HF folder (LoRA merged into the weights) that every later stage can load."""
+    """Save a plain HF folder (LoRA merged into the weights) that every later stage can load,
+    under the loading policy of the `parent` model it was trained from."""
     state = None
     if env.active and cfg.distributed == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -551,6 +553,7 @@ def save_model(
                     sort_keys=True,
                 )
             )
+            write_derived_policy(tmp, parent)
     if env.active:
         dist.barrier()
 
@@ -623,7 +626,7 @@ def train(
             "trained steps %d..%d in %.1f s (%.0f response tokens/s over %d process(es))",
             start, cfg.steps, seconds, tokens / max(seconds, 1e-9), env.world,
         )  # fmt: skip
-    save_model(wrapped, model, tokenizer, cfg, robust, out_dir, env)
+    save_model(wrapped, model, tokenizer, cfg, robust, out_dir, env, model_dir)
     if checkpoint_dir is not None and not keep_checkpoints and env.main and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     if env.active:
@@ -689,7 +692,7 @@ def main(argv: list[str] | None = None, on_step: Callable[[int, dict], None] | N
         on_step=on_step,
     )
     if main_rank:
-        write_parquet(steps, args.out_log)
+        write_parquet(steps, args.out_log, provenance(cfg.seed, args.model))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,14 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from securetune.io import setup_logging, stable_seed, versions, write_json, write_parquet
+from securetune.io import (
+    provenance,
+    setup_logging,
+    stable_seed,
+    versions,
+    write_json,
+    write_parquet,
+)
 from securetune.models import chat_prompt, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -371,7 +378,7 @@ def run_generation(
         model_dir, list(eval_set["prompt"]), cfg, dtype, job_seed, tensor_parallel_size
     )
     table = generations_table(eval_set, done, token_ids, arm, cfg, job_seed)
-    write_parquet(table, out)
+    write_parquet(table, out, provenance(seed, model_dir))
     write_json(
         {
             "arm": arm,

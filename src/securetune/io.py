@@ -54,10 +54,66 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
-    """Write a table atomically, without the pandas index, so equal tables give equal bytes."""
+# The file, inside every model folder the workflow writes, that records the weights' sha256.
+MODEL_POLICY_FILE = "securetune_model.json"
+PROVENANCE_KEY = b"securetune.provenance"
+
+
+def model_revision(model_dir: str | Path) -> str:
+    """The sha256 of the weights a model folder holds, as recorded when the workflow wrote it."""
+    path = Path(model_dir) / MODEL_POLICY_FILE
+    return json.loads(path.read_text()).get("revision", "unknown") if path.exists() else "unknown"
+
+
+def provenance(seed: int, model_dir: str | Path | None = None) -> dict[str, Any]:
+    """What decides a table's numbers besides its inputs: the seed its job's random choices came
+    from, the library versions, and the revision (weights' sha256) of the model it was computed
+    with (None for data built before any model)."""
+    return {
+        "seed": int(seed),
+        "versions": versions(),
+        "model_revision": model_revision(model_dir) if model_dir is not None else None,
+    }
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path, prov: dict[str, Any]) -> None:
+    """Write a table atomically, without the pandas index, so equal tables give equal bytes;
+    `prov` (see `provenance`) goes into the file's schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    missing = {"seed", "versions", "model_revision"} - set(prov)
+    if missing:
+        raise ValueError(f"provenance for {path} lacks {sorted(missing)}")
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    metadata = {**(table.schema.metadata or {}), PROVENANCE_KEY: json.dumps(prov, sort_keys=True)}
     with atomic_path(path) as tmp:
-        df.reset_index(drop=True).to_parquet(tmp, index=False, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
+
+
+def common_provenance(paths: list[Path]) -> dict[str, Any]:
+    """The one provenance of tables to be combined; tables computed under other versions, seeds
+    or models must not be mixed silently into one result."""
+    records = {str(p): read_provenance(p) for p in paths}
+    distinct = {json.dumps(r, sort_keys=True) for r in records.values()}
+    if len(distinct) > 1:
+        first = next(iter(records.values()))
+        odd = [p for p, r in records.items() if r != first]
+        raise ValueError(
+            f"these tables were computed under another seed, library versions or model than "
+            f"{next(iter(records))}: {odd}; rerun them (snakemake --forcerun on their rule)"
+        )
+    return next(iter(records.values()))
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance a Parquet file was written with (see `write_parquet`)."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    if PROVENANCE_KEY not in metadata:
+        raise ValueError(f"{path} records no provenance (written outside securetune?)")
+    return json.loads(metadata[PROVENANCE_KEY])
 
 
 def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:

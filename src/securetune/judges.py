@@ -32,7 +32,7 @@ from securetune.generation import (
     GenerationConfig,
     generate_completions,
 )
-from securetune.io import setup_logging, stable_seed, versions, write_parquet
+from securetune.io import provenance, setup_logging, stable_seed, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,8 @@ def run_judge(
         table = judge_harmfulness(generations, LlmJudgeConfig(**settings["llm_judge"]))
     else:
         raise ValueError(f"unknown judge '{which}'; allowed: guard, llm")
-    table["versions"] = json.dumps(versions(), sort_keys=True)
-    write_parquet(table.sort_values(["benchmark", "prompt_id"]), out)
+    # The judge's own model (None for the API judge, whose name is in the settings).
+    write_parquet(table.sort_values(["benchmark", "prompt_id"]), out, provenance(seed, judge_model))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from securetune.checks import ModelFolderError, check_model_folder
+from securetune.io import MODEL_POLICY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,6 @@ def copy_model_folder(
     shutil.copytree(src, out_dir, dirs_exist_ok=True)
 
 
-POLICY_FILE = "securetune_model.json"
-
-
 def weights_revision(folder: Path) -> str:
     """sha256 over the weight files (name and bytes): the model revision every output records."""
     digest = hashlib.sha256()
@@ -136,12 +134,21 @@ def write_model_policy(folder: Path, model_cfg: dict) -> None:
         "trust_remote_code": bool(model_cfg["trust_remote_code"]),
         "allow_pickle": bool(model_cfg["allow_pickle"]),
     }
-    (folder / POLICY_FILE).write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
+    (folder / MODEL_POLICY_FILE).write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
+
+
+def write_derived_policy(folder: Path, parent: Path) -> None:
+    """A trained model's policy: its parent's loading rules, its own revision, and the parent's
+    revision, so every output of a fine-tuned arm traces back to the weights it started from."""
+    policy = model_policy(parent)
+    policy["parent_revision"] = policy.get("revision", "unknown")
+    policy["revision"] = weights_revision(folder)
+    (folder / MODEL_POLICY_FILE).write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
 
 
 def model_policy(folder: str | Path) -> dict:
     """The folder's policy; a folder without one gets the safe defaults."""
-    path = Path(folder) / POLICY_FILE
+    path = Path(folder) / MODEL_POLICY_FILE
     defaults = {"trust_remote_code": False, "allow_pickle": False, "revision": "unknown"}
     return {**defaults, **json.loads(path.read_text())} if path.exists() else defaults
 

@@ -25,6 +25,9 @@ from securetune.config import SearchConfig
 from securetune.features import layer_features, tokenize_prompts
 from securetune.io import (
     atomic_dir,
+    common_provenance,
+    provenance,
+    read_provenance,
     stable_seed,
     versions,
     write_json,
@@ -111,7 +114,7 @@ def prepare_probe_set(data_dir: Path, out: Path, probe: dict[str, Any], seed: in
     df = datasets.build_probe_set(data_dir, datasets.ProbeSpec.from_config(probe), seed)
     df["seed"] = seed
     log.info("probe set: %s", df.groupby(["split", "label", "source"]).size().to_dict())
-    write_parquet(df, out)
+    write_parquet(df, out, provenance(seed))
 
 
 def prepare_ift_set(
@@ -124,7 +127,8 @@ def prepare_ift_set(
     skip: int = 0,
 ) -> None:
     spec = datasets.ProbeSpec.from_config(probe)
-    write_parquet(datasets.build_ift_set(data_dir, source, n, seed, spec, skip), out)
+    df = datasets.build_ift_set(data_dir, source, n, seed, spec, skip)
+    write_parquet(df, out, provenance(seed))
 
 
 def prepare_eval_set(
@@ -140,7 +144,7 @@ def prepare_eval_set(
     exclude = datasets.probe_prompts(pd.read_parquet(probe_set))
     spec = datasets.ProbeSpec.from_config(probe)
     df = datasets.build_eval_set(data_dir, benchmark, n, seed, spec, source, exclude)
-    write_parquet(df, out)
+    write_parquet(df, out, provenance(seed))
 
 
 def check_prompts(model_dir: Path, files: list[Path], max_prompt_tokens: int, out: Path) -> None:
@@ -226,7 +230,7 @@ def train_probe(
     table["seed"] = seed
     log.info("probe accuracy per layer:\n%s", table.to_string(index=False))
     layers = proxy_layers(proxy_choice, table, t["train"].shape[0])
-    provenance = {
+    probe_provenance = {
         "features": str(features),
         "features_sha256": _sha256(features),
         **{f"features_{k}": v for k, v in feature_meta.items()},
@@ -234,9 +238,9 @@ def train_probe(
         "seed": str(seed),
     }
     write_safetensors(
-        {k: v.contiguous() for k, v in probes.tensors().items()}, out_probes, provenance
+        {k: v.contiguous() for k, v in probes.tensors().items()}, out_probes, probe_provenance
     )
-    write_parquet(table, out_accuracy)
+    write_parquet(table, out_accuracy, provenance(seed, feature_meta.get("model")))
     write_json(
         {
             "choice": proxy_choice,
@@ -245,7 +249,7 @@ def train_probe(
             "ood_accuracy": (
                 float(table.loc[layers, "ood_accuracy"].mean()) if ood is not None else None
             ),
-            "provenance": provenance,
+            "provenance": probe_provenance,
         },
         out_proxy,
     )
@@ -330,14 +334,14 @@ def score_modules(
         df["score_name"] = cfg.score
         df["model"] = source
         df["proxy_layers"] = ",".join(map(str, view.layers))
-        write_parquet(df, out)
+        write_parquet(df, out, provenance(seed, model_dir))
 
 
 def aggregate_robustness(parts: list[Path], out: Path) -> None:
     df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     df = df.sort_values(KEY).reset_index(drop=True)
     check_robustness_table(df)
-    write_parquet(df, out)
+    write_parquet(df, out, common_provenance(parts))
 
 
 def search_robust_modules(
@@ -399,7 +403,7 @@ def search_robust_modules(
     trace["unit"] = cfg.unit
     trace["perturbation"] = cfg.perturbation
     trace["tau"] = cfg.tau
-    write_parquet(trace, out_trace)
+    write_parquet(trace, out_trace, provenance(seed, model_dir))
     accepted = trace.loc[trace["accepted"] & (trace["step"] > 0), "added"].tolist()
     write_json(
         {
@@ -431,11 +435,17 @@ def search_robust_modules(
 def score(generations: Path, out: Path) -> None:
     scores = score_generations(pd.read_parquet(generations))
     log.info("%s", scores.groupby(["arm", "benchmark"])["success"].mean().to_dict())
-    write_parquet(scores, out)
+    write_parquet(scores, out, read_provenance(generations))
 
 
 def heldout_ift_loss(
-    model_dir: Path, heldout: Path, out: Path, arm: str, max_seq_len: int, batch_size: int
+    model_dir: Path,
+    heldout: Path,
+    out: Path,
+    arm: str,
+    max_seq_len: int,
+    batch_size: int,
+    seed: int,
 ) -> None:
     """Each held-out IFT example's mean loss per response token under the arm's model: the task
     metric at demo scale, where GSM8K accuracy of a 135M model sits near the floor."""
@@ -464,7 +474,7 @@ def heldout_ift_loss(
         }
     )
     log.info("%s: held-out IFT loss %.4f over %d examples", arm, table["loss"].mean(), len(table))
-    write_parquet(table, out)
+    write_parquet(table, out, provenance(seed, model_dir))
 
 
 # --- safety alignment of the demo base (config `align`) -----------------------------------------
@@ -493,7 +503,7 @@ def prepare_alignment_set(
     )
     df = with_refusals(df, seed)
     log.info("alignment set: %s", df.groupby(["role", "source"]).size().to_dict())
-    write_parquet(df, out)
+    write_parquet(df, out, provenance(seed))
 
 
 def align_base_model(
@@ -510,5 +520,5 @@ def align_base_model(
         seed=stable_seed(seed, "align"),
     )
     steps, examples = align_model(model_dir, pd.read_parquet(data), cfg, out_model)
-    write_parquet(steps, out_log)
-    write_parquet(examples, out_examples)
+    write_parquet(steps, out_log, provenance(cfg.seed, model_dir))
+    write_parquet(examples, out_examples, provenance(cfg.seed, model_dir))

@@ -1,4 +1,4 @@
-"""What every workflow script shares: its log file."""
+"""What every workflow script shares: its log file, its writers and their provenance."""
 
 import subprocess
 import sys
@@ -40,3 +40,49 @@ def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
     with safe_open(files[0], "pt") as f:
         assert f.metadata()["key11"] == "11"
         assert f.get_tensor("a").tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def _model_folder(path, revision):
+    import json
+
+    path.mkdir()
+    (path / "securetune_model.json").write_text(json.dumps({"revision": revision}))
+    return path
+
+
+def test_every_table_records_seed_versions_and_model_revision(tmp_path):
+    import pandas as pd
+    import pytest
+
+    from securetune.io import provenance, read_provenance, write_parquet
+
+    model = _model_folder(tmp_path / "model", "abc123")
+    path = tmp_path / "table.parquet"
+    write_parquet(pd.DataFrame({"x": [1, 2]}), path, provenance(7, model))
+    record = read_provenance(path)
+    assert record["seed"] == 7 and record["model_revision"] == "abc123"
+    assert {"torch", "transformers", "python"} <= set(record["versions"])
+    assert pd.read_parquet(path)["x"].tolist() == [1, 2]
+    write_parquet(pd.DataFrame({"x": [1]}), tmp_path / "data.parquet", provenance(7))
+    assert read_provenance(tmp_path / "data.parquet")["model_revision"] is None
+    with pytest.raises(ValueError, match="lacks"):
+        write_parquet(pd.DataFrame({"x": [1]}), tmp_path / "bad.parquet", {"seed": 1})
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "foreign.parquet")
+    with pytest.raises(ValueError, match="records no provenance"):
+        read_provenance(tmp_path / "foreign.parquet")
+
+
+def test_tables_from_other_models_are_not_combined_silently(tmp_path):
+    import pandas as pd
+    import pytest
+
+    from securetune.io import common_provenance, provenance, write_parquet
+
+    parts = []
+    for i, revision in enumerate(["r1", "r1", "r2"]):
+        model = _model_folder(tmp_path / f"m{i}", revision)
+        parts.append(tmp_path / f"part{i}.parquet")
+        write_parquet(pd.DataFrame({"x": [i]}), parts[-1], provenance(0, model))
+    assert common_provenance(parts[:2])["model_revision"] == "r1"
+    with pytest.raises(ValueError, match="part2.parquet"):
+        common_provenance(parts)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from securetune.architectures import MODULE_TYPES, parse_module_name
+from securetune.io import read_provenance
 from securetune.robustness import check_robustness_table
 
 from .helpers import REPO, copy_workflow, job_counts, planned_wildcards, snakemake
@@ -85,6 +86,35 @@ def test_generations_and_scores(run):
             assert (gens["n_tokens"] <= TINY["generation"]["max_new_tokens"]).all()
             scores = pd.read_parquet(run / "results" / "scores" / arm / f"{benchmark}.parquet")
             assert scores["success"].dtype == bool and len(scores) == n
+
+
+def test_every_table_records_its_provenance(run):
+    """Seed, library versions and the weights' sha256 of the model each table came from."""
+    model_tables = {"robustness", "probe", "search", "finetune", "generations", "scores"}
+    revisions = {
+        arm: json.loads((folder / "securetune_model.json").read_text())["revision"]
+        for arm, folder in [
+            ("base", run / "results" / "model" / "base"),
+            *((arm, run / "results" / "finetune" / arm / "model") for arm in ARMS),
+        ]
+    }
+    tables = sorted((run / "results").rglob("*.parquet"))
+    assert len(tables) > 50
+    for path in tables:
+        record = read_provenance(path)
+        assert {"torch", "transformers"} <= set(record["versions"]), path
+        assert isinstance(record["seed"], int), path
+        part = path.relative_to(run / "results").parts[0]
+        if part in model_tables:
+            assert record["model_revision"] in revisions.values(), path
+        if part in ("generations", "scores", "ift_loss"):
+            arm = path.parent.name if part != "ift_loss" else path.stem
+            assert record["model_revision"] == revisions[arm], path
+    for arm in ARMS:
+        policy = json.loads(
+            (run / "results" / "finetune" / arm / "model" / "securetune_model.json").read_text()
+        )
+        assert policy["parent_revision"] == revisions["base"]
 
 
 def test_report(run):
