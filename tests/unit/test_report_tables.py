@@ -80,28 +80,50 @@ def test_headline_pools_harmful_benchmarks_and_marks_missing_judges():
     assert row["attack_success"].startswith("0.875 [")
 
 
-def _point(arm, loss, attack):
-    return [
-        {"arm": arm, "metric": "heldout_ift_loss", "value": loss, "ci_low": loss, "ci_high": loss},
-        {"arm": arm, "metric": "attack_success", "value": attack, "ci_low": 0.0, "ci_high": 1.0},
-    ]
+def _frontier_tables(arms: dict[str, tuple[float, float]], n_prompts=400, n_examples=200):
+    """Per-prompt keyword scores and per-example held-out losses with the given (loss, attack
+    success) per arm, correlated across arms the way real arms are (same prompts, same data)."""
+    rng = np.random.default_rng(0)
+    hardness, noise = rng.random(n_prompts), rng.normal(0.0, 0.1, n_examples)
+    keyword = pd.DataFrame(
+        [{"benchmark": "advbench", "prompt_id": i, "arm": arm, "kind": "harmful",
+          "success": bool(hardness[i] < attack)}
+         for arm, (_, attack) in arms.items() for i in range(n_prompts)]
+    )  # fmt: skip
+    ift_loss = pd.DataFrame(
+        [{"benchmark": "ift_heldout", "example_id": i, "arm": arm, "kind": "ift_heldout",
+          "loss": loss + noise[i]}
+         for arm, (loss, _) in arms.items() for i in range(n_examples)]
+    )  # fmt: skip
+    return keyword, ift_loss
 
 
 def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     # Vanilla at three learning rates: lower lr, higher loss, lower attack success.
-    rows = _point("v_hi", 1.0, 0.4) + _point("v_mid", 1.1, 0.3) + _point("v_lo", 1.3, 0.1)
-    rows += _point("ml_lr", 1.05, 0.2) + _point("worse", 1.2, 0.3) + _point("off", 0.9, 0.0)
-    rows += _point("base", 1.5, 0.05)
+    arms = {"v_hi": (1.0, 0.4), "v_mid": (1.1, 0.3), "v_lo": (1.3, 0.1)}
+    arms |= {"ml_lr": (1.05, 0.05), "worse": (1.2, 0.5), "same": (1.1, 0.3), "off": (0.9, 0.0)}
+    arms |= {"base": (1.5, 0.05)}
     kinds = {"base": "reference", "v_hi": "vanilla", "v_mid": "vanilla", "v_lo": "vanilla"}
-    kinds |= {"ml_lr": "ml_lr", "worse": "ml_lr", "off": "freeze"}
-    verdicts = frontier_verdicts(pd.DataFrame(rows), kinds).set_index("arm")
-    assert list(verdicts.index) == ["ml_lr", "worse", "off"]
-    assert verdicts.loc["ml_lr", "gap"] == pytest.approx(0.2 - 0.35)
-    assert verdicts.loc["ml_lr", "verdict"].startswith("below")
-    assert verdicts.loc["worse", "gap"] == pytest.approx(0.3 - 0.2)
-    assert verdicts.loc["worse", "verdict"].startswith("on or above")
-    assert verdicts.loc["off", "verdict"] == "outside the vanilla arms' loss range"
-    one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
-    assert frontier_verdicts(pd.DataFrame(rows), one_vanilla)["verdict"][0].startswith(
-        "no frontier"
+    kinds |= {"ml_lr": "ml_lr", "worse": "ml_lr", "same": "ml_lr", "off": "freeze"}
+    keyword, ift_loss = _frontier_tables(arms)
+    verdicts = frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0).set_index("arm")
+    assert list(verdicts.index) == ["ml_lr", "worse", "same", "off"]
+    asr = keyword.groupby("arm")["success"].mean()
+    ml_lr = verdicts.loc["ml_lr"]
+    # Halfway between v_hi (loss 1.0) and v_mid (1.1): the frontier is their mean.
+    assert ml_lr["gap"] == pytest.approx(asr["ml_lr"] - (asr["v_hi"] + asr["v_mid"]) / 2)
+    assert ml_lr["gap_ci_low"] <= ml_lr["gap"] <= ml_lr["gap_ci_high"] < 0
+    assert ml_lr["verdict"].startswith("below")
+    assert verdicts.loc["worse", "gap"] == pytest.approx(
+        asr["worse"] - (asr["v_mid"] + asr["v_lo"]) / 2
     )
+    assert verdicts.loc["worse", "verdict"].startswith("above")
+    # On the line: a point estimate of 0 is no evidence either way.
+    same = verdicts.loc["same"]
+    assert same["gap_ci_low"] <= 0 <= same["gap_ci_high"]
+    assert same["verdict"].startswith("on the frontier")
+    assert verdicts.loc["off", "verdict"] == "outside the vanilla arms' loss range"
+    assert np.isnan(verdicts.loc["off", "gap"]) and verdicts.loc["off", "resamples_in_range"] == 0
+    one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
+    lone = frontier_verdicts(keyword, ift_loss, one_vanilla, 50, 0.95, 0)
+    assert lone["verdict"][0].startswith("no frontier")
