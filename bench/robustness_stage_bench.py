@@ -9,7 +9,7 @@ robustness settings:
   of every layer for each perturbation (`cached_prefix: false`): a cluster job per module;
 - amortised: one process for every module, the unperturbed hidden states cached once and only
   the layers from the module's own up recomputed (`cached_prefix: true`): the demo's chunks.
-Prints the wall time of each, the ratio, and whether the two give the same tables.
+Prints the wall time of each, the ratio, and the largest difference between their metrics.
 """
 
 from __future__ import annotations
@@ -89,18 +89,19 @@ def main() -> None:
         )  # fmt: skip
         outs = [str(fast_dir / f"{m}.parquet") for m in chosen]
         fast = run({**common, "outs": outs, "robustness": fast_cfg})
-        same = all(
-            pd.read_parquet(naive_dir / f"{m}.parquet")
-            .drop(columns="cached_prefix")
-            .equals(pd.read_parquet(fast_dir / f"{m}.parquet").drop(columns="cached_prefix"))
-            for m in chosen
-        )
+        naive_t = pd.concat([pd.read_parquet(naive_dir / f"{m}.parquet") for m in chosen])
+        fast_t = pd.concat([pd.read_parquet(fast_dir / f"{m}.parquet") for m in chosen])
+    metrics = ["acc_after", "acc_drop", "cosine_drift", "direction_shift"]
+    diff = (naive_t[metrics].to_numpy() - fast_t[metrics].to_numpy()).__abs__().max(axis=0)
     print(f"modules: {len(chosen)} ({', '.join(chosen)})")
     per = len(chosen)
     print("| way | wall (s) | per module (s) |\n|---|---|---|")
     print(f"| naive: a process and a full forward per module | {naive:.1f} | {naive / per:.2f} |")
     print(f"| amortised: one process, cached prefix | {fast:.1f} | {fast / per:.2f} |")
-    print(f"ratio naive / amortised: {naive / fast:.2f}x; identical tables: {same}")
+    print(f"ratio naive / amortised: {naive / fast:.2f}x")
+    # Exact in float32 (tests/unit/test_robustness.py); in bfloat16 the two paths round apart.
+    print("max |naive - amortised| per metric: " + ", ".join(
+        f"{m} {d:.1e}" for m, d in zip(metrics, diff, strict=True)))  # fmt: skip
 
 
 if __name__ == "__main__":
