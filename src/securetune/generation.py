@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from securetune.io import (
+    model_revision,
     provenance,
     setup_logging,
     stable_seed,
@@ -390,6 +391,7 @@ def run_generation(
             "tensor_parallel_size": tensor_parallel_size,
             "n_prompts": len(table),
             "versions": versions(),
+            "model_revision": model_revision(model_dir),
         },
         out_meta,
     )

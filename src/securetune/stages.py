@@ -26,6 +26,7 @@ from securetune.features import layer_features, tokenize_prompts
 from securetune.io import (
     atomic_dir,
     common_provenance,
+    model_revision,
     provenance,
     read_provenance,
     stable_seed,
@@ -201,6 +202,8 @@ def extract_features(
         "probe_set": str(probe_set),
         "probe_set_sha256": _sha256(probe_set),
         "splits": ",".join(splits),
+        "model_revision": model_revision(model_dir),
+        "versions": json.dumps(versions(), sort_keys=True),
     }
     write_safetensors(tensors, out, metadata)
 
@@ -424,6 +427,7 @@ def search_robust_modules(
             "ranking": ranked,
             "seed": seed,
             "versions": versions(),
+            "model_revision": model_revision(model_dir),
         },
         out_plan,
     )

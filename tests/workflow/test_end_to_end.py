@@ -110,6 +110,10 @@ def test_every_table_records_its_provenance(run):
         if part in ("generations", "scores", "ift_loss"):
             arm = path.parent.name if part != "ift_loss" else path.stem
             assert record["model_revision"] == revisions[arm], path
+    plan = json.loads((run / "results" / "search" / "plan.json").read_text())
+    assert plan["model_revision"] == revisions["base"]
+    meta = json.loads((run / "results" / "generations" / "base" / "advbench.json").read_text())
+    assert meta["model_revision"] == revisions["base"] and "torch" in meta["versions"]
     for arm in ARMS:
         policy = json.loads(
             (run / "results" / "finetune" / arm / "model" / "securetune_model.json").read_text()
