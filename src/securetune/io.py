@@ -59,10 +59,15 @@ MODEL_POLICY_FILE = "securetune_model.json"
 PROVENANCE_KEY = b"securetune.provenance"
 
 
+def read_model_policy(model_dir: str | Path) -> dict[str, Any]:
+    """The policy file of a model folder the workflow wrote ({} for any other folder)."""
+    path = Path(model_dir) / MODEL_POLICY_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def model_revision(model_dir: str | Path) -> str:
     """The sha256 of the weights a model folder holds, as recorded when the workflow wrote it."""
-    path = Path(model_dir) / MODEL_POLICY_FILE
-    return json.loads(path.read_text()).get("revision", "unknown") if path.exists() else "unknown"
+    return read_model_policy(model_dir).get("revision", "unknown")
 
 
 def provenance(seed: int, model_dir: str | Path | None = None) -> dict[str, Any]:
@@ -95,15 +100,14 @@ def common_provenance(paths: list[Path]) -> dict[str, Any]:
     """The one provenance of tables to be combined; tables computed under other versions, seeds
     or models must not be mixed silently into one result."""
     records = {str(p): read_provenance(p) for p in paths}
-    distinct = {json.dumps(r, sort_keys=True) for r in records.values()}
-    if len(distinct) > 1:
-        first = next(iter(records.values()))
-        odd = [p for p, r in records.items() if r != first]
+    first_path, first = next(iter(records.items()))
+    odd = [p for p, r in records.items() if r != first]
+    if odd:
         raise ValueError(
             f"these tables were computed under another seed, library versions or model than "
-            f"{next(iter(records))}: {odd}; rerun them (snakemake --forcerun on their rule)"
+            f"{first_path}: {odd}; rerun them (snakemake --forcerun on their rule)"
         )
-    return next(iter(records.values()))
+    return first
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from securetune.checks import ModelFolderError, check_model_folder
-from securetune.io import MODEL_POLICY_FILE
+from securetune.io import MODEL_POLICY_FILE, read_model_policy
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def write_model_policy(folder: Path, model_cfg: dict) -> None:
         "trust_remote_code": bool(model_cfg["trust_remote_code"]),
         "allow_pickle": bool(model_cfg["allow_pickle"]),
     }
-    (folder / MODEL_POLICY_FILE).write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
+    _write_policy(folder, policy)
 
 
 def write_derived_policy(folder: Path, parent: Path) -> None:
@@ -143,14 +143,17 @@ def write_derived_policy(folder: Path, parent: Path) -> None:
     policy = model_policy(parent)
     policy["parent_revision"] = policy.get("revision", "unknown")
     policy["revision"] = weights_revision(folder)
+    _write_policy(folder, policy)
+
+
+def _write_policy(folder: Path, policy: dict) -> None:
     (folder / MODEL_POLICY_FILE).write_text(json.dumps(policy, indent=2, sort_keys=True) + "\n")
 
 
 def model_policy(folder: str | Path) -> dict:
     """The folder's policy; a folder without one gets the safe defaults."""
-    path = Path(folder) / MODEL_POLICY_FILE
     defaults = {"trust_remote_code": False, "allow_pickle": False, "revision": "unknown"}
-    return {**defaults, **json.loads(path.read_text())} if path.exists() else defaults
+    return {**defaults, **read_model_policy(folder)}
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

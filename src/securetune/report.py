@@ -332,14 +332,23 @@ def _headline_point(headline: pd.DataFrame, arm: str, metric: str) -> tuple[floa
 
 
 def vanilla_frontier(headline: pd.DataFrame, arm_kinds: dict[str, str]) -> pd.DataFrame:
-    """(loss, attack success) of the uniform-lr arms (kind vanilla), by held-out IFT loss."""
-    points = [
-        (arm, *_headline_point(headline, arm, "heldout_ift_loss")[:1])
-        + _headline_point(headline, arm, "attack_success")[:1]
-        for arm, kind in arm_kinds.items()
-        if kind == "vanilla"
-    ]
-    frame = pd.DataFrame(points, columns=["arm", "loss", "attack_success"]).dropna()
+    """The frontier of the headline table's point estimates (see `frontier_points`)."""
+
+    def by_arm(metric: str) -> pd.Series:
+        rows = headline[headline["metric"] == metric]
+        return pd.Series(rows["value"].to_numpy(), index=rows["arm"])
+
+    return frontier_points(by_arm("attack_success"), by_arm("heldout_ift_loss"), arm_kinds)
+
+
+def frontier_points(attack: pd.Series, loss: pd.Series, arm_kinds: dict[str, str]) -> pd.DataFrame:
+    """(arm, loss, attack success) of the uniform-lr arms (kind vanilla) that have both, sorted
+    by held-out IFT loss: the line an ML-LR arm is compared with."""
+    vanilla = [a for a, k in arm_kinds.items() if k == "vanilla" and a in attack and a in loss]
+    frame = pd.DataFrame(
+        {"arm": vanilla, "loss": [loss[a] for a in vanilla],
+         "attack_success": [attack[a] for a in vanilla]}
+    ).dropna()  # fmt: skip
     return frame.sort_values("loss", ignore_index=True)
 
 
@@ -358,14 +367,13 @@ def frontier_gaps(
     """Each compared arm's attack success minus the vanilla frontier's at the arm's held-out
     loss (linear between the vanilla points); NaN outside their loss range or with fewer than
     two vanilla arms."""
-    vanilla = [a for a, k in arm_kinds.items() if k == "vanilla" and a in attack and a in loss]
-    frontier = pd.DataFrame({"loss": loss[vanilla], "attack": attack[vanilla]}).sort_values("loss")
+    frontier = frontier_points(attack, loss, arm_kinds)
     gaps = {}
     for arm in compared_arms(arm_kinds):
         x = loss.get(arm, float("nan"))
         inside = len(frontier) >= 2 and frontier["loss"].min() <= x <= frontier["loss"].max()
         gaps[arm] = (
-            float(attack[arm] - np.interp(x, frontier["loss"], frontier["attack"]))
+            float(attack[arm] - np.interp(x, frontier["loss"], frontier["attack_success"]))
             if inside and arm in attack
             else float("nan")
         )
@@ -391,7 +399,8 @@ def frontier_verdicts(
     under the line is not evidence that ML-LR beats lowering every learning rate."""
     attack = per_item(keyword, "harmful", "success")
     loss = per_item(ift_loss, "ift_heldout", "loss")
-    point = frontier_gaps(attack.mean(), loss.mean(), arm_kinds)
+    mean_attack, mean_loss = attack.mean(), loss.mean()
+    point = frontier_gaps(mean_attack, mean_loss, arm_kinds)
     rng = np.random.default_rng(stable_seed(seed, "frontier"))
     draws = [
         frontier_gaps(
@@ -408,8 +417,8 @@ def frontier_verdicts(
         defined = samples[~np.isnan(samples)]
         low, high = np.quantile(defined, [tail, 1.0 - tail]) if len(defined) else (np.nan, np.nan)
         rows.append(
-            {"arm": arm, "heldout_ift_loss": loss.mean().get(arm, np.nan),
-             "attack_success": attack.mean().get(arm, np.nan), "gap": point[arm],
+            {"arm": arm, "heldout_ift_loss": mean_loss.get(arm, np.nan),
+             "attack_success": mean_attack.get(arm, np.nan), "gap": point[arm],
              "gap_ci_low": float(low), "gap_ci_high": float(high),
              "resamples_in_range": len(defined) / n_resamples,
              "verdict": _verdict(point[arm], low, high, arm_kinds)}
