@@ -183,6 +183,10 @@ def benchmarks():
     return list(config["evaluation"]["benchmarks"])
 
 
+# The chain from the base model to Mods_Robust (features, probe, robustness, search) goes first
+# when cores are scarce: the ML-LR fine-tune waits on it, and started last it leaves a long tail.
+PLAN_PRIORITY = 10
+
 # Arm kinds whose groups depend on Mods_Robust, so they wait for the search plan.
 KINDS_WITH_PLAN = ("ml_lr", "freeze", "swat")
 
@@ -306,6 +310,29 @@ def generation_env():
     return "../envs/torch.yaml"
 
 
+def generation_jobs():
+    """per_benchmark (the default: one job per (arm, benchmark)) or per_arm."""
+    return config["generation"].get("jobs", "per_benchmark")
+
+
+def generation_settings():
+    """The generation section as the engine reads it, one JSON string; how jobs are cut
+    (`jobs`) changes no completion, so it is left out."""
+    section = {k: v for k, v in config["generation"].items() if k != "jobs"}
+    return json.dumps(section, sort_keys=True)
+
+
+# Both generate rules run the module as a shell command: vLLM spawns workers, which needs a
+# __main__ guard. Every input list and output list is in the same benchmark order.
+GENERATE_COMMAND = (
+    "OMP_NUM_THREADS={threads} python -m securetune.generation"
+    " --model {input.model:q} --prompts {input.prompts:q} --arm {wildcards.arm}"
+    " --out {output.generations:q} --out-meta {output.settings:q}"
+    " --settings {params.generation:q} --dtype {params.dtype} --seed {params.seed}"
+    " --gpus {resources.gpu} --log-file {log:q}"
+)
+
+
 def generation_threads():
     """vLLM's CPU engine uses every core it is given; transformers' generate gains little
     from a second thread at batch sizes this small, so it leaves it to another job."""
@@ -345,7 +372,7 @@ def judge_settings(wildcards):
         {
             "guard": config["evaluation"]["guard"],
             "llm_judge": config["evaluation"]["llm_judge"],
-            "generation": config["generation"],
+            "generation": json.loads(generation_settings()),
         },
         sort_keys=True,
     )

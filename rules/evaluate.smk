@@ -1,34 +1,70 @@
-rule generate:
-    """Completions of one model on one benchmark (vLLM or transformers, from config).
+# generation.jobs: per_benchmark runs one job per (arm, benchmark), the cluster fan-out; per_arm
+# one job per arm that loads the model once and writes the same per-benchmark files (on one
+# machine, where each job's start-up - torch import, model load - costs as much as its decoding).
 
-    A shell rule running the module: vLLM spawns workers, which needs a __main__ guard.
-    """
-    input:
-        model=model_of_arm,
-        prompts="results/data/eval/{benchmark}.parquet",
-        checked="results/data/prompt_check.json",
-    output:
-        generations="results/generations/{arm}/{benchmark}.parquet",
-        settings="results/generations/{arm}/{benchmark}.json",
-    log:
-        "logs/generate/{arm}/{benchmark}.log",
-    benchmark:
-        "benchmarks/generate/{arm}/{benchmark}.tsv"
-    conda:
-        generation_env()
-    threads: generation_threads()
-    resources:
-        gpu=config["generation"]["gpus"],
-    params:
-        generation=json.dumps(settings("generation"), sort_keys=True),
-        dtype=config["model"]["dtype"],
-        seed=config["seed"],
-    shell:
-        "OMP_NUM_THREADS={threads} python -m securetune.generation"
-        " --model {input.model:q} --prompts {input.prompts:q} --arm {wildcards.arm}"
-        " --out {output.generations:q} --out-meta {output.settings:q}"
-        " --settings {params.generation:q} --dtype {params.dtype} --seed {params.seed}"
-        " --gpus {resources.gpu} --log-file {log:q}"
+if generation_jobs() == "per_benchmark":
+
+    rule generate:
+        """Completions of one model on one benchmark (vLLM or transformers, from config).
+
+        A shell rule running the module: vLLM spawns workers, which needs a __main__ guard.
+        """
+        input:
+            model=model_of_arm,
+            prompts="results/data/eval/{benchmark}.parquet",
+            checked="results/data/prompt_check.json",
+        output:
+            generations="results/generations/{arm}/{benchmark}.parquet",
+            settings="results/generations/{arm}/{benchmark}.json",
+        log:
+            "logs/generate/{arm}/{benchmark}.log",
+        benchmark:
+            "benchmarks/generate/{arm}/{benchmark}.tsv"
+        conda:
+            generation_env()
+        threads: generation_threads()
+        resources:
+            gpu=config["generation"]["gpus"],
+        params:
+            generation=generation_settings(),
+            dtype=config["model"]["dtype"],
+            seed=config["seed"],
+        shell:
+            GENERATE_COMMAND
+
+else:
+
+    rule generate_arm:
+        """Completions of one model on every benchmark, in one process (see above)."""
+        input:
+            model=model_of_arm,
+            prompts=expand(
+                "results/data/eval/{benchmark}.parquet", benchmark=benchmarks()
+            ),
+            checked="results/data/prompt_check.json",
+        output:
+            generations=expand(
+                "results/generations/{{arm}}/{benchmark}.parquet",
+                benchmark=benchmarks(),
+            ),
+            settings=expand(
+                "results/generations/{{arm}}/{benchmark}.json", benchmark=benchmarks()
+            ),
+        log:
+            "logs/generate/{arm}.log",
+        benchmark:
+            "benchmarks/generate/{arm}.tsv"
+        conda:
+            generation_env()
+        threads: generation_threads()
+        resources:
+            gpu=config["generation"]["gpus"],
+        params:
+            generation=generation_settings(),
+            dtype=config["model"]["dtype"],
+            seed=config["seed"],
+        shell:
+            GENERATE_COMMAND
 
 
 rule score_generations:

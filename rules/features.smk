@@ -10,6 +10,7 @@ rule extract_features:
         "logs/extract_features.log",
     benchmark:
         "benchmarks/extract_features.tsv"
+    priority: PLAN_PRIORITY
     conda:
         "../envs/torch.yaml"
     threads: 2

@@ -8,6 +8,7 @@ rule train_probe:
         proxy="results/probe/proxy.json",
     log:
         "logs/train_probe.log",
+    priority: PLAN_PRIORITY
     conda:
         "../envs/torch.yaml"
     params:

@@ -20,6 +20,7 @@ if config["robustness"]["modules_per_job"] == 1:
             "logs/score_module/layer{layer}/{module_type}.log",
         benchmark:
             "benchmarks/score_module/layer{layer}/{module_type}.tsv"
+        priority: PLAN_PRIORITY
         conda:
             "../envs/torch.yaml"
         threads: 1
@@ -57,6 +58,7 @@ else:
                 f"logs/score_modules/chunk{chunk_index}.log",
             benchmark:
                 f"benchmarks/score_modules/chunk{chunk_index}.tsv"
+            priority: PLAN_PRIORITY
             conda:
                 "../envs/torch.yaml"
             threads: 1
@@ -81,6 +83,7 @@ rule aggregate_robustness:
         "results/robustness.parquet",
     log:
         "logs/aggregate_robustness.log",
+    priority: PLAN_PRIORITY
     conda:
         "../envs/torch.yaml"
     script:

@@ -15,6 +15,7 @@ rule search_robust_modules:
         "logs/search_robust_modules.log",
     benchmark:
         "benchmarks/search_robust_modules.tsv"
+    priority: PLAN_PRIORITY
     conda:
         "../envs/torch.yaml"
     threads: 2

@@ -295,6 +295,55 @@ def check_engine_prompt_tokens(
             )
 
 
+Generator = Callable[
+    [list[str] | list[Conversation], int], tuple[list[Completion], list[list[int]]]
+]
+
+
+@contextmanager
+def opened_generator(
+    model_dir: Path,
+    cfg: GenerationConfig,
+    dtype: str,
+    seed: int,
+    tensor_parallel_size: int = 1,
+) -> Iterator[Generator]:
+    """A function (prompts, seed) -> (completions, prompt token ids) with the configured backend,
+    the model loaded once for every call; prompts are strings asked as single user turns, or
+    whole conversations. `seed` here seeds the engine; each call's seed decides its sampling."""
+    with servable_model(model_dir) as served:
+        tokenizer = load_tokenizer(served)
+        if cfg.backend == "vllm":
+            llm = open_vllm_engine(served, cfg, dtype, seed, tensor_parallel_size)
+
+            def run(conversations: list[Conversation], token_ids: list[list[int]], call_seed: int):
+                check_engine_prompt_tokens(llm.get_tokenizer(), conversations[:4], token_ids[:4])
+                return with_retries(
+                    lambda: generate_vllm(llm, token_ids, cfg, call_seed, tokenizer.eos_token_id),
+                    cfg.max_retries,
+                    "vLLM generation",
+                )
+        else:
+            torch.manual_seed(seed)
+            model = load_model(served, dtype)
+
+            def run(conversations: list[Conversation], token_ids: list[list[int]], call_seed: int):
+                return with_retries(
+                    lambda: generate_transformers(model, tokenizer, token_ids, cfg, call_seed),
+                    cfg.max_retries,
+                    "transformers generation",
+                )
+
+        def generate(prompts: list[str] | list[Conversation], call_seed: int):
+            conversations = (
+                user_turns(prompts) if prompts and isinstance(prompts[0], str) else prompts
+            )
+            token_ids = prompt_token_ids(tokenizer, conversations)
+            return run(conversations, token_ids, call_seed), token_ids
+
+        yield generate
+
+
 def generate_completions(
     model_dir: Path,
     prompts: list[str] | list[Conversation],
@@ -303,29 +352,9 @@ def generate_completions(
     seed: int,
     tensor_parallel_size: int = 1,
 ) -> tuple[list[Completion], list[list[int]]]:
-    """(completions, prompt token ids) of `prompts` (strings asked as single user turns, or
-    whole conversations) with the configured backend."""
-    conversations = user_turns(prompts) if prompts and isinstance(prompts[0], str) else prompts
-    with servable_model(model_dir) as served:
-        tokenizer = load_tokenizer(served)
-        token_ids = prompt_token_ids(tokenizer, conversations)
-        if cfg.backend == "vllm":
-            llm = open_vllm_engine(served, cfg, dtype, seed, tensor_parallel_size)
-            check_engine_prompt_tokens(llm.get_tokenizer(), conversations[:4], token_ids[:4])
-            done = with_retries(
-                lambda: generate_vllm(llm, token_ids, cfg, seed, tokenizer.eos_token_id),
-                cfg.max_retries,
-                "vLLM generation",
-            )
-        else:
-            torch.manual_seed(seed)
-            model = load_model(served, dtype)
-            done = with_retries(
-                lambda: generate_transformers(model, tokenizer, token_ids, cfg, seed),
-                cfg.max_retries,
-                "transformers generation",
-            )
-    return done, token_ids
+    """(completions, prompt token ids) of `prompts` in a model loaded for this call alone."""
+    with opened_generator(model_dir, cfg, dtype, seed, tensor_parallel_size) as generate:
+        return generate(prompts, seed)
 
 
 def generations_table(
@@ -360,49 +389,64 @@ def generations_table(
     )
 
 
+@dataclass(frozen=True)
+class GenerationJob:
+    """One benchmark's prompts and where its completions and settings go."""
+
+    prompts: Path
+    out: Path
+    out_meta: Path
+
+    @property
+    def benchmark(self) -> str:
+        return self.out.stem
+
+
 def run_generation(
     model_dir: Path,
-    prompts: Path,
-    out: Path,
-    out_meta: Path,
+    jobs: list[GenerationJob],
     arm: str,
     cfg: GenerationConfig,
     dtype: str,
     seed: int,
     tensor_parallel_size: int = 1,
 ) -> None:
-    """The `generate` rule: completions of every prompt, or no output at all."""
+    """The `generate` rules: completions of every prompt of each benchmark, the model loaded once
+    for all of them; each benchmark's table is written whole or not at all."""
     log.info("generation settings: %s", json.dumps(asdict(cfg), sort_keys=True))
-    eval_set = pd.read_parquet(prompts)
-    job_seed = stable_seed(seed, arm, out.stem)
-    done, token_ids = generate_completions(
-        model_dir, list(eval_set["prompt"]), cfg, dtype, job_seed, tensor_parallel_size
-    )
-    table = generations_table(eval_set, done, token_ids, arm, cfg, job_seed)
-    write_parquet(table, out, provenance(seed, model_dir))
-    write_json(
-        {
-            "arm": arm,
-            "benchmark": out.stem,
-            "model": str(model_dir),
-            "settings": asdict(cfg),
-            "dtype": dtype,
-            "seed": job_seed,
-            "tensor_parallel_size": tensor_parallel_size,
-            "n_prompts": len(table),
-            "versions": versions(),
-            "model_revision": model_revision(model_dir),
-        },
-        out_meta,
-    )
+    eval_sets = [pd.read_parquet(job.prompts) for job in jobs]  # a bad file fails before loading
+    with opened_generator(
+        model_dir, cfg, dtype, stable_seed(seed, arm), tensor_parallel_size
+    ) as generate:
+        for job, eval_set in zip(jobs, eval_sets, strict=True):
+            job_seed = stable_seed(seed, arm, job.benchmark)
+            done, token_ids = generate(list(eval_set["prompt"]), job_seed)
+            table = generations_table(eval_set, done, token_ids, arm, cfg, job_seed)
+            write_parquet(table, job.out, provenance(seed, model_dir))
+            write_json(
+                {
+                    "arm": arm,
+                    "benchmark": job.benchmark,
+                    "model": str(model_dir),
+                    "settings": asdict(cfg),
+                    "dtype": dtype,
+                    "seed": job_seed,
+                    "tensor_parallel_size": tensor_parallel_size,
+                    "n_prompts": len(table),
+                    "versions": versions(),
+                    "model_revision": model_revision(model_dir),
+                },
+                job.out_meta,
+            )
+            log.info("%s / %s: %d completions", arm, job.benchmark, len(table))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=run_generation.__doc__)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--prompts", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--out-meta", type=Path, required=True)
+    parser.add_argument("--prompts", type=Path, nargs="+", required=True, help="one per benchmark")
+    parser.add_argument("--out", type=Path, nargs="+", required=True, help="one per --prompts")
+    parser.add_argument("--out-meta", type=Path, nargs="+", required=True, help="one per --out")
     parser.add_argument("--arm", required=True)
     parser.add_argument("--settings", required=True, help="the generation config section, JSON")
     parser.add_argument("--dtype", default="float32")
@@ -411,11 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-file", type=Path)
     args = parser.parse_args(argv)
     setup_logging(args.log_file)
+    if not len(args.prompts) == len(args.out) == len(args.out_meta):
+        parser.error("--prompts, --out and --out-meta need one path each per benchmark")
     run_generation(
         args.model,
-        args.prompts,
-        args.out,
-        args.out_meta,
+        [
+            GenerationJob(*paths)
+            for paths in zip(args.prompts, args.out, args.out_meta, strict=True)
+        ],
         args.arm,
         GenerationConfig.from_dict(json.loads(args.settings)),
         args.dtype,

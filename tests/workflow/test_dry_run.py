@@ -39,6 +39,22 @@ def test_one_robustness_job_per_layer_and_module_as_on_a_cluster(tmp_path):
     assert job_counts(result.stdout)["score_module"] == 4 * 7
 
 
+def test_generation_jobs_per_arm_or_per_benchmark(tmp_path):
+    overlay = tmp_path / "per_arm.yaml"
+    overlay.write_text("generation:\n  jobs: per_arm\n")
+    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
+    counts = job_counts(result.stdout)
+    arms, benchmarks = 4, 5
+    assert "generate" not in counts and counts["generate_arm"] == arms + 1
+    assert counts["score_generations"] == (arms + 1) * benchmarks
+    overlay.write_text("generation:\n  jobs: per_model\n")
+    result = snakemake(REPO, "-n", "--configfile", "configs/tiny.yaml", str(overlay), check=False)
+    assert result.returncode != 0
+    assert "config key 'generation.jobs': 'per_model' is not one of" in (
+        result.stderr + result.stdout
+    )
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  learning_rate: 0.1\n")
@@ -79,8 +95,10 @@ def test_default_dry_run_is_the_demo_aligning_the_base_and_evaluating_the_unalig
     # 30 x 7 modules, scored 35 per process (robustness.modules_per_job) on one machine
     chunks = [rule for rule in counts if rule.startswith("score_modules_")]
     assert len(chunks) == 30 * 7 // 35 and all(counts[c] == 1 for c in chunks)
-    # base (aligned), unaligned (the converted SmolLM2) and every fine-tuned arm
-    assert counts["generate"] == (arms + 2) * benchmarks
+    # base (aligned), unaligned (the converted SmolLM2) and every fine-tuned arm: one generation
+    # job each on one machine (generation.jobs: per_arm), scored per benchmark
+    assert "generate" not in counts and counts["generate_arm"] == arms + 2
+    assert counts["score_generations"] == (arms + 2) * benchmarks
     assert counts["heldout_ift_loss"] == arms + 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -198,3 +199,21 @@ def test_changing_one_arm_reruns_only_that_arm(run):
     new_ml_lr = pd.read_parquet(run / "results" / "finetune" / "ml_lr" / "loss.parquet")
     assert new_ml_lr["lr_rest"].to_numpy() == pytest.approx(0.3 * new_ml_lr["lr_robust"])
     assert not new_ml_lr["lr_rest"].equals(old_ml_lr["lr_rest"])
+
+
+def test_one_generation_job_per_arm_writes_the_same_completions(run):
+    """generation.jobs: per_arm loads the model once for every benchmark; what it writes must be
+    what the per-(arm, benchmark) jobs wrote. Last in this file: it rewrites base's files."""
+    folder = run / "results" / "generations" / "base"
+    before = {p.name: pd.read_parquet(p) for p in sorted(folder.glob("*.parquet"))}
+    assert len(before) == len(BENCHMARKS)
+    per_arm = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
+    per_arm["generation"]["jobs"] = "per_arm"
+    (run / "configs" / "per_arm.yaml").write_text(yaml.safe_dump(per_arm, sort_keys=False))
+    for path in folder.iterdir():
+        path.unlink()
+    targets = [str(Path("results/generations/base") / name) for name in before]
+    result = snakemake(run, *targets, "--configfile", "configs/per_arm.yaml")
+    assert job_counts(result.stdout) == {"generate_arm": 1}
+    for name, table in before.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(folder / name), table)
