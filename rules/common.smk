@@ -16,6 +16,7 @@ from securetune.model_sources import (
 )
 
 from securetune.data import BENCHMARKS
+from securetune.hub_sources import is_hub_source
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 # A full config given with --configfile replaces config.yaml rather than merging into it. In
@@ -183,8 +184,10 @@ def benchmarks():
     return list(config["evaluation"]["benchmarks"])
 
 
-# The chain from the base model to Mods_Robust (features, probe, robustness, search) goes first
-# when cores are scarce: the ML-LR fine-tune waits on it, and started last it leaves a long tail.
+# The chain from the base model to Mods_Robust (prompt check, features, probe, robustness,
+# search) goes first when cores are scarce: the ML-LR fine-tune waits on it, and started last
+# it leaves a long tail. A rule's priority does not pass to the jobs it waits for, so every
+# rule of the chain carries it.
 PLAN_PRIORITY = 10
 
 # Arm kinds whose groups depend on Mods_Robust, so they wait for the search plan.
@@ -221,9 +224,25 @@ def arm_spec(arm):
     return known[arm]
 
 
+def configured_source(benchmark):
+    """evaluation.sources.<benchmark>: a folder, hf:<dataset id>, or "" (the bundled subset)."""
+    return config["evaluation"].get("sources", {}).get(benchmark, "")
+
+
 def benchmark_source(wildcards):
-    """The user's folder with a benchmark's full set, or "" for the bundled subset."""
-    return config["evaluation"].get("sources", {}).get(wildcards.benchmark, "")
+    """The folder with a benchmark's full set (the user's own, or the one `fetch_benchmark`
+    fills from the hub), or "" for the bundled subset."""
+    value = configured_source(wildcards.benchmark)
+    if is_hub_source(value):
+        return f"results/data/full/{wildcards.benchmark}"
+    return value
+
+
+def eval_set_inputs(wildcards):
+    inputs = {"probe": "results/data/probe.parquet"}
+    if is_hub_source(configured_source(wildcards.benchmark)):
+        inputs["full"] = benchmark_source(wildcards)
+    return inputs
 
 
 def arm_settings(wildcards):

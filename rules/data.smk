@@ -52,10 +52,26 @@ rule prepare_ift_heldout:
         "../workflow_scripts/prepare_ift_set.py"
 
 
+rule fetch_benchmark:
+    """A benchmark's full set from the Hugging Face hub (evaluation.sources.<name>: hf:<id>),
+    written in the bundled file's format; local: it needs the network a login node has."""
+    output:
+        directory("results/data/full/{benchmark}"),
+    log:
+        "logs/fetch_benchmark/{benchmark}.log",
+    localrule: True
+    conda:
+        "../envs/torch.yaml"
+    params:
+        source=lambda wc: config["evaluation"]["sources"][wc.benchmark],
+    script:
+        "../workflow_scripts/fetch_benchmark.py"
+
+
 rule prepare_eval_set:
     """Held-out prompts of one benchmark, none of them in the probe set."""
     input:
-        probe="results/data/probe.parquet",
+        unpack(eval_set_inputs),
     output:
         "results/data/eval/{benchmark}.parquet",
     log:
@@ -88,5 +104,6 @@ rule check_prompts:
         "../envs/torch.yaml"
     params:
         max_prompt_tokens=config["data"]["max_prompt_tokens"],
+    priority: PLAN_PRIORITY
     script:
         "../workflow_scripts/check_prompts.py"

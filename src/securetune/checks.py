@@ -135,15 +135,35 @@ def write_prompt_check(
     )
 
 
-def check_data_sources(data_dir: Path, ift_source: str, benchmarks: list[str]) -> None:
-    """Load every bundled source the run uses, so a broken file fails before any job."""
+def check_data_sources(
+    data_dir: Path, ift_source: str, benchmarks: list[str], sources: dict[str, str]
+) -> None:
+    """Load every bundled source the run uses, and every folder given as a benchmark's full set,
+    so a broken file fails before any job; a hub source (hf:<id>) is checked for its form here
+    and fetched by its own job."""
     from securetune import data
+    from securetune.hub_sources import check_hub_source, is_hub_source
 
     loaders = [data.load_advbench, data.load_xstest_safe, data.load_alpaca]
     loaders.append(data.IFT_SOURCES[ift_source])
-    loaders += [data.BENCHMARKS[b][0] for b in benchmarks]
+    loaders += [data.BENCHMARKS[b][0] for b in benchmarks if b not in sources]
     for loader in dict.fromkeys(loaders):
         loader(data_dir)
+    for benchmark, value in sources.items():
+        if benchmark not in benchmarks:
+            continue
+        if is_hub_source(value):
+            try:
+                check_hub_source(benchmark, value)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        elif not Path(value).is_dir():
+            raise ConfigError(
+                f"config key 'evaluation.sources.{benchmark}': '{value}' is neither a folder "
+                f"nor hf:<dataset id>"
+            )
+        else:
+            data.BENCHMARKS[benchmark][0](Path(value))
 
 
 def check_model_source(source: str, allow_pickle: bool, trust_remote_code: bool) -> str | None:
@@ -175,8 +195,12 @@ def check_at_start(config: dict, data_dir: Path) -> None:
     )
     if model_type is not None:
         check_module_types(model_type, config["robustness"]["module_types"])
+    evaluation = config["evaluation"]
     check_data_sources(
-        data_dir, config["data"]["ift_source"], list(config["evaluation"]["benchmarks"])
+        data_dir,
+        config["data"]["ift_source"],
+        list(evaluation["benchmarks"]),
+        evaluation.get("sources", {}),
     )
     check_training_layout(config["finetune"])
 

@@ -256,15 +256,23 @@ HEXPHI_FILE = "category_{}.csv"
 HEXPHI_CATEGORIES = 11
 
 
+# The authors withheld category 2 (child abuse content) from the released set.
+HEXPHI_WITHHELD = {2}
+
+
 def load_hexphi(root: Path) -> list[Record]:
     """HEx-PHI (Qi et al. 2023; gated, so never bundled): the folder the user downloaded, with
     one headerless CSV per category, `category_1.csv` ... `category_11.csv`, one prompt a row.
 
-    A missing category file is an error: a silently partial benchmark would bias the rate.
+    A missing category file is an error (a silently partial benchmark would bias the rate),
+    except category 2, which the public release does not include.
     """
     recs = []
     for cat in range(1, HEXPHI_CATEGORIES + 1):
         path = root / HEXPHI_FILE.format(cat)
+        if cat in HEXPHI_WITHHELD and not path.exists():
+            log.info("HEx-PHI: %s absent (withheld from the public release)", path.name)
+            continue
         rows = _rows_csv(path, ["prompt"], header=False)
         recs += [
             Record(f"hexphi:{cat}:{i}", r["prompt"], category=str(cat))

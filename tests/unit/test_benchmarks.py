@@ -67,6 +67,13 @@ def test_hexphi_missing_category_or_path_is_an_error(tmp_path):
         build_eval_set(DATA, "hexphi", 5, 0, P40)
 
 
+def test_hexphi_public_release_without_category_2_loads(tmp_path):
+    _write_hexphi(tmp_path / "hexphi")
+    (tmp_path / "hexphi" / "category_2.csv").unlink()  # withheld by the authors
+    recs = load_hexphi(tmp_path / "hexphi")
+    assert len(recs) == 3 * (HEXPHI_CATEGORIES - 1) and "2" not in {r.category for r in recs}
+
+
 def test_user_source_replaces_the_bundled_copy(tmp_path):
     src = tmp_path / "full"
     src.mkdir()

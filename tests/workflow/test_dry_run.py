@@ -1,8 +1,9 @@
 """The DAG: job counts of the tiny and paper configs, without running anything."""
 
+import pandas as pd
 import pytest
 
-from .helpers import REPO, job_counts, planned_wildcards, snakemake
+from .helpers import REPO, copy_workflow, job_counts, planned_wildcards, snakemake
 
 
 def test_tiny_dry_run_counts():
@@ -53,6 +54,33 @@ def test_generation_jobs_per_arm_or_per_benchmark(tmp_path):
     assert "config key 'generation.jobs': 'per_model' is not one of" in (
         result.stderr + result.stdout
     )
+
+
+def test_hub_source_is_fetched_once_then_held_out_like_a_folder(tmp_path):
+    """evaluation.sources.advbench: hf:<id>. A dataset repository on disk stands in for the hub
+    (unreachable here); `datasets.load_dataset` reads both alike."""
+    hub = tmp_path / "AdvBench"
+    (hub / "data").mkdir(parents=True)
+    prompts = [f"Full-set harmful behaviour number {i}" for i in range(40)]
+    pd.DataFrame({"prompt": prompts, "target": "Sure"}).to_parquet(hub / "data" / "train.parquet")
+    workdir = copy_workflow(tmp_path / "repo", tiny_default=True)
+    (workdir / "hub.yaml").write_text(
+        f"evaluation:\n  benchmarks: {{advbench: 10}}\n  sources: {{advbench: 'hf:{hub}'}}\n"
+    )
+    target = "results/data/eval/advbench.parquet"
+    result = snakemake(workdir, target, "--configfile", "hub.yaml")
+    counts = job_counts(result.stdout + result.stderr)  # a real run logs to stderr
+    assert counts["fetch_benchmark"] == 1 and counts["prepare_eval_set"] == 1
+    held_out = pd.read_parquet(workdir / target)
+    assert len(held_out) == 10 and set(held_out["prompt"]) <= set(prompts)
+    assert (workdir / "results" / "data" / "full" / "advbench" / "origin.json").exists()
+
+    (workdir / "bad.yaml").write_text(
+        "evaluation:\n  benchmarks: {self_instruct: 5}\n  sources: {self_instruct: 'hf:x/y'}\n"
+    )
+    result = snakemake(workdir, "-n", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0 and "Job stats" not in result.stdout
+    assert "'evaluation.sources.self_instruct': no hub layout" in result.stdout + result.stderr
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
