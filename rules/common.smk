@@ -194,6 +194,13 @@ PLAN_PRIORITY = 10
 KINDS_WITH_PLAN = ("ml_lr", "freeze", "swat")
 
 
+def plan_arm_priority(wildcards):
+    """The arms that wait for Mods_Robust go first once it exists: they would finish last."""
+    if wildcards.arm in ("base", "unaligned"):
+        return 0
+    return PLAN_PRIORITY if arm_spec(wildcards.arm)["kind"] in KINDS_WITH_PLAN else 0
+
+
 def sweep_arm_name(gamma):
     """`ml_lr_g0p05` for gamma 0.05: a valid arm (and folder) name for every number."""
     text = f"{gamma:g}".replace(".", "p").replace("-", "m").replace("+", "")

@@ -54,7 +54,8 @@ rule prepare_ift_heldout:
 
 rule fetch_benchmark:
     """A benchmark's full set from the Hugging Face hub (evaluation.sources.<name>: hf:<id>),
-    written in the bundled file's format; local: it needs the network a login node has."""
+    written in the bundled file's format; local: it needs the network a login node has.
+    """
     output:
         directory("results/data/full/{benchmark}"),
     log:
@@ -100,10 +101,10 @@ rule check_prompts:
         "results/data/prompt_check.json",
     log:
         "logs/check_prompts.log",
+    priority: PLAN_PRIORITY
     conda:
         "../envs/torch.yaml"
     params:
         max_prompt_tokens=config["data"]["max_prompt_tokens"],
-    priority: PLAN_PRIORITY
     script:
         "../workflow_scripts/check_prompts.py"

@@ -20,6 +20,7 @@ if generation_jobs() == "per_benchmark":
             "logs/generate/{arm}/{benchmark}.log",
         benchmark:
             "benchmarks/generate/{arm}/{benchmark}.tsv"
+        priority: plan_arm_priority
         conda:
             generation_env()
         threads: generation_threads()
@@ -54,6 +55,7 @@ else:
             "logs/generate/{arm}.log",
         benchmark:
             "benchmarks/generate/{arm}.tsv"
+        priority: plan_arm_priority
         conda:
             generation_env()
         threads: generation_threads()
@@ -93,6 +95,7 @@ rule heldout_ift_loss:
         "logs/heldout_ift_loss/{arm}.log",
     benchmark:
         "benchmarks/heldout_ift_loss/{arm}.tsv"
+    priority: plan_arm_priority
     conda:
         "../envs/torch.yaml"
     threads: 2

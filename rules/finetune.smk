@@ -10,6 +10,7 @@ rule finetune:
         "logs/finetune/{arm}.log",
     benchmark:
         "benchmarks/finetune/{arm}.tsv"
+    priority: plan_arm_priority
     conda:
         "../envs/torch.yaml"
     threads: 2
