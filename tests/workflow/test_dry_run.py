@@ -14,7 +14,7 @@ def test_tiny_dry_run_counts():
     assert len(chunks) == layers * modules // 7  # robustness.modules_per_job: 7
     assert counts["heldout_ift_loss"] == arms + 1
     assert counts["finetune"] == arms
-    assert counts["generate"] == (arms + 1) * benchmarks
+    assert counts["generate_arm"] == arms + 1  # generation.jobs: per_arm
     assert counts["score_generations"] == (arms + 1) * benchmarks
     # One guard-judge job per arm (one model load for all its harmful benchmarks); the LLM
     # judge is off in the tiny config.
@@ -41,12 +41,12 @@ def test_one_robustness_job_per_layer_and_module_as_on_a_cluster(tmp_path):
 
 
 def test_generation_jobs_per_arm_or_per_benchmark(tmp_path):
-    overlay = tmp_path / "per_arm.yaml"
-    overlay.write_text("generation:\n  jobs: per_arm\n")
+    overlay = tmp_path / "per_benchmark.yaml"
+    overlay.write_text("generation:\n  jobs: per_benchmark\n")
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
     counts = job_counts(result.stdout)
     arms, benchmarks = 4, 5
-    assert "generate" not in counts and counts["generate_arm"] == arms + 1
+    assert "generate_arm" not in counts and counts["generate"] == (arms + 1) * benchmarks
     assert counts["score_generations"] == (arms + 1) * benchmarks
     overlay.write_text("generation:\n  jobs: per_model\n")
     result = snakemake(REPO, "-n", "--configfile", "configs/tiny.yaml", str(overlay), check=False)
@@ -135,7 +135,7 @@ def test_a_full_config_replaces_the_default_and_a_partial_one_extends_it(tmp_pat
         snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml").stdout
     )
     assert "align_base_model" not in tiny  # nothing of the demo's alignment or arms leaks in
-    assert tiny["finetune"] == 4 and tiny["generate"] == 5 * 5
+    assert tiny["finetune"] == 4 and tiny["generate_arm"] == 5
     partial = tmp_path / "partial.yaml"
     partial.write_text("finetune:\n  steps: 3\n")
     plan = snakemake(REPO, "-n", "--forceall", "--configfile", str(partial)).stdout
@@ -150,7 +150,8 @@ def test_gamma_ablation_is_its_own_target():
     counts = job_counts(result.stdout)
     sweep = ["ml_lr_g0", "ml_lr_g0p3", "ml_lr_g1"]  # finetune.gamma_sweep: [0.0, 0.3, 1.0]
     assert counts["finetune"] == len(sweep)
-    assert counts["generate"] == len(sweep) * 5  # the tiny config's 5 benchmarks
+    assert counts["generate_arm"] == len(sweep)
+    assert counts["score_generations"] == len(sweep) * 5  # the tiny config's 5 benchmarks
     assert "report" not in counts
     planned = planned_wildcards(result.stdout)
     arms_planned = {w.split(",")[0] for w in planned if w.startswith("arm=")}

@@ -182,7 +182,7 @@ def test_changing_one_arm_reruns_only_that_arm(run):
     plan = snakemake(run, "-n", "--configfile", "configs/changed.yaml").stdout
     assert job_counts(plan) == {
         "finetune": 1,
-        "generate": len(BENCHMARKS),
+        "generate_arm": 1,
         "score_generations": len(BENCHMARKS),
         "judge_guard": 1,
         "heldout_ift_loss": 1,
@@ -201,19 +201,20 @@ def test_changing_one_arm_reruns_only_that_arm(run):
     assert not new_ml_lr["lr_rest"].equals(old_ml_lr["lr_rest"])
 
 
-def test_one_generation_job_per_arm_writes_the_same_completions(run):
-    """generation.jobs: per_arm loads the model once for every benchmark; what it writes must be
-    what the per-(arm, benchmark) jobs wrote. Last in this file: it rewrites base's files."""
+def test_one_generation_job_per_benchmark_writes_the_same_completions(run):
+    """generation.jobs: per_arm (the tiny config's) loads the model once for every benchmark;
+    what it writes must be what per-(arm, benchmark) jobs, the cluster's way, write. Last in
+    this file: it rewrites base's files."""
     folder = run / "results" / "generations" / "base"
     before = {p.name: pd.read_parquet(p) for p in sorted(folder.glob("*.parquet"))}
     assert len(before) == len(BENCHMARKS)
-    per_arm = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
-    per_arm["generation"]["jobs"] = "per_arm"
-    (run / "configs" / "per_arm.yaml").write_text(yaml.safe_dump(per_arm, sort_keys=False))
+    fan_out = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
+    fan_out["generation"]["jobs"] = "per_benchmark"
+    (run / "configs" / "fan_out.yaml").write_text(yaml.safe_dump(fan_out, sort_keys=False))
     for path in folder.iterdir():
         path.unlink()
     targets = [str(Path("results/generations/base") / name) for name in before]
-    result = snakemake(run, *targets, "--configfile", "configs/per_arm.yaml")
-    assert job_counts(result.stdout + result.stderr) == {"generate_arm": 1}
+    result = snakemake(run, *targets, "--configfile", "configs/fan_out.yaml")
+    assert job_counts(result.stdout + result.stderr) == {"generate": len(BENCHMARKS)}
     for name, table in before.items():
         pd.testing.assert_frame_equal(pd.read_parquet(folder / name), table)

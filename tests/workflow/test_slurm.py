@@ -40,11 +40,13 @@ SMALL = os.environ.get("SECURETUNE_SLURM_SMALL") == "1"
 
 
 def scenario_config() -> dict:
-    """configs/tiny.yaml with one SLURM job per (layer, module), or its small version
+    """configs/tiny.yaml with one SLURM job per (layer, module) and per (arm, benchmark), as on a
+    cluster, or its small version
     (SECURETUNE_SLURM_SMALL=1: 2 layers, 2 module types, 2 arms, 2 benchmarks, no guard judge).
     Written whole, so it replaces config.yaml."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     config["robustness"]["modules_per_job"] = 1
+    config["generation"]["jobs"] = "per_benchmark"
     if SMALL:
         config["model"]["tiny"]["layers"] = 2
         config["robustness"]["module_types"] = ["q", "k"]
