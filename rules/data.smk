@@ -64,7 +64,7 @@ rule fetch_benchmark:
     conda:
         "../envs/torch.yaml"
     params:
-        source=lambda wc: config["evaluation"]["sources"][wc.benchmark],
+        source=lambda wc: configured_source(wc.benchmark),
     script:
         "../workflow_scripts/fetch_benchmark.py"
 

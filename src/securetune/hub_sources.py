@@ -7,8 +7,9 @@ user filled by hand: one loader per benchmark, whatever the origin of its rows.
 Each benchmark has one hub layout (the dataset id it was written for, its config, split and the
 columns read). Another id with the same columns works too (a mirror, a private copy, a local
 folder holding the same files); a missing column is an error naming the dataset and what it
-has. `hf:<id>@<revision>` pins a commit, branch or tag. Gated sets (HEx-PHI, and some mirrors)
-need a token in `HF_TOKEN` from an account that accepted their terms; config never holds it.
+has. `hf:<id>@<revision>` pins a commit, branch or tag. Gated sets need a token in `HF_TOKEN`
+from an account that accepted their terms; config never holds it. (HEx-PHI has no layout here:
+its release is one headerless CSV per category, given as a folder.)
 
 Not imported by the Snakefile's parse beyond `is_hub_source`/`parse_hub_source` (no datasets).
 """
@@ -19,7 +20,7 @@ import csv
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +133,9 @@ class HubLayout:
     split: str
     columns: tuple[str, ...]
     write: Callable[[Rows, Path], None]
-    load_kwargs: dict[str, Any] = field(default_factory=dict)
 
+
+_XSTEST = HubLayout("walledai/XSTest", None, "test", ("prompt", "type", "label"), _xstest)
 
 HUB_LAYOUTS: dict[str, HubLayout] = {
     "advbench": HubLayout("walledai/AdvBench", None, "train", ("prompt",), _advbench),
@@ -153,10 +155,9 @@ HUB_LAYOUTS: dict[str, HubLayout] = {
     "donotanswer": HubLayout(
         "LibrAI/do-not-answer", None, "train", ("question", "risk_area"), _donotanswer
     ),
-    "xstest_safe": HubLayout("walledai/XSTest", None, "test", ("prompt", "type", "label"), _xstest),
-    "xstest_unsafe": HubLayout(
-        "walledai/XSTest", None, "test", ("prompt", "type", "label"), _xstest
-    ),
+    # One file holds both halves; each benchmark's loader keeps its own label.
+    "xstest_safe": _XSTEST,
+    "xstest_unsafe": _XSTEST,
     "gsm8k": HubLayout("openai/gsm8k", "main", "test", ("question", "answer"), _gsm8k),
     "mt_bench": HubLayout(
         "HuggingFaceH4/mt_bench_prompts",
@@ -188,14 +189,13 @@ def load_hub_rows(benchmark: str, value: str) -> tuple[Rows, dict[str, Any]]:
 
     layout = HUB_LAYOUTS[benchmark]
     dataset, revision = parse_hub_source(value)
-    ds = load_dataset(
-        dataset, layout.config, split=layout.split, revision=revision, **layout.load_kwargs
-    )
+    ds = load_dataset(dataset, layout.config, split=layout.split, revision=revision)
     missing = [c for c in layout.columns if c not in ds.column_names]
     if missing:
         raise ValueError(
             f"hub dataset '{dataset}' (config {layout.config}, split {layout.split}) lacks "
-            f"column(s) {missing} that benchmark '{benchmark}' reads; it has {ds.column_names}"
+            f"column(s) {missing} that benchmark '{benchmark}' reads; it has {ds.column_names} "
+            f"(the layout read is that of {layout.dataset})"
         )
     origin = {
         "benchmark": benchmark,
