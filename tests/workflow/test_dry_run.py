@@ -82,6 +82,13 @@ def test_hub_source_is_fetched_once_then_held_out_like_a_folder(tmp_path):
     assert result.returncode != 0 and "Job stats" not in result.stdout
     assert "'evaluation.sources.self_instruct': no hub layout" in result.stdout + result.stderr
 
+    (workdir / "bad.yaml").write_text("evaluation:\n  sources: {advbench: no/such/folder}\n")
+    result = snakemake(workdir, "-n", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0 and "Job stats" not in result.stdout
+    assert "'evaluation.sources.advbench': 'no/such/folder' is neither a folder" in (
+        result.stdout + result.stderr
+    )
+
 
 def test_bad_config_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
