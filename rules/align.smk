@@ -42,5 +42,6 @@ if ALIGN_ENABLED:
         params:
             align=settings("align"),
             seed=config["seed"],
+            dtype=config["model"]["dtype"],
         script:
             "../workflow_scripts/align_base_model.py"

@@ -103,7 +103,9 @@ rule heldout_ift_loss:
         gpu=min(1, config["generation"]["gpus"]),
     params:
         max_seq_len=config["finetune"]["max_seq_len"],
-        batch_size=config["generation"]["batch_size"],
+        # The training forward pass's size: a wide float32 batch spends its time moving logits.
+        batch_size=config["finetune"].get("micro_batch_size")
+        or config["finetune"]["batch_size"],
         seed=config["seed"],
     script:
         "../workflow_scripts/heldout_ift_loss.py"

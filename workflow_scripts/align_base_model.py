@@ -15,4 +15,5 @@ align_base_model(
     Path(snakemake.output.examples),
     snakemake.params.align,
     snakemake.params.seed,
+    snakemake.params.dtype,
 )

@@ -35,6 +35,9 @@ from securetune.scoring import is_refusal
 
 log = logging.getLogger(__name__)
 
+# Prompts per generate call for the look-alike answers: short answers, so a wide batch is cheap.
+LOOKALIKE_BATCH = 64
+
 # Written for this project. Short and varied, so the model learns to refuse rather than to
 # recite one sentence. Each contains a phrase of the keyword judge (`securetune.scoring`): the
 # keyword attack success of the aligned base therefore measures whether it refuses at all, and
@@ -74,6 +77,10 @@ class AlignConfig:
     autocast: str
     lookalike_max_new_tokens: int
     seed: int
+    # Examples per forward pass (0: the whole batch at once); grouped by length.
+    micro_batch_size: int = 0
+    # Weights' dtype of the source model while it answers the look-alikes (model.dtype).
+    lookalike_dtype: str = "float32"
 
 
 def with_refusals(df: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -98,14 +105,14 @@ def trim_to_sentence(text: str) -> str:
 
 
 def answer_lookalikes(
-    model_dir: Path, df: pd.DataFrame, max_new_tokens: int, batch_size: int
+    model_dir: Path, df: pd.DataFrame, max_new_tokens: int, batch_size: int, dtype: str
 ) -> pd.DataFrame:
-    """The `lookalike` rows answered by the model itself (greedy); rows it refuses are dropped,
-    since they would teach refusing safe prompts."""
+    """The `lookalike` rows answered by the model itself (greedy), loaded as the inference
+    stages load it; rows it refuses are dropped, since they would teach refusing safe prompts."""
     mask = df["role"] == "lookalike"
     if not mask.any():
         return df
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_model(model_dir, dtype), load_tokenizer(model_dir)
     answers, _ = generate_greedy(
         model, tokenizer, list(df.loc[mask, "prompt"]), max_new_tokens, batch_size
     )
@@ -137,6 +144,7 @@ def train_config(cfg: AlignConfig, n_examples: int) -> TrainConfig:
         weight_decay=0.0,
         grad_clip=1.0,
         seed=cfg.seed,
+        micro_batch_size=cfg.micro_batch_size,
     )
 
 
@@ -155,7 +163,9 @@ def align_model(
     """Train the refusal/benign/look-alike mix into `model_dir`'s model; save it to `out_dir`.
 
     Returns (per-step log, the examples actually trained on)."""
-    data = answer_lookalikes(model_dir, data, cfg.lookalike_max_new_tokens, cfg.batch_size)
+    data = answer_lookalikes(
+        model_dir, data, cfg.lookalike_max_new_tokens, LOOKALIKE_BATCH, cfg.lookalike_dtype
+    )
     tcfg = train_config(cfg, len(data))
     log.info("alignment: %s over %d examples", tcfg, len(data))
     with autocast_context(cfg.autocast):

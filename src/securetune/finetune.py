@@ -121,10 +121,17 @@ def rank_share(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[rank * per : (rank + 1) * per]
 
 
-def micro_batches(indices: list[int], micro_batch_size: int) -> list[list[int]]:
-    """Split a rank's share into forward passes of at most `micro_batch_size` (0: one pass)."""
+def micro_batches(
+    indices: list[int], micro_batch_size: int, examples: list[Example]
+) -> list[list[int]]:
+    """Split a rank's share into forward passes of at most `micro_batch_size` (0: one pass).
+
+    Examples of similar length share a pass, so a short refusal is not padded to the length of
+    a long answer; the step's loss is a sum over examples, so the grouping does not change it.
+    """
     size = micro_batch_size or len(indices)
-    return [indices[i : i + size] for i in range(0, len(indices), size)]
+    by_length = sorted(indices, key=lambda i: len(examples[i][0]))
+    return [by_length[i : i + size] for i in range(0, len(by_length), size)]
 
 
 def lr_factor(step: int, steps: int, warmup_ratio: float, schedule: str) -> float:
@@ -151,12 +158,22 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of the next-token losses on response tokens, in float32."""
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, their next-token labels): the sequence positions whose next token is a
+    response token in some row of the batch. Only these need logits: the vocabulary projection
+    and its float32 softmax are a large share of a small model's step, and prompt and padding
+    positions carry no loss."""
     shifted = next_token_labels(labels)
+    positions = (shifted != IGNORE).any(dim=0).nonzero().squeeze(1)
+    return positions, shifted[:, positions]
+
+
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of the next-token losses on response tokens, in float32; `targets` are
+    the next-token labels of the positions the logits were computed at (`response_positions`)."""
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
-        shifted.reshape(-1),
+        targets.reshape(-1),
         ignore_index=IGNORE,
         reduction="sum",
     )
@@ -166,24 +183,29 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def example_losses(
     model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int
 ) -> list[tuple[float, int]]:
-    """(summed loss, predicted tokens) of each example's response, in float32: the training
-    objective measured on examples no stage trains on (the held-out IFT loss)."""
+    """(summed loss, predicted tokens) of each example's response, in float32 and in the given
+    order: the training objective measured on examples no stage trains on (the held-out IFT
+    loss). Batches group examples of similar length, which changes no example's loss."""
     model.eval()
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        device = next(model.parameters()).device
+    device = next(model.parameters()).device
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    out: dict[int, tuple[float, int]] = {}
+    for start in range(0, len(by_length), batch_size):
+        indices = by_length[start : start + batch_size]
+        batch = [examples[i] for i in indices]
         tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        positions, targets = response_positions(tensors["labels"])
         logits = model(
-            input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]
+            input_ids=tensors["input_ids"],
+            attention_mask=tensors["attention_mask"],
+            logits_to_keep=positions,
         ).logits
-        shifted = next_token_labels(tensors["labels"])
         per_token = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
+            logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
         )
-        for row, example in enumerate(batch):
-            out.append((float(per_token[row].sum()), predicted_tokens(example)))
-    return out
+        for row, (i, example) in enumerate(zip(indices, batch, strict=True)):
+            out[i] = (float(per_token[row].sum()), predicted_tokens(example))
+    return [out[i] for i in range(len(examples))]
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -481,7 +503,8 @@ def train_step(
         group["lr"] = 0.0 if group["name"] in held else base * factor
     global_tokens = sum(predicted_tokens(examples[i]) for i in indices)
     scale = env.world / max(1, global_tokens)
-    chunks = micro_batches(rank_share(indices, env.rank, env.world), cfg.micro_batch_size)
+    share = rank_share(indices, env.rank, env.world)
+    chunks = micro_batches(share, cfg.micro_batch_size, examples)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for k, chunk in enumerate(chunks):
@@ -489,14 +512,17 @@ def train_step(
             key: t.to(env.device)
             for key, t in collate([examples[i] for i in chunk], pad_id).items()
         }
+        positions, targets = response_positions(batch["labels"])
         with _sync_context(wrapped, env, sync=k == len(chunks) - 1):
             with torch.autocast(
                 env.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bfloat16"
             ):
                 logits = wrapped(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    logits_to_keep=positions.to(env.device),
                 ).logits
-            summed = summed_loss(logits, batch["labels"])
+            summed = summed_loss(logits, targets)
             (summed * scale).backward()
         loss_sum += summed.detach().cpu().to(torch.float64)
     if env.active:
@@ -588,6 +614,9 @@ def train(
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "param_names"} for g in groups],
         weight_decay=cfg.weight_decay,
+        # One fused kernel per group: on CPU a fifth of the default's step time on the demo
+        # model (BENCHMARKS.md). FSDP's sharded parameters keep the default implementation.
+        fused=not fsdp,
     )
     examples = encode_examples(
         tokenizer, list(data["prompt"]), list(data["response"]), cfg.max_seq_len

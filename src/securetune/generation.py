@@ -150,11 +150,16 @@ def generate_transformers(
     cfg: GenerationConfig,
     seed: int,
 ) -> list[Completion]:
-    """`model.generate` over left-padded batches of the given prompt ids, in order."""
+    """`model.generate` over left-padded batches of the given prompt ids; completions come back
+    in the prompts' order. Batches group prompts of similar length: a batch decodes as wide as
+    its longest prompt, so mixing a long HarmBench context with short prompts wastes most of it.
+    """
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    out: list[Completion] = []
-    for start in range(0, len(token_ids), cfg.batch_size):
-        chunk = token_ids[start : start + cfg.batch_size]
+    by_length = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    out: dict[int, Completion] = {}
+    for start in range(0, len(by_length), cfg.batch_size):
+        indices = by_length[start : start + cfg.batch_size]
+        chunk = [token_ids[i] for i in indices]
         width = max(len(ids) for ids in chunk)
         # Decoder-only generation continues from the right edge, so pad on the left.
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk])
@@ -171,11 +176,11 @@ def generate_transformers(
             eos_token_id=eos_id,
             **sampling,
         )
-        for row in generated[:, width:].tolist():
+        for i, row in zip(indices, generated[:, width:].tolist(), strict=True):
             ids = _strip_eos(row, eos_id, pad_id)
-            out.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
-        log.info("generated %d/%d", min(start + cfg.batch_size, len(token_ids)), len(token_ids))
-    return out
+            out[i] = Completion(tokenizer.decode(ids, skip_special_tokens=True), ids)
+        log.info("generated %d/%d", len(out), len(token_ids))
+    return [out[i] for i in range(len(token_ids))]
 
 
 def generate_greedy(

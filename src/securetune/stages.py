@@ -473,10 +473,18 @@ def align_base_model(
     out_examples: Path,
     align_cfg: dict[str, Any],
     seed: int,
+    dtype: str,
 ) -> None:
+    recipe = {
+        k: align_cfg[k]
+        for k in AlignConfig.__dataclass_fields__
+        if k not in ("seed", "micro_batch_size", "lookalike_dtype")
+    }
     cfg = AlignConfig(
-        **{k: align_cfg[k] for k in AlignConfig.__dataclass_fields__ if k != "seed"},
+        **recipe,
         seed=stable_seed(seed, "align"),
+        micro_batch_size=align_cfg.get("micro_batch_size", 0),
+        lookalike_dtype=dtype,
     )
     steps, examples = align_model(model_dir, pd.read_parquet(data), cfg, out_model)
     write_parquet(steps, out_log, provenance(cfg.seed, model_dir))

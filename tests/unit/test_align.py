@@ -106,6 +106,7 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
         "warmup_ratio": 0.1,
         "schedule": "linear",
         "autocast": "bfloat16",
+        "micro_batch_size": 2,
     }
     data = tmp_path / "align.parquet"
     prepare_alignment_set(
@@ -120,7 +121,8 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
     )
     out = tmp_path / "aligned"
     steps, examples = tmp_path / "loss.parquet", tmp_path / "examples.parquet"
-    align_base_model(tiny_model_dir, data, out, steps, examples, settings, seed=0)
+    # Look-alikes answered in bfloat16 (the inference dtype); training keeps float32 weights.
+    align_base_model(tiny_model_dir, data, out, steps, examples, settings, seed=0, dtype="bfloat16")
     log = pd.read_parquet(steps)
     trained = pd.read_parquet(examples)
     # 12 + 8 examples plus the look-alikes the tiny model answered without a refusal phrase.

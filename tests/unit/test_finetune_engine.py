@@ -18,7 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from securetune.config import TrainConfig
-from securetune.finetune import IGNORE, clip_gradients, group_squared_norms, summed_loss, train
+from securetune.finetune import (
+    IGNORE,
+    clip_gradients,
+    group_squared_norms,
+    response_positions,
+    summed_loss,
+    train,
+)
 
 ROBUST = {"L0.q", "L1.down", "L1.v"}
 ROBUST_WEIGHTS = {
@@ -127,9 +134,10 @@ def test_swat_trains_like_freeze_until_the_switch_then_moves_all(tiny_model_dir,
     assert all(not torch.equal(base[k], weights[k]) for k in base)
 
 
-def test_micro_batches_give_the_whole_batch_result(tiny_model_dir, ift, tmp_path):
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
+def test_micro_batches_give_the_whole_batch_result(tiny_model_dir, ift, tmp_path, micro_batch_size):
     whole, a = run_inline(tiny_model_dir, ift, tmp_path / "a")
-    micro, b = run_inline(tiny_model_dir, ift, tmp_path / "b", micro_batch_size=1)
+    micro, b = run_inline(tiny_model_dir, ift, tmp_path / "b", micro_batch_size=micro_batch_size)
     assert max_diff(whole, micro) < 1e-5
     assert a["loss"].to_numpy() == pytest.approx(b["loss"].to_numpy(), rel=1e-5)
 
@@ -274,4 +282,8 @@ def test_summed_loss_is_the_sum_over_response_tokens():
         -torch.log_softmax(logits[row, pos - 1], -1)[labels[row, pos]]
         for row, pos in [(0, 2), (0, 3), (0, 4), (1, 1), (1, 2)]
     )
-    assert summed_loss(logits, labels).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    positions, targets = response_positions(labels)
+    # Position p predicts token p + 1: only positions 0-3 predict a response token in some row.
+    assert positions.tolist() == [0, 1, 2, 3]
+    kept = summed_loss(logits[:, positions], targets)
+    assert kept.item() == pytest.approx(by_hand.item(), rel=1e-6)

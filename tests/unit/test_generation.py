@@ -37,13 +37,16 @@ def test_prompt_tokens_are_the_chat_template(tiny_model_dir):
 
 
 def test_greedy_is_deterministic_and_batch_independent(tiny_model_dir):
-    a, _ = generate_completions(tiny_model_dir, PROMPTS, _cfg(), "float32", 0)
-    b, _ = generate_completions(tiny_model_dir, PROMPTS, _cfg(batch_size=1), "float32", 1)
+    # Longest first: batches group prompts by length, and completions must come back in order.
+    prompts = ["Tell me a long story about a dragon who bakes bread every morning.", *PROMPTS]
+    a, _ = generate_completions(tiny_model_dir, prompts, _cfg(), "float32", 0)
+    b, _ = generate_completions(tiny_model_dir, prompts, _cfg(batch_size=1), "float32", 1)
+    assert len({c.text for c in b}) > 1
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert all(0 < len(c.token_ids) <= 6 for c in a)
     # The completion continues the prompt exactly as an unbatched greedy argmax would.
     tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
-    ids = torch.tensor([prompt_token_ids(tok, PROMPTS[:1])[0]])
+    ids = torch.tensor([prompt_token_ids(tok, prompts[:1])[0]])
     first = model(ids).logits[0, -1].argmax().item()
     assert a[0].token_ids[0] == first
 

@@ -10,6 +10,8 @@ from securetune.finetune import (
     encode_examples,
     example_losses,
     lr_factor,
+    micro_batches,
+    response_positions,
     summed_loss,
 )
 from securetune.models import load_tokenizer
@@ -82,6 +84,13 @@ def test_heldout_losses_are_the_training_loss_per_example_and_batch_free(tiny_mo
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    positions, targets = response_positions(batch["labels"])
     assert sum(t for t, _ in together) == pytest.approx(
-        float(summed_loss(logits, batch["labels"])), rel=1e-4
+        float(summed_loss(logits[:, positions], targets)), rel=1e-4
     )
+
+
+def test_micro_batches_group_examples_of_similar_length():
+    examples = [([1] * n, [IGNORE] * n) for n in (9, 2, 7, 3, 8)]
+    assert micro_batches([0, 1, 2, 3, 4], 2, examples) == [[1, 3], [2, 4], [0]]
+    assert micro_batches([4, 0], 0, examples) == [[4, 0]]
