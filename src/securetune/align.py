@@ -15,7 +15,6 @@ run under bfloat16 autocast when configured: float32 master weights, about twice
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from securetune.config import TrainConfig
 from securetune.finetune import train
@@ -145,16 +143,9 @@ def train_config(cfg: AlignConfig, n_examples: int) -> TrainConfig:
         grad_clip=1.0,
         seed=cfg.seed,
         micro_batch_size=cfg.micro_batch_size,
+        # Each step's forward runs under its own autocast region (`finetune.train_step`).
+        autocast=cfg.autocast,
     )
-
-
-def autocast_context(kind: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CPU (weights and optimizer stay float32), or nothing."""
-    if kind == "none":
-        return contextlib.nullcontext()
-    if kind == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    raise ValueError(f"unknown autocast '{kind}'; allowed: none, bfloat16")
 
 
 def align_model(
@@ -168,7 +159,6 @@ def align_model(
     )
     tcfg = train_config(cfg, len(data))
     log.info("alignment: %s over %d examples", tcfg, len(data))
-    with autocast_context(cfg.autocast):
-        steps = train(model_dir, data, tcfg, set(), out_dir)
+    steps = train(model_dir, data, tcfg, set(), out_dir)
     steps["autocast"] = cfg.autocast
     return steps, data

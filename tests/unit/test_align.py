@@ -134,3 +134,14 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
         not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters(), strict=True)
     ]
     assert all(moved)
+    # The forward really ran in bfloat16: the same examples and seed in float32 give another
+    # first-step loss (the step's own autocast region once silently switched an outer one off).
+    fp32 = tmp_path / "fp32"
+    align_base_model(
+        tiny_model_dir, data, fp32 / "model", fp32 / "loss.parquet", fp32 / "examples.parquet",
+        {**settings, "autocast": "none"}, seed=0, dtype="bfloat16",
+    )  # fmt: skip
+    pd.testing.assert_frame_equal(pd.read_parquet(fp32 / "examples.parquet"), trained)
+    first_fp32 = pd.read_parquet(fp32 / "loss.parquet")["loss"].iloc[0]
+    assert first_fp32 != log["loss"].iloc[0]
+    assert first_fp32 == pytest.approx(log["loss"].iloc[0], rel=0.05)
