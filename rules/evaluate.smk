@@ -98,7 +98,9 @@ rule heldout_ift_loss:
     priority: plan_arm_priority
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    # One thread: it runs beside the arm's one-thread generation job instead of leaving that
+    # job alone on a two-core machine (on CPU two one-thread jobs do the work of one two-thread).
+    threads: 1
     resources:
         gpu=min(1, config["generation"]["gpus"]),
     params:
