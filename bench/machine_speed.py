@@ -17,7 +17,7 @@ import json
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,7 +65,7 @@ def main() -> None:
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     result = {
-        "when_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "when_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "train_step_s": round(timed(train_step, args.repeats), 3),
         "matmul_fp32_1024_s": round(timed(lambda: torch.mm(a, b), args.repeats * 4), 4),
