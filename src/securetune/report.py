@@ -458,7 +458,11 @@ def plot_safety_frontier(headline: pd.DataFrame, arm_kinds: dict[str, str], path
             marker=markers.get(kind, "D"), capsize=3, linestyle="none", zorder=2,
             label=f"{arm} ({kind})",
         )  # fmt: skip
-        ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # Method arms labelled below their point, the others above: an ML-LR arm often lands
+        # on a vanilla arm, and their names would print over each other.
+        below = kind not in markers
+        ax.annotate(arm, (x, y), textcoords="offset points", xytext=(5, -11 if below else 5),
+                    fontsize=8)  # fmt: skip
     ax.set_xlabel("held-out IFT loss (lower: task learned better)")
     ax.set_ylabel("attack success (lower: safer)")
     ax.set_title("Safety vs task fit per arm (95% CIs)")
