@@ -155,6 +155,7 @@ def main() -> None:
         args.workdir / "align_examples.parquet",
         cfg["align"],
         seed,
+        cfg["model"]["dtype"],
     )
     steps = pd.read_parquet(args.workdir / "align_loss.parquet")
     result["align_s"] = round(time.perf_counter() - start, 1)

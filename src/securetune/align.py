@@ -75,10 +75,10 @@ class AlignConfig:
     autocast: str
     lookalike_max_new_tokens: int
     seed: int
+    # Weights' dtype of the source model while it answers the look-alikes (model.dtype).
+    lookalike_dtype: str
     # Examples per forward pass (0: the whole batch at once); grouped by length.
     micro_batch_size: int = 0
-    # Weights' dtype of the source model while it answers the look-alikes (model.dtype).
-    lookalike_dtype: str = "float32"
 
 
 def with_refusals(df: pd.DataFrame, seed: int) -> pd.DataFrame:

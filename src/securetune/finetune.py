@@ -48,7 +48,14 @@ from safetensors.torch import load_file, save_file
 
 from securetune.architectures import architecture
 from securetune.config import LoraSettings, TrainConfig
-from securetune.io import atomic_dir, provenance, setup_logging, versions, write_parquet
+from securetune.io import (
+    atomic_dir,
+    batches_by_length,
+    provenance,
+    setup_logging,
+    versions,
+    write_parquet,
+)
 from securetune.models import chat_example, load_model, load_tokenizer, write_derived_policy
 from securetune.param_groups import (
     KINDS_WITH_PLAN,
@@ -129,9 +136,9 @@ def micro_batches(
     Examples of similar length share a pass, so a short refusal is not padded to the length of
     a long answer; the step's loss is a sum over examples, so the grouping does not change it.
     """
-    size = micro_batch_size or len(indices)
-    by_length = sorted(indices, key=lambda i: len(examples[i][0]))
-    return [by_length[i : i + size] for i in range(0, len(by_length), size)]
+    return batches_by_length(
+        indices, lambda i: len(examples[i][0]), micro_batch_size or len(indices)
+    )
 
 
 def lr_factor(step: int, steps: int, warmup_ratio: float, schedule: str) -> float:
@@ -188,10 +195,10 @@ def example_losses(
     loss). Batches group examples of similar length, which changes no example's loss."""
     model.eval()
     device = next(model.parameters()).device
-    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     out: dict[int, tuple[float, int]] = {}
-    for start in range(0, len(by_length), batch_size):
-        indices = by_length[start : start + batch_size]
+    for indices in batches_by_length(
+        range(len(examples)), lambda i: len(examples[i][0]), batch_size
+    ):
         batch = [examples[i] for i in indices]
         tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
         positions, targets = response_positions(tensors["labels"])
@@ -520,7 +527,7 @@ def train_step(
                 logits = wrapped(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
-                    logits_to_keep=positions.to(env.device),
+                    logits_to_keep=positions,
                 ).logits
             summed = summed_loss(logits, targets)
             (summed * scale).backward()

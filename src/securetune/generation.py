@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from securetune.io import (
+    batches_by_length,
     model_revision,
     provenance,
     setup_logging,
@@ -155,10 +156,9 @@ def generate_transformers(
     its longest prompt, so mixing a long HarmBench context with short prompts wastes most of it.
     """
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    by_length = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     out: dict[int, Completion] = {}
-    for start in range(0, len(by_length), cfg.batch_size):
-        indices = by_length[start : start + cfg.batch_size]
+    batches = batches_by_length(range(len(token_ids)), lambda i: len(token_ids[i]), cfg.batch_size)
+    for k, indices in enumerate(batches):
         chunk = [token_ids[i] for i in indices]
         width = max(len(ids) for ids in chunk)
         # Decoder-only generation continues from the right edge, so pad on the left.
@@ -166,7 +166,7 @@ def generate_transformers(
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
         sampling: dict[str, Any] = {"do_sample": False}
         if cfg.temperature > 0:
-            torch.manual_seed(stable_seed(seed, "generate", start))
+            torch.manual_seed(stable_seed(seed, "generate", k * cfg.batch_size))
             sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
         generated = model.generate(
             input_ids=input_ids,

@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,15 @@ def write_json(obj: Any, path: str | Path) -> None:
 def write_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def batches_by_length(
+    indices: Iterable[int], length: Callable[[int], int], size: int
+) -> list[list[int]]:
+    """`indices` ordered by `length` and cut into batches of at most `size`: a padded batch costs
+    as much as its longest member times its width, so similar lengths belong together."""
+    ordered = sorted(indices, key=length)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def stable_seed(*parts: object) -> int:

@@ -475,17 +475,9 @@ def align_base_model(
     seed: int,
     dtype: str,
 ) -> None:
-    recipe = {
-        k: align_cfg[k]
-        for k in AlignConfig.__dataclass_fields__
-        if k not in ("seed", "micro_batch_size", "lookalike_dtype")
-    }
-    cfg = AlignConfig(
-        **recipe,
-        seed=stable_seed(seed, "align"),
-        micro_batch_size=align_cfg.get("micro_batch_size", 0),
-        lookalike_dtype=dtype,
-    )
+    # Keys the section may leave out (micro_batch_size) take AlignConfig's default.
+    recipe = {k: align_cfg[k] for k in AlignConfig.__dataclass_fields__ if k in align_cfg}
+    cfg = AlignConfig(**recipe, seed=stable_seed(seed, "align"), lookalike_dtype=dtype)
     steps, examples = align_model(model_dir, pd.read_parquet(data), cfg, out_model)
     write_parquet(steps, out_log, provenance(cfg.seed, model_dir))
     write_parquet(examples, out_examples, provenance(cfg.seed, model_dir))
