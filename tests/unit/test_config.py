@@ -85,6 +85,7 @@ def test_arm_named_base_is_reserved(config, schema):
         ("lr", 0, r"'align\.lr': 0 is out of range"),
         ("epochs", 0, r"'align\.epochs': 0 is out of range"),
         ("batch_size", 0, r"'align\.batch_size': 0 is out of range"),
+        ("micro_batch_size", -1, r"'align\.micro_batch_size': -1 is out of range"),
         ("max_seq_len", 4, r"'align\.max_seq_len': 4 is out of range"),
         ("warmup_ratio", 2, r"'align\.warmup_ratio': 2 is out of range"),
         ("schedule", "step", r"'align\.schedule': 'step' is not one of"),
