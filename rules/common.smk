@@ -194,11 +194,15 @@ PLAN_PRIORITY = 10
 KINDS_WITH_PLAN = ("ml_lr", "freeze", "swat")
 
 
-def plan_arm_priority(wildcards):
-    """The arms that wait for Mods_Robust go first once it exists: they would finish last."""
-    if wildcards.arm in ("base", "unaligned"):
-        return 0
-    return PLAN_PRIORITY if arm_spec(wildcards.arm)["kind"] in KINDS_WITH_PLAN else 0
+def finetune_priority(wildcards):
+    """Every fine-tune goes before any evaluation job, the arms that wait for Mods_Robust first
+    (they would finish last). On a few cores a two-thread fine-tune cannot start while a
+    one-thread evaluation job runs, so fine-tunes interleaved with evaluations leave a core
+    idle; run back to back, they leave the one-thread evaluations to pair up at the end.
+    """
+    if arm_spec(wildcards.arm)["kind"] in KINDS_WITH_PLAN:
+        return PLAN_PRIORITY
+    return PLAN_PRIORITY // 2
 
 
 def sweep_arm_name(gamma):

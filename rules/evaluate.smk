@@ -20,7 +20,6 @@ if generation_jobs() == "per_benchmark":
             "logs/generate/{arm}/{benchmark}.log",
         benchmark:
             "benchmarks/generate/{arm}/{benchmark}.tsv"
-        priority: plan_arm_priority
         conda:
             generation_env()
         threads: generation_threads()
@@ -55,7 +54,6 @@ else:
             "logs/generate/{arm}.log",
         benchmark:
             "benchmarks/generate/{arm}.tsv"
-        priority: plan_arm_priority
         conda:
             generation_env()
         threads: generation_threads()
@@ -95,7 +93,6 @@ rule heldout_ift_loss:
         "logs/heldout_ift_loss/{arm}.log",
     benchmark:
         "benchmarks/heldout_ift_loss/{arm}.tsv"
-    priority: plan_arm_priority
     conda:
         "../envs/torch.yaml"
     # One thread: it runs beside the arm's one-thread generation job instead of leaving that

@@ -10,7 +10,7 @@ rule finetune:
         "logs/finetune/{arm}.log",
     benchmark:
         "benchmarks/finetune/{arm}.tsv"
-    priority: plan_arm_priority
+    priority: finetune_priority
     conda:
         "../envs/torch.yaml"
     threads: 2

@@ -72,6 +72,18 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+def planned_priorities(output: str) -> dict[tuple[str, str], int]:
+    """{(rule, wildcards): priority} of every job a dry run would run (0 where none shown)."""
+    out = {}
+    for block in re.split(r"^(?:local)?rule ", output, flags=re.M)[1:]:
+        rule = block.split(":", 1)[0]
+        wildcards = re.search(r"^\s+wildcards: (.+)$", block, re.M)
+        priority = re.search(r"^\s+priority: (\d+)$", block, re.M)
+        key = (rule, wildcards.group(1) if wildcards else "")
+        out[key] = int(priority.group(1)) if priority else 0
+    return out
+
+
 def planned_wildcards(output: str) -> list[str]:
     """The `wildcards:` line of every job a dry run would run."""
     return re.findall(r"^\s+wildcards: (.+)$", output, re.M)

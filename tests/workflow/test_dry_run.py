@@ -3,7 +3,14 @@
 import pandas as pd
 import pytest
 
-from .helpers import REPO, copy_workflow, job_counts, planned_wildcards, snakemake
+from .helpers import (
+    REPO,
+    copy_workflow,
+    job_counts,
+    planned_priorities,
+    planned_wildcards,
+    snakemake,
+)
 
 
 def test_tiny_dry_run_counts():
@@ -21,6 +28,22 @@ def test_tiny_dry_run_counts():
     assert counts["judge_guard"] == arms + 1
     assert "judge_llm" not in counts
     assert counts["report"] == 1
+
+
+def test_fine_tunes_go_before_evaluations_and_the_plan_chain_first():
+    """On two cores a two-thread fine-tune waits while any one-thread job runs: fine-tunes back
+    to back, then the evaluations, leave no core idle; Mods_Robust's chain and the arms that
+    wait for it go first."""
+    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml")
+    priority = planned_priorities(result.stdout)
+    finetunes = {w: p for (rule, w), p in priority.items() if rule == "finetune"}
+    evaluations = [
+        p for (rule, _), p in priority.items() if rule in ("generate_arm", "heldout_ift_loss")
+    ]
+    assert finetunes["arm=ml_lr"] == finetunes["arm=freeze"] == finetunes["arm=swat"]
+    assert finetunes["arm=ml_lr"] > finetunes["arm=vanilla"] > max(evaluations)
+    assert priority[("search_robust_modules", "")] == finetunes["arm=ml_lr"]
+    assert len(evaluations) == 2 * 5
 
 
 def test_modules_per_job_chunks_the_robustness_jobs(tmp_path):
