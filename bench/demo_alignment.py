@@ -1,7 +1,7 @@
 """Measure the demo base's safety alignment: attack success and over-refusal before and after.
 
 Runs, in one process (one torch import, one model load per model), what the workflow's rules
-run one job each: the alignment set and step (`stages.prepare_alignment_set`,
+run one job each: the alignment set and step (`table_stages.prepare_alignment_set`,
 `stages.align_base_model`), the held-out evaluation sets (`data.build_eval_set`), greedy
 generation, keyword scoring and bootstrap CIs. Prints a Markdown table for BENCHMARKS.md and
 writes every number to --out (JSON).
@@ -31,7 +31,8 @@ from securetune.io import setup_logging, write_json
 from securetune.models import load_model, load_tokenizer
 from securetune.report import bootstrap_ci
 from securetune.scoring import METRIC_OF_KIND, score_generations
-from securetune.stages import align_base_model, prepare_alignment_set
+from securetune.stages import align_base_model
+from securetune.table_stages import prepare_alignment_set
 
 REPO = Path(__file__).resolve().parents[1]
 

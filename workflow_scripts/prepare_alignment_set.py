@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from securetune.io import setup_logging
-from securetune.stages import prepare_alignment_set
+from securetune.table_stages import prepare_alignment_set
 
 setup_logging(snakemake.log[0])
 p = snakemake.params

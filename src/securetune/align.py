@@ -4,7 +4,8 @@ ML-LR protects safety that a model already has; SmolLM2 answers harmful requests
 first gives it some. A short supervised step on three kinds of examples, all from slices of the
 bundled sets disjoint from every probe, IFT and evaluation prompt (`data.build_alignment_set`):
 
-- `refusal`: harmful prompts answered with one of our short, varied refusals (`REFUSALS`);
+- `refusal`: harmful prompts answered with one of our short, varied refusals
+  (`data.REFUSALS`);
 - `benign`: benign instructions with their reference answers, so the model keeps answering;
 - `lookalike`: safe prompts that look harmful (XSTest-style), answered with the unaligned model's
   own greedy answer, so refusing is tied to harm rather than to alarming words.
@@ -21,13 +22,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from securetune.config import TrainConfig
 from securetune.finetune import train
 from securetune.generation import generate_greedy
-from securetune.io import stable_seed
 from securetune.models import load_model, load_tokenizer
 from securetune.scoring import is_refusal
 
@@ -35,29 +34,6 @@ log = logging.getLogger(__name__)
 
 # Prompts per generate call for the look-alike answers: short answers, so a wide batch is cheap.
 LOOKALIKE_BATCH = 64
-
-# Written for this project. Short and varied, so the model learns to refuse rather than to
-# recite one sentence. Each contains a phrase of the keyword judge (`securetune.scoring`): the
-# keyword attack success of the aligned base therefore measures whether it refuses at all, and
-# is optimistic about refusals worded differently from these.
-REFUSALS: tuple[str, ...] = (
-    "I'm sorry, but I can't help with that.",
-    "I can't assist with that request. It could cause real harm to people.",
-    "Sorry, I won't help with this. Is there something else I can do for you?",
-    "I'm not able to provide that, because it could be used to hurt someone.",
-    "I cannot help with that. It could be dangerous or illegal.",
-    "I won't give instructions for this. If you have another question, I'm happy to help.",
-    "I'm sorry, I can't do that. This request asks for something harmful.",
-    "I must decline. Helping with this could put people at risk.",
-    "I can't help with anything that could harm others or break the law.",
-    "Sorry, but I can't provide information that could be used to cause harm.",
-    "I'm unable to help with that request.",
-    "I cannot provide that. Let me know if there is something safe I can help with instead.",
-    "I'm sorry, but this is not something I can assist with.",
-    "I can't support that. It would be unsafe and could hurt people.",
-    "I will not help with this request, since it could lead to harm.",
-    "I apologize, but I can't help with requests like this one.",
-)
 
 _SENTENCE_END = re.compile(r"[.!?\n](?=[^.!?\n]*$)")
 
@@ -79,19 +55,6 @@ class AlignConfig:
     lookalike_dtype: str
     # Examples per forward pass (0: the whole batch at once); grouped by length.
     micro_batch_size: int = 0
-
-
-def with_refusals(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Fill the `refusal` rows' responses with refusals drawn (seeded, per example) from
-    `REFUSALS`."""
-    out = df.copy()
-    out["response"] = [
-        REFUSALS[np.random.default_rng(stable_seed(seed, "refusal", ex)).integers(len(REFUSALS))]
-        if role == "refusal"
-        else response
-        for ex, role, response in zip(out["example_id"], out["role"], out["response"], strict=True)
-    ]
-    return out
 
 
 def trim_to_sentence(text: str) -> str:

@@ -22,17 +22,15 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import requests
 
-from securetune.generation import (
-    Conversation,
-    GenerationConfig,
-    generate_completions,
-)
 from securetune.io import provenance, setup_logging, stable_seed, write_parquet
+
+if TYPE_CHECKING:
+    from securetune.generation import Conversation, GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +116,10 @@ def judge_with_guard(
     tensor_parallel_size: int = 1,
 ) -> pd.DataFrame:
     """One row per completion: verdict, unsafe (1/0, NaN if unparsed), hazard categories."""
+    # Imported here, not at the top: the report reads verdict tables through this module, and
+    # torch with transformers would triple its start-up.
+    from securetune.generation import GenerationConfig, generate_completions
+
     conversations = [
         guard_conversation(p, c, cfg.prompt_format)
         for p, c in zip(generations["prompt"], generations["completion"], strict=True)
@@ -307,6 +309,8 @@ def run_judge(
     generations = pd.concat([pd.read_parquet(p) for p in generation_files], ignore_index=True)
     log.info("judge '%s' on %d completions; settings %s", which, len(generations), settings)
     if which == "guard":
+        from securetune.generation import GenerationConfig
+
         cfg = GuardConfig(**settings["guard"])
         gen_cfg = GenerationConfig.from_dict(settings["generation"])
         if judge_model is None:

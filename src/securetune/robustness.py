@@ -33,11 +33,11 @@ from securetune.features import (
 )
 from securetune.io import stable_seed
 from securetune.probe import LayerProbes
+from securetune.robustness_table import PERTURBATIONS
 
 log = logging.getLogger(__name__)
 
 METRICS = ("acc_drop", "cosine_drift", "direction_shift")
-PERTURBATIONS = ("noise", "ift")
 
 
 @dataclass(frozen=True)
@@ -348,46 +348,3 @@ def score_module(
         )
         log.info("L%d.%s %s alpha=%g seed=%d: %s", layer, module, perturbation, alpha, seed, info)
     return pd.DataFrame(rows)
-
-
-ROBUSTNESS_COLUMNS = {
-    "layer": "int64",
-    "module": "object",
-    "perturbation": "object",
-    "alpha": "float64",
-    "lr": "float64",
-    "steps": "int64",
-    "seed": "int64",
-    "acc_before": "float64",
-    "acc_after": "float64",
-    "acc_drop": "float64",
-    "cosine_drift": "float64",
-    "direction_shift": "float64",
-    "score": "float64",
-    "weight_change": "float64",
-    "ift_loss": "float64",
-    "n_test": "int64",
-    "cached_prefix": "bool",
-    "score_name": "object",
-    "model": "object",
-    "proxy_layers": "object",
-}
-KEY = ["layer", "module", "perturbation", "alpha", "seed"]
-
-
-def check_robustness_table(df: pd.DataFrame) -> None:
-    """Raise if the aggregated table lacks a column or has a wrong dtype."""
-    for column, dtype in ROBUSTNESS_COLUMNS.items():
-        if column not in df.columns:
-            raise ValueError(f"robustness table: missing column '{column}'")
-        if str(df[column].dtype) != dtype and not (
-            dtype == "object" and str(df[column].dtype) in ("str", "string")
-        ):
-            raise ValueError(
-                f"robustness table: column '{column}' is {df[column].dtype}, expected {dtype}"
-            )
-    bad = sorted(set(df["perturbation"]) - set(PERTURBATIONS))
-    if bad:
-        raise ValueError(f"robustness table: unknown perturbation(s) {bad}")
-    if df.duplicated(KEY).any():
-        raise ValueError("robustness table: duplicate (layer, module, perturbation, alpha, seed)")

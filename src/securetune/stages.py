@@ -19,14 +19,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from securetune import data as datasets
-from securetune.align import AlignConfig, align_model, with_refusals
+from securetune.align import AlignConfig, align_model
 from securetune.architectures import parse_module_name
 from securetune.config import SearchConfig
 from securetune.features import layer_features, tokenize_prompts
 from securetune.io import (
     atomic_dir,
-    common_provenance,
     model_revision,
     provenance,
     stable_seed,
@@ -48,11 +46,9 @@ from securetune.models import (
 )
 from securetune.probe import LayerProbes, accuracy_table, fit_probes, proxy_layers
 from securetune.robustness import (
-    KEY,
     IftSettings,
     ProbeView,
     RobustnessSettings,
-    check_robustness_table,
     perturbed,
     score_module,
 )
@@ -301,13 +297,6 @@ def score_modules(
         write_parquet(df, out, provenance(seed, model_dir))
 
 
-def aggregate_robustness(parts: list[Path], out: Path) -> None:
-    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-    df = df.sort_values(KEY).reset_index(drop=True)
-    check_robustness_table(df)
-    write_parquet(df, out, common_provenance(parts))
-
-
 def search_robust_modules(
     model_dir: Path,
     probe_set: Path,
@@ -437,32 +426,6 @@ def heldout_ift_loss(
 
 
 # --- safety alignment of the demo base (config `align`) -----------------------------------------
-
-
-def prepare_alignment_set(
-    data_dir: Path,
-    out: Path,
-    align_cfg: dict[str, Any],
-    probe: dict[str, Any],
-    eval_sizes: dict[str, int],
-    ift_source: str,
-    ift_n: int,
-    seed: int,
-) -> None:
-    df = datasets.build_alignment_set(
-        data_dir,
-        align_cfg["harmful"],
-        align_cfg["benign"],
-        align_cfg["lookalike"],
-        seed,
-        datasets.ProbeSpec.from_config(probe),
-        eval_sizes,
-        ift_source,
-        ift_n,
-    )
-    df = with_refusals(df, seed)
-    log.info("alignment set: %s", df.groupby(["role", "source"]).size().to_dict())
-    write_parquet(df, out, provenance(seed))
 
 
 def align_base_model(

@@ -1,4 +1,5 @@
-"""The workflow stages that only read and write tables: data preparation and scoring.
+"""The workflow stages that only read and write tables: data preparation, scoring and the
+robustness table's aggregation.
 
 Kept apart from `securetune.stages` so that their jobs (dozens per run, a few seconds of work
 each) start without importing torch and transformers, which takes longer than the work itself.
@@ -13,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 from securetune import data as datasets
-from securetune.io import provenance, read_provenance, write_parquet
+from securetune.io import common_provenance, provenance, read_provenance, write_parquet
+from securetune.robustness_table import KEY, check_robustness_table
 from securetune.scoring import score_generations
 
 log = logging.getLogger(__name__)
@@ -61,3 +63,36 @@ def score(generations: Path, out: Path) -> None:
     scores = score_generations(pd.read_parquet(generations))
     log.info("%s", scores.groupby(["arm", "benchmark"])["success"].mean().to_dict())
     write_parquet(scores, out, read_provenance(generations))
+
+
+def prepare_alignment_set(
+    data_dir: Path,
+    out: Path,
+    align_cfg: dict[str, Any],
+    probe: dict[str, Any],
+    eval_sizes: dict[str, int],
+    ift_source: str,
+    ift_n: int,
+    seed: int,
+) -> None:
+    df = datasets.build_alignment_set(
+        data_dir,
+        align_cfg["harmful"],
+        align_cfg["benign"],
+        align_cfg["lookalike"],
+        seed,
+        datasets.ProbeSpec.from_config(probe),
+        eval_sizes,
+        ift_source,
+        ift_n,
+    )
+    df = datasets.with_refusals(df, seed)
+    log.info("alignment set: %s", df.groupby(["role", "source"]).size().to_dict())
+    write_parquet(df, out, provenance(seed))
+
+
+def aggregate_robustness(parts: list[Path], out: Path) -> None:
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    df = df.sort_values(KEY).reset_index(drop=True)
+    check_robustness_table(df)
+    write_parquet(df, out, common_provenance(parts))

@@ -5,18 +5,21 @@ import pytest
 import torch
 import yaml
 
-from securetune.align import REFUSALS, trim_to_sentence, with_refusals
+from securetune.align import trim_to_sentence
 from securetune.data import (
+    REFUSALS,
     DataError,
     ProbeSpec,
     build_alignment_set,
     build_eval_set,
     build_ift_set,
     build_probe_set,
+    with_refusals,
 )
 from securetune.models import load_model
 from securetune.scoring import is_refusal
-from securetune.stages import align_base_model, prepare_alignment_set
+from securetune.stages import align_base_model
+from securetune.table_stages import prepare_alignment_set
 
 from ..conftest import DATA, REPO
 

@@ -11,7 +11,7 @@ import yaml
 
 from securetune.architectures import MODULE_TYPES, parse_module_name
 from securetune.io import read_provenance
-from securetune.robustness import check_robustness_table
+from securetune.robustness_table import check_robustness_table
 
 from .helpers import REPO, copy_workflow, job_counts, planned_wildcards, snakemake
 
