@@ -147,7 +147,7 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
 def test_default_dry_run_is_the_demo_aligning_the_base_and_evaluating_the_unaligned_model():
     result = snakemake(REPO, "-n", "--forceall")
     counts = job_counts(result.stdout)
-    arms, benchmarks = 4, 5  # vanilla at 3 learning rates and ml_lr; config.yaml's benchmarks
+    arms, benchmarks = 5, 5  # vanilla at 3 learning rates, ml_lr, freeze; config.yaml's benchmarks
     assert counts["build_base_model"] == counts["align_base_model"] == 1
     assert counts["prepare_alignment_set"] == 1
     # 30 x 7 modules, scored 35 per process (robustness.modules_per_job) on one machine
