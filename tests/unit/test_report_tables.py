@@ -102,12 +102,13 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     # Vanilla at three learning rates: lower lr, higher loss, lower attack success.
     arms = {"v_hi": (1.0, 0.4), "v_mid": (1.1, 0.3), "v_lo": (1.3, 0.1)}
     arms |= {"ml_lr": (1.05, 0.05), "worse": (1.2, 0.5), "same": (1.1, 0.3), "off": (0.9, 0.0)}
-    arms |= {"base": (1.5, 0.05)}
+    arms |= {"base": (1.5, 0.05), "frozen": (1.4, 0.1)}
     kinds = {"base": "reference", "v_hi": "vanilla", "v_mid": "vanilla", "v_lo": "vanilla"}
     kinds |= {"ml_lr": "ml_lr", "worse": "ml_lr", "same": "ml_lr", "off": "freeze"}
+    kinds |= {"frozen": "freeze"}
     keyword, ift_loss = _frontier_tables(arms)
     verdicts = frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0).set_index("arm")
-    assert list(verdicts.index) == ["ml_lr", "worse", "same", "off"]
+    assert list(verdicts.index) == ["ml_lr", "worse", "same", "off", "frozen"]
     asr = keyword.groupby("arm")["success"].mean()
     ml_lr = verdicts.loc["ml_lr"]
     # Halfway between v_hi (loss 1.0) and v_mid (1.1): the frontier is their mean.
@@ -122,7 +123,11 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     same = verdicts.loc["same"]
     assert same["gap_ci_low"] <= 0 <= same["gap_ci_high"]
     assert same["verdict"].startswith("on the frontier")
-    assert verdicts.loc["off", "verdict"] == "outside the vanilla arms' loss range"
+    assert verdicts.loc["off", "verdict"] == "outside the frontier's loss range"
+    # Past the lowest vanilla lr the line runs on to the base model, vanilla at lr 0.
+    assert verdicts.loc["frozen", "gap"] == pytest.approx(
+        asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2
+    )
     assert np.isnan(verdicts.loc["off", "gap"]) and verdicts.loc["off", "resamples_in_range"] == 0
     one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
     lone = frontier_verdicts(keyword, ift_loss, one_vanilla, 50, 0.95, 0)
