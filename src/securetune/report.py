@@ -372,8 +372,8 @@ def frontier_gaps(
     attack: pd.Series, loss: pd.Series, arm_kinds: dict[str, str]
 ) -> dict[str, float]:
     """Each compared arm's attack success minus the vanilla frontier's at the arm's held-out
-    loss (linear between the vanilla points); NaN outside their loss range or with fewer than
-    two vanilla arms."""
+    loss (linear between the frontier's points); NaN outside their loss range or with fewer than
+    two points."""
     frontier = frontier_points(attack, loss, arm_kinds)
     gaps = {}
     for arm in compared_arms(arm_kinds):
@@ -408,6 +408,7 @@ def frontier_verdicts(
     loss = per_item(ift_loss, "ift_heldout", "loss")
     mean_attack, mean_loss = attack.mean(), loss.mean()
     point = frontier_gaps(mean_attack, mean_loss, arm_kinds)
+    has_frontier = len(frontier_points(mean_attack, mean_loss, arm_kinds)) >= 2
     rng = np.random.default_rng(stable_seed(seed, "frontier"))
     draws = [
         frontier_gaps(
@@ -428,15 +429,15 @@ def frontier_verdicts(
              "attack_success": mean_attack.get(arm, np.nan), "gap": point[arm],
              "gap_ci_low": float(low), "gap_ci_high": float(high),
              "resamples_in_range": len(defined) / n_resamples,
-             "verdict": _verdict(point[arm], low, high, arm_kinds)}
+             "verdict": _verdict(point[arm], low, high, has_frontier)}
         )  # fmt: skip
     columns = ["arm", "heldout_ift_loss", "attack_success", "gap", "gap_ci_low", "gap_ci_high",
                "resamples_in_range", "verdict"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
 
-def _verdict(gap: float, low: float, high: float, arm_kinds: dict[str, str]) -> str:
-    if sum(k == "vanilla" for k in arm_kinds.values()) < 2:
+def _verdict(gap: float, low: float, high: float, has_frontier: bool) -> str:
+    if not has_frontier:
         return "no frontier to compare with (needs 2+ points: vanilla arms, the base)"
     if np.isnan(gap):
         return "outside the frontier's loss range"

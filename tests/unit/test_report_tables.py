@@ -132,3 +132,8 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
     lone = frontier_verdicts(keyword, ift_loss, one_vanilla, 50, 0.95, 0)
     assert lone["verdict"][0].startswith("no frontier")
+    # One vanilla arm and the base (lr 0) are a frontier of two points.
+    with_base = {"base": "reference", "v_lo": "vanilla", "frozen": "freeze"}
+    paired = frontier_verdicts(keyword, ift_loss, with_base, 50, 0.95, 0)
+    assert paired["gap"][0] == pytest.approx(asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2)
+    assert not paired["verdict"][0].startswith("no frontier")
