@@ -1,5 +1,7 @@
 # securetune: ML-LR secure fine-tuning (Du et al. 2024) as a workflow.
-# Stages, in order: model, data, features, probe, robustness, search, finetune, evaluate, report.
+# Stages, in order: model, align (the demo's base model is safety-aligned first), data, features,
+# probe, robustness, search, finetune, evaluate, report. Each rule calls one entry function of
+# the package (src/securetune), through a short adapter in workflow_scripts/ or `python -m`.
 
 
 configfile: "config.yaml"
@@ -32,7 +34,10 @@ rule ablation_gamma:
     input:
         expand(
             "results/scores/{arm}/{benchmark}.parquet",
-            arm=gamma_sweep_arms(),
+            arm=gamma_sweep_arms(config["finetune"]),
             benchmark=benchmarks(),
         ),
-        expand("results/finetune/{arm}/loss.parquet", arm=gamma_sweep_arms()),
+        expand(
+            "results/finetune/{arm}/loss.parquet",
+            arm=gamma_sweep_arms(config["finetune"]),
+        ),

@@ -1,7 +1,7 @@
 """Measure the demo base's safety alignment: attack success and over-refusal before and after.
 
 Runs, in one process (one torch import, one model load per model), what the workflow's rules
-run one job each: the alignment set and step (`table_stages.prepare_alignment_set`,
+run one job each: the probe set, the alignment set and step (`data.prepare_alignment_set`,
 `stages.align_base_model`), the held-out evaluation sets (`data.build_eval_set`), greedy
 generation, keyword scoring and bootstrap CIs. Prints a Markdown table for BENCHMARKS.md and
 writes every number to --out (JSON).
@@ -24,15 +24,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 import yaml
+from securetune.stages import align_base_model
 
-from securetune import data as datasets
+from securetune.data.alignment import AlignmentSetSettings, prepare_alignment_set
+from securetune.data.eval_set import build_eval_set
+from securetune.data.probe_set import ProbeSetSettings, prepare_probe_set
 from securetune.generation import generate_greedy
 from securetune.io import setup_logging, write_json
 from securetune.models import load_model, load_tokenizer
-from securetune.report import bootstrap_ci
-from securetune.scoring import METRIC_OF_KIND, score_generations
-from securetune.stages import align_base_model
-from securetune.table_stages import prepare_alignment_set
+from securetune.report.stats import bootstrap_ci
+from securetune.scoring import METRIC_OF_KIND, score_completions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def evaluate(model_dir: Path, arm: str, cfg: dict, eval_sets: dict[str, pd.DataF
         )
         seconds = time.perf_counter() - start
         table = df.assign(completion=texts, n_tokens=counts, arm=arm)
-        scores = score_generations(table)
+        scores = score_completions(table)
         mean, low, high = bootstrap_ci(
             scores["success"].to_numpy(),
             cfg["report"]["bootstrap_samples"],
@@ -110,9 +111,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = merged_config(args.config, args.overlay)
     data_dir, seed = REPO / "resources" / "data", cfg["seed"]
-    probe_n, bench = cfg["data"]["probe_per_class"], cfg["evaluation"]["benchmarks"]
+    bench = cfg["evaluation"]["benchmarks"]
+    # The evaluation and alignment slices start after the probe set's rows, as in the workflow.
+    probe_set = args.workdir / "probe.parquet"
+    prepare_probe_set(data_dir=data_dir, out=probe_set, settings=ProbeSetSettings.from_config(cfg))
     eval_sets = {
-        name: datasets.build_eval_set(data_dir, name, n, seed, probe_n)
+        name: build_eval_set(data_dir, name, n, seed, pd.read_parquet(probe_set))
         for name, n in bench.items()
         if name != "gsm8k"
     }
@@ -137,14 +141,10 @@ def main() -> None:
     save()
     align_set = args.workdir / "align.parquet"
     prepare_alignment_set(
-        data_dir,
-        align_set,
-        cfg["align"],
-        probe_n,
-        bench,
-        cfg["data"]["ift_source"],
-        cfg["data"]["ift_examples"],
-        seed,
+        data_dir=data_dir,
+        probe_set=probe_set,
+        out=align_set,
+        settings=AlignmentSetSettings.from_config(cfg),
     )
     start = time.perf_counter()
     aligned = args.workdir / "aligned"

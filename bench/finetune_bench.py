@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from securetune.config import TrainConfig
-from securetune.finetune import IGNORE, Dist, train_step
+from securetune.finetune.distributed import Dist
+from securetune.finetune.sft_data import IGNORE
+from securetune.finetune.train import train_step
 from securetune.io import versions
 from securetune.param_groups import groups_for_arm
+from securetune.settings import TrainConfig
 
 
 def random_model(layers: int, seed: int) -> LlamaForCausalLM:

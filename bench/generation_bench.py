@@ -55,8 +55,9 @@ def prompts(n: int) -> list[str]:
 
 
 def bench_transformers(model_dir: Path, ids: list[list[int]], new: int, dtype: str, bs: int):
-    from securetune.generation import GenerationConfig, generate_transformers
+    from securetune.generation import generate_transformers
     from securetune.models import load_model, load_tokenizer
+    from securetune.settings import GenerationConfig
 
     t0 = time.perf_counter()
     model, tok = load_model(model_dir, dtype), load_tokenizer(model_dir)
@@ -70,13 +71,9 @@ def bench_transformers(model_dir: Path, ids: list[list[int]], new: int, dtype: s
 
 
 def bench_vllm(model_dir: Path, ids: list[list[int]], new: int, dtype: str):
-    from securetune.generation import (
-        GenerationConfig,
-        VllmSettings,
-        generate_vllm,
-        open_vllm_engine,
-    )
+    from securetune.generation import generate_vllm, open_vllm_engine
     from securetune.models import load_tokenizer
+    from securetune.settings import GenerationConfig, VllmSettings
 
     cfg = GenerationConfig("vllm", new, len(ids), vllm=VllmSettings(max_model_len=1024))
     t0 = time.perf_counter()

@@ -20,30 +20,39 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from securetune.architectures import MODULE_TYPES
+from securetune.architectures import MODULE_TYPES, parse_module_name
 from securetune.model_sources import SMOLLM2_LAYERS
+from securetune.settings import RobustnessSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
 SCORE = """
 import json, sys, torch
 from pathlib import Path
-from securetune.stages import score_modules
+from securetune.robustness import score_modules
+from securetune.settings import RobustnessSettings
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 r = Path(a["workdir"]) / "results"
 score_modules(
-    r / "model/base", r / "data/probe.parquet", r / "features/features.safetensors",
-    r / "probe/probes.safetensors", r / "probe/proxy.json", r / "data/ift.parquet",
-    [Path(p) for p in a["outs"]], a["modules"], a["robustness"], a["features"],
-    a["max_prompt_tokens"], a["dtype"], a["source"], a["seed"],
+    model=r / "model/base", probe_set=r / "data/probe.parquet",
+    features=r / "features/features.safetensors", probes=r / "probe/probes.safetensors",
+    proxy=r / "probe/proxy.json", ift_set=r / "data/ift.parquet",
+    outs=[Path(p) for p in a["outs"]], settings=RobustnessSettings.from_params(a["settings"]),
 )
 """
+
+
+def table(root: Path, module: str) -> str:
+    """The per-module table's path, which names its module (as the workflow's does)."""
+    layer, module_type = parse_module_name(module)
+    return str(root / f"layer{layer}" / f"{module_type}.parquet")
 
 
 def run(args: dict) -> float:
@@ -68,29 +77,19 @@ def main() -> None:
         for module in MODULE_TYPES
         for layer in range(step // 2, layers, step)[: options.modules_per_type]
     ]
-    common = {
-        "workdir": str(options.workdir.resolve()),
-        "features": config["features"],
-        "max_prompt_tokens": config["data"]["max_prompt_tokens"],
-        "dtype": config["model"]["dtype"],
-        "source": config["model"]["source"],
-        "seed": config["seed"],
-        "threads": options.threads,
-        "modules": chosen,
-    }
+    common = {"workdir": str(options.workdir.resolve()), "threads": options.threads}
     with tempfile.TemporaryDirectory() as tmp:
         naive_dir, fast_dir = Path(tmp, "naive"), Path(tmp, "amortised")
-        naive_cfg = {**config["robustness"], "cached_prefix": False}
-        fast_cfg = {**config["robustness"], "cached_prefix": True}
+        settings = RobustnessSettings.from_config(config)
+        naive_cfg = replace(settings, cached_prefix=False).to_params()
+        fast_cfg = replace(settings, cached_prefix=True).to_params()
         naive = sum(
-            run({**common, "modules": [m], "outs": [str(naive_dir / f"{m}.parquet")],
-                 "robustness": naive_cfg})
+            run({**common, "outs": [table(naive_dir, m)], "settings": naive_cfg})
             for m in chosen
         )  # fmt: skip
-        outs = [str(fast_dir / f"{m}.parquet") for m in chosen]
-        fast = run({**common, "outs": outs, "robustness": fast_cfg})
-        naive_t = pd.concat([pd.read_parquet(naive_dir / f"{m}.parquet") for m in chosen])
-        fast_t = pd.concat([pd.read_parquet(fast_dir / f"{m}.parquet") for m in chosen])
+        fast = run({**common, "outs": [table(fast_dir, m) for m in chosen], "settings": fast_cfg})
+        naive_t = pd.concat([pd.read_parquet(table(naive_dir, m)) for m in chosen])
+        fast_t = pd.concat([pd.read_parquet(table(fast_dir, m)) for m in chosen])
     metrics = ["acc_after", "acc_drop", "cosine_drift", "direction_shift"]
     diff = (naive_t[metrics].to_numpy() - fast_t[metrics].to_numpy()).__abs__().max(axis=0)
     print(f"modules: {len(chosen)} ({', '.join(chosen)})")

@@ -4,6 +4,8 @@ if ALIGN_ENABLED:
     rule prepare_alignment_set:
         """Harmful prompts (to refuse), benign and look-alike prompts (to answer): tail slices of
         the bundled sets, disjoint from every probe, IFT and evaluation prompt."""
+        input:
+            probe=PROBE_SET,
         output:
             "results/data/align.parquet",
         log:
@@ -12,24 +14,17 @@ if ALIGN_ENABLED:
             "../envs/torch.yaml"
         params:
             data_dir=DATA_DIR,
-            align=settings("align"),
-            probe=probe_spec(),
-            eval_sizes=settings("evaluation")["benchmarks"],
-            ift_source=config["data"]["ift_source"],
-            # the IFT set and its held-out rows: the alignment slice must miss both
-            ift_n=config["data"]["ift_examples"]
-            + config["data"]["ift_heldout_examples"],
-            seed=config["seed"],
+            settings=settings_of(AlignmentSetSettings),
         script:
             "../workflow_scripts/prepare_alignment_set.py"
 
     rule align_base_model:
         """Short refusal SFT of the source model; the result is the `base` arm."""
         input:
-            model="results/model/unaligned",
+            model=jobs.UNALIGNED_MODEL,
             data="results/data/align.parquet",
         output:
-            model=directory("results/model/base"),
+            model=directory(BASE_MODEL),
             steps="results/align/loss.parquet",
             examples="results/align/examples.parquet",
         log:
@@ -40,8 +35,6 @@ if ALIGN_ENABLED:
             "../envs/torch.yaml"
         threads: 2
         params:
-            align=settings("align"),
-            seed=config["seed"],
-            dtype=config["model"]["dtype"],
+            settings=settings_of(AlignSettings),
         script:
             "../workflow_scripts/align_base_model.py"

@@ -8,14 +8,15 @@ rule prepare_probe_set:
         "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
-        probe=probe_spec(),
-        seed=config["seed"],
+        settings=settings_of(ProbeSetSettings),
     script:
         "../workflow_scripts/prepare_probe_set.py"
 
 
 rule prepare_ift_set:
     """Benign instruction-tuning examples, disjoint from the probe set."""
+    input:
+        probe=PROBE_SET,
     output:
         "results/data/ift.parquet",
     log:
@@ -24,17 +25,15 @@ rule prepare_ift_set:
         "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
-        source=config["data"]["ift_source"],
-        n=config["data"]["ift_examples"],
-        skip=0,
-        probe=probe_spec(),
-        seed=config["seed"],
+        settings=settings_of(IftSetSettings),
     script:
         "../workflow_scripts/prepare_ift_set.py"
 
 
 rule prepare_ift_heldout:
     """Held-out examples of the IFT source (the rows after the training set's): the task metric."""
+    input:
+        probe=PROBE_SET,
     output:
         "results/data/ift_heldout.parquet",
     log:
@@ -43,11 +42,7 @@ rule prepare_ift_heldout:
         "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
-        source=config["data"]["ift_source"],
-        n=config["data"]["ift_heldout_examples"],
-        skip=config["data"]["ift_examples"],
-        probe=probe_spec(),
-        seed=config["seed"],
+        settings=IftSetSettings.heldout_from_config(config).to_params(),
     script:
         "../workflow_scripts/prepare_ift_set.py"
 
@@ -81,10 +76,8 @@ rule prepare_eval_set:
         "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
-        n=lambda wc: config["evaluation"]["benchmarks"][wc.benchmark],
-        probe=probe_spec(),
         source=benchmark_source,
-        seed=config["seed"],
+        settings=lambda wc: settings_of(EvalSetSettings, wc.benchmark),
     script:
         "../workflow_scripts/prepare_eval_set.py"
 
@@ -92,9 +85,9 @@ rule prepare_eval_set:
 rule check_prompts:
     """Probe and eval prompts fit data.max_prompt_tokens and the context (else: file, row, id)."""
     input:
-        model="results/model/base",
+        model=BASE_MODEL,
         tables=[
-            "results/data/probe.parquet",
+            PROBE_SET,
             *expand("results/data/eval/{benchmark}.parquet", benchmark=benchmarks()),
         ],
     output:
@@ -105,6 +98,6 @@ rule check_prompts:
     conda:
         "../envs/torch.yaml"
     params:
-        max_prompt_tokens=config["data"]["max_prompt_tokens"],
+        settings=settings_of(PromptCheckSettings),
     script:
         "../workflow_scripts/check_prompts.py"

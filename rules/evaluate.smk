@@ -1,70 +1,68 @@
-# generation.jobs: per_benchmark runs one job per (arm, benchmark), the cluster fan-out; per_arm
-# one job per arm that loads the model once and writes the same per-benchmark files (on one
-# machine, where each job's start-up - torch import, model load - costs as much as its decoding).
+# Completions: one job per (arm, benchmark), the cluster fan-out (generation.jobs:
+# per_benchmark), or one job per arm that loads the model once and writes the same
+# per-benchmark files (per_arm: on one machine a job's start-up - torch import, model load -
+# costs as much as its decoding). Switching between them reruns nothing.
 
-if generation_jobs() == "per_benchmark":
 
-    rule generate:
-        """Completions of one model on one benchmark (vLLM or transformers, from config).
+rule generate:
+    """Completions of one model on its benchmarks (vLLM or transformers, from config).
 
-        A shell rule running the module: vLLM spawns workers, which needs a __main__ guard.
-        """
-        input:
-            model=model_of_arm,
-            prompts="results/data/eval/{benchmark}.parquet",
-            checked="results/data/prompt_check.json",
-        output:
-            generations="results/generations/{arm}/{benchmark}.parquet",
-            settings="results/generations/{arm}/{benchmark}.json",
-        log:
-            "logs/generate/{arm}/{benchmark}.log",
-        benchmark:
-            "benchmarks/generate/{arm}/{benchmark}.tsv"
-        conda:
-            generation_env()
-        threads: generation_threads()
-        resources:
-            gpu=config["generation"]["gpus"],
-        params:
-            generation=generation_settings(),
-            dtype=config["model"]["dtype"],
-            seed=config["seed"],
-        shell:
-            GENERATE_COMMAND
+    A shell rule running the module: vLLM spawns workers, which needs a __main__ guard.
+    """
+    input:
+        model=model_of_arm,
+        prompts="results/data/eval/{benchmark}.parquet",
+        checked="results/data/prompt_check.json",
+    output:
+        generations="results/generations/{arm}/{benchmark}.parquet",
+        settings="results/generations/{arm}/{benchmark}.json",
+    log:
+        "logs/generate/{arm}/{benchmark}.log",
+    benchmark:
+        "benchmarks/generate/{arm}/{benchmark}.tsv"
+    conda:
+        generation_env()
+    threads: jobs.generation_threads(config)
+    resources:
+        gpu=config["generation"]["gpus"],
+    params:
+        generation=generation_settings(),
+        dtype=config["model"]["dtype"],
+        seed=config["seed"],
+    shell:
+        "OMP_NUM_THREADS={threads} python -m securetune.generation"
+        " --model {input.model:q} --prompts {input.prompts:q} --arm {wildcards.arm}"
+        " --out {output.generations:q} --out-meta {output.settings:q}"
+        " --settings {params.generation:q} --dtype {params.dtype} --seed {params.seed}"
+        " --gpus {resources.gpu} --log-file {log:q}"
+
+
+# Every input list and output list in the same benchmark order.
+use rule generate as generate_arm with:
+    input:
+        model=model_of_arm,
+        prompts=expand("results/data/eval/{benchmark}.parquet", benchmark=benchmarks()),
+        checked="results/data/prompt_check.json",
+    output:
+        generations=expand(
+            "results/generations/{{arm}}/{benchmark}.parquet", benchmark=benchmarks()
+        ),
+        settings=expand(
+            "results/generations/{{arm}}/{benchmark}.json", benchmark=benchmarks()
+        ),
+    log:
+        "logs/generate/{arm}.log",
+    benchmark:
+        "benchmarks/generate/{arm}.tsv"
+
+
+if config["generation"].get("jobs", "per_benchmark") == "per_arm":
+
+    ruleorder: generate_arm > generate
 
 else:
 
-    rule generate_arm:
-        """Completions of one model on every benchmark, in one process (see above)."""
-        input:
-            model=model_of_arm,
-            prompts=expand(
-                "results/data/eval/{benchmark}.parquet", benchmark=benchmarks()
-            ),
-            checked="results/data/prompt_check.json",
-        output:
-            generations=expand(
-                "results/generations/{{arm}}/{benchmark}.parquet",
-                benchmark=benchmarks(),
-            ),
-            settings=expand(
-                "results/generations/{{arm}}/{benchmark}.json", benchmark=benchmarks()
-            ),
-        log:
-            "logs/generate/{arm}.log",
-        benchmark:
-            "benchmarks/generate/{arm}.tsv"
-        conda:
-            generation_env()
-        threads: generation_threads()
-        resources:
-            gpu=config["generation"]["gpus"],
-        params:
-            generation=generation_settings(),
-            dtype=config["model"]["dtype"],
-            seed=config["seed"],
-        shell:
-            GENERATE_COMMAND
+    ruleorder: generate > generate_arm
 
 
 rule score_generations:
@@ -101,11 +99,7 @@ rule heldout_ift_loss:
     resources:
         gpu=min(1, config["generation"]["gpus"]),
     params:
-        max_seq_len=config["finetune"]["max_seq_len"],
-        # The training forward pass's size: a wide float32 batch spends its time moving logits.
-        batch_size=config["finetune"].get("micro_batch_size")
-        or config["finetune"]["batch_size"],
-        seed=config["seed"],
+        settings=settings_of(HeldoutLossSettings),
     script:
         "../workflow_scripts/heldout_ift_loss.py"
 
@@ -113,7 +107,8 @@ rule heldout_ift_loss:
 rule judge_guard:
     """Guard-model verdicts on every harmful completion of one arm: one engine per arm."""
     input:
-        unpack(guard_inputs),
+        generations=harmful_generations,
+        model=jobs.guard_model_input(config),
     output:
         "results/judge/guard/{arm}.parquet",
     log:
@@ -122,12 +117,12 @@ rule judge_guard:
         "benchmarks/judge_guard/{arm}.tsv"
     conda:
         generation_env()
-    threads: generation_threads()
+    threads: jobs.generation_threads(config)
     resources:
         gpu=config["generation"]["gpus"],
     params:
         judge_model=guard_model,
-        settings=judge_settings,
+        settings=judge_settings(),
         dtype=config["model"]["dtype"],
         seed=config["seed"],
     shell:
@@ -148,7 +143,7 @@ rule judge_llm:
     conda:
         "../envs/torch.yaml"
     params:
-        settings=judge_settings,
+        settings=judge_settings(),
     shell:
         "python -m securetune.judges llm --generations {input.generations:q}"
         " --out {output:q} --settings {params.settings:q} --log-file {log:q}"

@@ -1,8 +1,8 @@
 rule extract_features:
     """Last-token hidden states of every layer for the probe set's prompts."""
     input:
-        model="results/model/base",
-        probe_set="results/data/probe.parquet",
+        model=BASE_MODEL,
+        probe_set=PROBE_SET,
         checked="results/data/prompt_check.json",
     output:
         "results/features/features.safetensors",
@@ -15,9 +15,6 @@ rule extract_features:
         "../envs/torch.yaml"
     threads: 2
     params:
-        pooling=config["features"]["pooling"],
-        batch_size=config["features"]["batch_size"],
-        max_prompt_tokens=config["data"]["max_prompt_tokens"],
-        dtype=config["model"]["dtype"],
+        settings=settings_of(FeatureSettings),
     script:
         "../workflow_scripts/extract_features.py"

@@ -15,7 +15,8 @@ rule finetune:
         "../envs/torch.yaml"
     threads: 2
     resources:
-        gpu=training_gpus(),
+        # 0 trains on CPU (gloo under torchrun); otherwise one per process (checked at start).
+        gpu=config["finetune"].get("gpus", 0),
     params:
         settings=arm_settings,
         plan=plan_flag,

@@ -29,7 +29,6 @@ rule build_base_model:
         "../envs/torch.yaml"
     threads: 2
     params:
-        model=settings("model"),
-        seed=config["seed"],
+        settings=settings_of(ModelSettings),
     script:
         "../workflow_scripts/build_base_model.py"

@@ -12,8 +12,6 @@ rule train_probe:
     conda:
         "../envs/torch.yaml"
     params:
-        C=config["probe"]["C"],
-        proxy_layers=config["probe"]["proxy_layers"],
-        seed=config["seed"],
+        settings=settings_of(ProbeSettings),
     script:
         "../workflow_scripts/train_probe.py"

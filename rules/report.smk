@@ -6,7 +6,7 @@ rule report:
             arm=evaluated_arms(),
             benchmark=benchmarks(),
         ),
-        judged=judge_files(),
+        judged=jobs.judge_files(config),
         losses=expand("results/finetune/{arm}/loss.parquet", arm=arms()),
         ift_losses=expand("results/ift_loss/{arm}.parquet", arm=evaluated_arms()),
         probe="results/probe/accuracy.parquet",
@@ -88,10 +88,6 @@ rule report:
     conda:
         "../envs/torch.yaml"
     params:
-        arm_order=evaluated_arms(),
-        arm_kinds=arm_kinds(),
-        report=settings("report"),
-        score=config["robustness"]["score"],
-        seed=config["seed"],
+        settings=settings_of(ReportSettings),
     script:
         "../workflow_scripts/report.py"

@@ -1,12 +1,13 @@
 from pathlib import Path
 
+from securetune.features import check_prompts
 from securetune.io import setup_logging
-from securetune.stages import check_prompts
+from securetune.settings import PromptCheckSettings
 
 setup_logging(snakemake.log[0])
 check_prompts(
-    Path(snakemake.input.model),
-    [Path(p) for p in snakemake.input.tables],
-    snakemake.params.max_prompt_tokens,
-    Path(snakemake.output[0]),
+    model=Path(snakemake.input.model),
+    tables=[Path(p) for p in snakemake.input.tables],
+    out=Path(snakemake.output[0]),
+    settings=PromptCheckSettings.from_params(snakemake.params.settings),
 )

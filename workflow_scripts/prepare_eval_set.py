@@ -1,17 +1,13 @@
 from pathlib import Path
 
+from securetune.data.eval_set import EvalSetSettings, prepare_eval_set
 from securetune.io import setup_logging
-from securetune.table_stages import prepare_eval_set
 
 setup_logging(snakemake.log[0])
-p = snakemake.params
 prepare_eval_set(
-    Path(p.data_dir),
-    Path(snakemake.input.probe),
-    Path(snakemake.output[0]),
-    snakemake.wildcards.benchmark,
-    p.n,
-    p.probe,
-    p.seed,
-    Path(p.source) if p.source else None,
+    data_dir=Path(snakemake.params.data_dir),
+    source=Path(snakemake.params.source) if snakemake.params.source else None,
+    probe_set=Path(snakemake.input.probe),
+    out=Path(snakemake.output[0]),
+    settings=EvalSetSettings.from_params(snakemake.params.settings),
 )

@@ -1,15 +1,12 @@
 from pathlib import Path
 
+from securetune.data.ift_set import IftSetSettings, prepare_ift_set
 from securetune.io import setup_logging
-from securetune.table_stages import prepare_ift_set
 
 setup_logging(snakemake.log[0])
 prepare_ift_set(
-    Path(snakemake.params.data_dir),
-    Path(snakemake.output[0]),
-    snakemake.params.source,
-    snakemake.params.n,
-    snakemake.params.probe,
-    snakemake.params.seed,
-    snakemake.params.skip,
+    data_dir=Path(snakemake.params.data_dir),
+    probe_set=Path(snakemake.input.probe),
+    out=Path(snakemake.output[0]),
+    settings=IftSetSettings.from_params(snakemake.params.settings),
 )

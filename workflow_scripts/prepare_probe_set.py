@@ -1,12 +1,11 @@
 from pathlib import Path
 
+from securetune.data.probe_set import ProbeSetSettings, prepare_probe_set
 from securetune.io import setup_logging
-from securetune.table_stages import prepare_probe_set
 
 setup_logging(snakemake.log[0])
 prepare_probe_set(
-    Path(snakemake.params.data_dir),
-    Path(snakemake.output[0]),
-    snakemake.params.probe,
-    snakemake.params.seed,
+    data_dir=Path(snakemake.params.data_dir),
+    out=Path(snakemake.output[0]),
+    settings=ProbeSetSettings.from_params(snakemake.params.settings),
 )

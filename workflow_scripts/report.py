@@ -1,24 +1,20 @@
 from pathlib import Path
 
 from securetune.io import setup_logging
-from securetune.report import build_report
+from securetune.report.build import build_report
+from securetune.report.settings import ReportSettings
 
 setup_logging(snakemake.log[0])
-i, p = snakemake.input, snakemake.params
+i = snakemake.input
 build_report(
-    [Path(f) for f in i.scores],
-    [Path(f) for f in i.judged],
-    [Path(f) for f in i.losses],
-    [Path(f) for f in i.ift_losses],
-    dict(p.arm_kinds),
-    Path(i.probe),
-    Path(i.robustness),
-    Path(i.plan),
-    Path(i.trace),
-    {k: Path(v) for k, v in snakemake.output.items()},
-    p.arm_order,
-    p.report["bootstrap_samples"],
-    p.report["confidence"],
-    p.score,
-    p.seed,
+    scores=[Path(f) for f in i.scores],
+    judged=[Path(f) for f in i.judged],
+    losses=[Path(f) for f in i.losses],
+    ift_losses=[Path(f) for f in i.ift_losses],
+    probe=Path(i.probe),
+    robustness=Path(i.robustness),
+    plan=Path(i.plan),
+    trace=Path(i.trace),
+    outputs={k: Path(v) for k, v in snakemake.output.items()},
+    settings=ReportSettings.from_params(snakemake.params.settings),
 )

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from securetune.io import setup_logging
-from securetune.table_stages import score
+from securetune.scoring import score_generations
 
 setup_logging(snakemake.log[0])
-score(Path(snakemake.input[0]), Path(snakemake.output[0]))
+score_generations(generations=Path(snakemake.input[0]), out=Path(snakemake.output[0]))

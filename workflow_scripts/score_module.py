@@ -3,30 +3,20 @@ from pathlib import Path
 import torch
 
 from securetune.io import setup_logging
-from securetune.stages import score_modules
+from securetune.robustness import raise_injected_failure, score_modules
+from securetune.settings import RobustnessSettings
 
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-i, p = snakemake.input, snakemake.params
-if p.inject_failure:
-    # TEST ONLY (robustness.fail_modules): a failing cluster job, to test reporting and resuming.
-    raise RuntimeError(
-        f"injected failure of {', '.join(p.inject_failure)}"
-        " (config robustness.fail_modules, test only)"
-    )
+outs = [Path(f) for f in snakemake.output]
+raise_injected_failure(outs, snakemake.config["robustness"].get("fail_modules", []))
 score_modules(
-    Path(i.model),
-    Path(i.probe_set),
-    Path(i.features),
-    Path(i.probes),
-    Path(i.proxy),
-    Path(i.ift_set),
-    [Path(f) for f in snakemake.output],
-    list(p.modules),
-    p.robustness,
-    p.features,
-    p.max_prompt_tokens,
-    p.dtype,
-    p.source,
-    p.seed,
+    model=Path(snakemake.input.model),
+    probe_set=Path(snakemake.input.probe_set),
+    features=Path(snakemake.input.features),
+    probes=Path(snakemake.input.probes),
+    proxy=Path(snakemake.input.proxy),
+    ift_set=Path(snakemake.input.ift_set) if hasattr(snakemake.input, "ift_set") else None,
+    outs=outs,
+    settings=RobustnessSettings.from_params(snakemake.params.settings),
 )

@@ -2,27 +2,22 @@ from pathlib import Path
 
 import torch
 
-from securetune.config import SearchConfig
 from securetune.io import setup_logging
-from securetune.stages import search_robust_modules
+from securetune.search import search_robust_modules
+from securetune.settings import SearchSettings
 
 setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
-i, p = snakemake.input, snakemake.params
+i = snakemake.input
 search_robust_modules(
-    Path(i.model),
-    Path(i.probe_set),
-    Path(i.features),
-    Path(i.probes),
-    Path(i.proxy),
-    Path(i.robustness),
-    Path(i.ift_set),
-    Path(snakemake.output.plan),
-    Path(snakemake.output.trace),
-    SearchConfig(**p.search),
-    p.robustness,
-    p.features,
-    p.max_prompt_tokens,
-    p.dtype,
-    p.seed,
+    model=Path(i.model),
+    probe_set=Path(i.probe_set),
+    features=Path(i.features),
+    probes=Path(i.probes),
+    proxy=Path(i.proxy),
+    robustness=Path(i.robustness),
+    ift_set=Path(i.ift_set) if hasattr(i, "ift_set") else None,
+    out_plan=Path(snakemake.output.plan),
+    out_trace=Path(snakemake.output.trace),
+    settings=SearchSettings.from_params(snakemake.params.settings),
 )

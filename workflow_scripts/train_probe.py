@@ -1,16 +1,14 @@
 from pathlib import Path
 
 from securetune.io import setup_logging
-from securetune.stages import train_probe
+from securetune.probe import train_probe
+from securetune.settings import ProbeSettings
 
 setup_logging(snakemake.log[0])
-out = snakemake.output
 train_probe(
-    Path(snakemake.input[0]),
-    Path(out.probes),
-    Path(out.accuracy),
-    Path(out.proxy),
-    snakemake.params.C,
-    snakemake.params.proxy_layers,
-    snakemake.params.seed,
+    features=Path(snakemake.input[0]),
+    out_probes=Path(snakemake.output.probes),
+    out_accuracy=Path(snakemake.output.accuracy),
+    out_proxy=Path(snakemake.output.proxy),
+    settings=ProbeSettings.from_params(snakemake.params.settings),
 )

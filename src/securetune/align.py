@@ -19,16 +19,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from securetune.config import TrainConfig
-from securetune.finetune import train
+from securetune.finetune.train import train
 from securetune.generation import generate_greedy
+from securetune.io import provenance, write_parquet
 from securetune.models import load_model, load_tokenizer
 from securetune.scoring import is_refusal
+from securetune.settings import AlignSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +36,6 @@ log = logging.getLogger(__name__)
 LOOKALIKE_BATCH = 64
 
 _SENTENCE_END = re.compile(r"[.!?\n](?=[^.!?\n]*$)")
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    """The alignment step's recipe (config section `align`, less the data sizes)."""
-
-    lr: float
-    epochs: float
-    batch_size: int
-    max_seq_len: int
-    warmup_ratio: float
-    schedule: str
-    autocast: str
-    lookalike_max_new_tokens: int
-    seed: int
-    # Weights' dtype of the source model while it answers the look-alikes (model.dtype).
-    lookalike_dtype: str
-    # Examples per forward pass (0: the whole batch at once); grouped by length.
-    micro_batch_size: int = 0
 
 
 def trim_to_sentence(text: str) -> str:
@@ -90,7 +71,7 @@ def answer_lookalikes(
     return out[~(refused | empty)].reset_index(drop=True)
 
 
-def train_config(cfg: AlignConfig, n_examples: int) -> TrainConfig:
+def train_config(cfg: AlignSettings, n_examples: int) -> TrainConfig:
     """The alignment step as one vanilla arm: every parameter at `lr`."""
     return TrainConfig(
         arm="align",
@@ -112,7 +93,7 @@ def train_config(cfg: AlignConfig, n_examples: int) -> TrainConfig:
 
 
 def align_model(
-    model_dir: Path, data: pd.DataFrame, cfg: AlignConfig, out_dir: Path
+    model_dir: Path, data: pd.DataFrame, cfg: AlignSettings, out_dir: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train the refusal/benign/look-alike mix into `model_dir`'s model; save it to `out_dir`.
 
@@ -125,3 +106,19 @@ def align_model(
     steps = train(model_dir, data, tcfg, set(), out_dir)
     steps["autocast"] = cfg.autocast
     return steps, data
+
+
+def align_base_model(
+    *,
+    model: Path,
+    data: Path,
+    out_model: Path,
+    out_steps: Path,
+    out_examples: Path,
+    settings: AlignSettings,
+) -> None:
+    """Stage `align_base_model`: the short refusal SFT of the source model, whose result is the
+    `base` arm; writes the per-step log and the examples actually trained on."""
+    steps, examples = align_model(model, pd.read_parquet(data), settings, out_model)
+    write_parquet(steps, out_steps, provenance(settings.seed, model))
+    write_parquet(examples, out_examples, provenance(settings.seed, model))

@@ -8,14 +8,26 @@ on what else shares its batch.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from securetune.models import chat_prompt
+from securetune.data import DataError
+from securetune.io import (
+    model_revision,
+    sha256_of,
+    versions,
+    write_json,
+    write_safetensors,
+)
+from securetune.models import chat_prompt, load_model, load_tokenizer
+from securetune.settings import FeatureSettings, PromptCheckSettings
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +210,103 @@ def features_from_layer(
             out[row, offset : offset + n] = pooled[layer]
         offset += n
     return out
+
+
+# --- the stages: the prompt check and the features of the probe set ------------------------------
+
+
+def check_prompt_lengths(
+    tokenizer: PreTrainedTokenizerBase,
+    tables: dict[str, pd.DataFrame],
+    max_prompt_tokens: int,
+    context_length: int,
+) -> dict[str, int]:
+    """Every prompt, chat-templated, must fit `max_prompt_tokens` and the model's context.
+
+    `tables` maps a file name to its table (with `prompt` and an id column). Returns the
+    longest prompt per file. A silent truncation would cut off the end of the prompt — the
+    part the last-token features and the answer depend on — so this is an error instead.
+    """
+    limit = min(max_prompt_tokens, context_length)
+    longest = {}
+    for name, df in tables.items():
+        id_column = "prompt_id" if "prompt_id" in df.columns else "example_id"
+        lengths = [
+            len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids)
+            for p in df["prompt"]
+        ]
+        for row, (length, prompt_id) in enumerate(zip(lengths, df[id_column], strict=True)):
+            if length > limit:
+                which = (
+                    f"data.max_prompt_tokens = {max_prompt_tokens}"
+                    if max_prompt_tokens <= context_length
+                    else f"the model's context of {context_length} tokens"
+                )
+                raise DataError(
+                    f"data file '{name}', row {row + 1} (prompt id '{prompt_id}'): the prompt "
+                    f"has {length} tokens with its chat template, more than {which}"
+                )
+        longest[name] = max(lengths, default=0)
+    return longest
+
+
+def check_prompts(
+    *, model: Path, tables: list[Path], out: Path, settings: PromptCheckSettings
+) -> None:
+    """Stage `check_prompts`: fail with file, row and prompt id on a prompt too long for the
+    limit or the model's context; else record the longest prompt of each file."""
+    max_prompt_tokens = settings.max_prompt_tokens
+    context_length = int(
+        json.loads((model / "config.json").read_text()).get(
+            "max_position_embeddings", max_prompt_tokens
+        )
+    )
+    tokenizer = load_tokenizer(model)
+    by_name = {str(f): pd.read_parquet(f) for f in tables}
+    longest = check_prompt_lengths(tokenizer, by_name, max_prompt_tokens, context_length)
+    log.info("longest prompt per file (tokens): %s", json.dumps(longest))
+    write_json(
+        {
+            "max_prompt_tokens": max_prompt_tokens,
+            "context_length": context_length,
+            "longest": longest,
+        },
+        out,
+    )
+
+
+def probe_tokens(
+    tokenizer: PreTrainedTokenizerBase, probe_set: Path, split: str, max_prompt_tokens: int
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Token ids and labels of one split of the probe set."""
+    df = pd.read_parquet(probe_set)
+    df = df[df["split"] == split]
+    ids = tokenize_prompts(tokenizer, list(df["prompt"]), max_prompt_tokens)
+    return ids, torch.tensor(df["label"].to_numpy())
+
+
+def extract_features(*, model: Path, probe_set: Path, out: Path, settings: FeatureSettings) -> None:
+    """Stage `extract_features`: features of every split (train, test, and ood_test when the
+    probe set has one), with the provenance that pairs them with their probe set and model."""
+    network = load_model(model, settings.dtype)
+    tokenizer = load_tokenizer(model)
+    present = set(pd.read_parquet(probe_set)["split"])
+    splits = [s for s in ("train", "test", "ood_test") if s in present]
+    tensors = {}
+    for split in splits:
+        ids, labels = probe_tokens(tokenizer, probe_set, split, settings.max_prompt_tokens)
+        tensors[split] = layer_features(
+            network, ids, tokenizer.pad_token_id, settings.batch_size, settings.pooling
+        ).contiguous()
+        tensors[f"{split}_labels"] = labels.contiguous()
+        log.info("%s features: %s", split, tuple(tensors[split].shape))
+    metadata = {
+        "pooling": settings.pooling,
+        "model": str(model),
+        "probe_set": str(probe_set),
+        "probe_set_sha256": sha256_of(probe_set),
+        "splits": ",".join(splits),
+        "model_revision": model_revision(model),
+        "versions": json.dumps(versions(), sort_keys=True),
+    }
+    write_safetensors(tensors, out, metadata)

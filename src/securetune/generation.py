@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,47 +40,10 @@ from securetune.io import (
     write_parquet,
 )
 from securetune.models import chat_prompt, load_model, load_tokenizer
+from securetune.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-BACKENDS = ("vllm", "transformers")
-
-
-@dataclass(frozen=True)
-class VllmSettings:
-    """Engine settings; the defaults fit a 2-core, 24 GiB CPU machine and any GPU node."""
-
-    max_model_len: int = 2048
-    # Eager mode skips torch.compile and CUDA graphs: engine start drops from minutes to
-    # seconds on CPU, and short evaluation runs never earn the compile time back.
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.9
-    cpu_kvcache_gb: int = 1
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    backend: str
-    max_new_tokens: int
-    batch_size: int
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    max_retries: int = 2
-    gpus: int = 0  # the job's GPU count; vLLM's tensor-parallel size (the CLI's --gpus)
-    vllm: VllmSettings = field(default_factory=VllmSettings)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationConfig:
-        d = dict(d)
-        d["vllm"] = VllmSettings(**d.get("vllm", {}))
-        if d["backend"] not in BACKENDS:
-            raise ValueError(f"generation.backend '{d['backend']}' is not one of {BACKENDS}")
-        return cls(**d)
-
-    @property
-    def decoding(self) -> str:
-        return "greedy" if self.temperature == 0 else "sampling"
 
 
 @dataclass(frozen=True)
@@ -469,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
             for paths in zip(args.prompts, args.out, args.out_meta, strict=True)
         ],
         args.arm,
-        GenerationConfig.from_dict(json.loads(args.settings)),
+        GenerationConfig.from_params(json.loads(args.settings)),
         args.dtype,
         args.seed,
         max(1, args.gpus),

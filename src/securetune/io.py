@@ -142,9 +142,19 @@ def write_json(obj: Any, path: str | Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_text(text: str, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def sha256_of(*paths: Path, with_names: bool = False) -> str:
+    """sha256 over the files' bytes, read in blocks (model weights do not fit in memory twice);
+    `with_names` hashes each file's name before its bytes, so a renamed shard is a new revision."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        if with_names:
+            digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def batches_by_length(

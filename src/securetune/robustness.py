@@ -14,71 +14,35 @@ exact and about halves the work.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from securetune.architectures import module_name, module_path
+from securetune.architectures import module_name, module_path, parse_module_name
 from securetune.features import (
     PrefixCache,
     build_prefix_cache,
     features_from_layer,
     layer_features,
+    probe_tokens,
 )
-from securetune.io import stable_seed
+from securetune.finetune.sft_data import IGNORE, Example, batch_order, collate, encode_examples
+from securetune.io import provenance, stable_seed, write_parquet
+from securetune.models import load_model, load_tokenizer
 from securetune.probe import LayerProbes
-from securetune.robustness_table import PERTURBATIONS
+from securetune.robustness_table import METRICS, PERTURBATIONS
+from securetune.settings import FeatureSettings, IftSettings, RobustnessSettings
 
 log = logging.getLogger(__name__)
-
-METRICS = ("acc_drop", "cosine_drift", "direction_shift")
-
-
-@dataclass(frozen=True)
-class IftSettings:
-    """The `ift` perturbation: `steps` AdamW steps at `lr` on batches of `batch_size`."""
-
-    lr: float
-    steps: int
-    batch_size: int
-    examples: int
-    max_seq_len: int
-
-
-@dataclass(frozen=True)
-class RobustnessSettings:
-    """The config's `robustness` section, typed."""
-
-    perturbations: list[str]
-    alphas: list[float]
-    seeds: int
-    ift: IftSettings
-    score: str
-    score_weights: dict[str, float]
-    cached_prefix: bool
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> RobustnessSettings:
-        unknown = sorted(set(cfg["perturbations"]) - set(PERTURBATIONS))
-        if unknown:
-            raise ValueError(
-                f"robustness.perturbations: unknown {unknown}; allowed: {list(PERTURBATIONS)}"
-            )
-        return cls(
-            perturbations=list(cfg["perturbations"]),
-            alphas=[float(a) for a in cfg["alphas"]],
-            seeds=int(cfg["seeds"]),
-            ift=IftSettings(**cfg["ift"]),
-            score=cfg["score"],
-            score_weights=dict(cfg["score_weights"]),
-            cached_prefix=bool(cfg["cached_prefix"]),
-        )
 
 
 def combined_score(metrics: dict[str, float], score: str, weights: dict[str, float]) -> float:
@@ -257,8 +221,6 @@ def ift_batches(
     pad_id: int,
 ) -> list[dict[str, torch.Tensor]]:
     """The IFT perturbation's batches: a seeded order over the encoded examples."""
-    from securetune.finetune import IGNORE, batch_order, collate
-
     # An example cut off before its response has no loss; it would make the step NaN.
     examples = [e for e in examples if any(label != IGNORE for label in e[1])]
     if not examples:
@@ -348,3 +310,94 @@ def score_module(
         )
         log.info("L%d.%s %s alpha=%g seed=%d: %s", layer, module, perturbation, alpha, seed, info)
     return pd.DataFrame(rows)
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def open_probe_view(
+    *, model: Path, probe_set: Path, features: Path, probes: Path, proxy: Path,
+    settings: FeatureSettings,
+) -> ProbeView:  # fmt: skip
+    """What every robustness and search job needs: model, test prompts, clean features, probe."""
+    layers = json.loads(proxy.read_text())["layers"]
+    tokenizer = load_tokenizer(model)
+    ids, labels = probe_tokens(tokenizer, probe_set, "test", settings.max_prompt_tokens)
+    return ProbeView(
+        model=load_model(model, settings.dtype),
+        token_ids=ids,
+        labels=labels,
+        pad_id=tokenizer.pad_token_id,
+        clean=load_file(features)["test"][layers],
+        probes=LayerProbes.from_tensors(load_file(probes)),
+        layers=layers,
+        batch_size=settings.batch_size,
+        pooling=settings.pooling,
+    )
+
+
+def ift_examples(model: Path, ift_set: Path, ift: IftSettings) -> list[Example]:
+    """The first `ift.examples` rows of the IFT set, encoded with loss on the response only."""
+    df = pd.read_parquet(ift_set)
+    if ift.examples > len(df):
+        raise ValueError(
+            f"robustness.ift.examples = {ift.examples} is more than the IFT set has "
+            f"(data.ift_examples = {len(df)})"
+        )
+    df = df.iloc[: ift.examples]
+    tokenizer = load_tokenizer(model)
+    return encode_examples(tokenizer, list(df["prompt"]), list(df["response"]), ift.max_seq_len)
+
+
+def score_modules(
+    *,
+    model: Path,
+    probe_set: Path,
+    features: Path,
+    probes: Path,
+    proxy: Path,
+    ift_set: Path | None,
+    outs: list[Path],
+    settings: RobustnessSettings,
+) -> None:
+    """Stage `score_modules`: score each module alone and write its table to its own path,
+    `results/robustness/layer{layer}/{module}.parquet` (the path names the module).
+
+    The model, prompts and probe are loaded once; with `cached_prefix` the unperturbed model runs
+    once and each perturbation recomputes only the layers from the module's own up.
+    """
+    modules = [module_of_table(out) for out in outs]
+    view = open_probe_view(
+        model=model, probe_set=probe_set, features=features, probes=probes, proxy=proxy,
+        settings=settings.features,
+    )  # fmt: skip
+    if settings.cached_prefix:
+        view.cache_layers(sorted({layer for layer, _ in modules}))
+    examples = None
+    if "ift" in settings.perturbations:
+        if ift_set is None:
+            raise ValueError("robustness.perturbations lists ift: the job needs the IFT set")
+        examples = ift_examples(model, ift_set, settings.ift)
+    for (layer, module), out in zip(modules, outs, strict=True):
+        df = score_module(view, layer, module, settings, settings.seed, examples)
+        df["score_name"] = settings.score
+        df["model"] = settings.source
+        df["proxy_layers"] = ",".join(map(str, view.layers))
+        write_parquet(df, out, provenance(settings.seed, model))
+
+
+def module_of_table(path: Path) -> tuple[int, str]:
+    """(layer, module type) of a per-module table `.../layer{layer}/{module}.parquet`."""
+    return parse_module_name(f"L{path.parent.name.removeprefix('layer')}.{path.stem}")
+
+
+def raise_injected_failure(outs: list[Path], fail_modules: list[str]) -> None:
+    """TEST ONLY (`robustness.fail_modules`): fail a job that scores one of these modules, to
+    test how a failed cluster job is reported and resumed. Read from the config, not the rule's
+    params, so setting it reruns no healthy job."""
+    named = [module_name(*module_of_table(out)) for out in outs]
+    failing = [name for name in named if name in fail_modules]
+    if failing:
+        raise RuntimeError(
+            f"injected failure of {', '.join(failing)} (config robustness.fail_modules, test only)"
+        )

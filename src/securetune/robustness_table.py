@@ -1,12 +1,18 @@
 """The robustness table's schema: its columns, key and perturbations, and the check applied
-when the per-module tables are aggregated. Kept apart from `securetune.robustness` so that the
-aggregation job starts without torch and transformers."""
+when the per-module tables are aggregated, and the aggregation stage. Kept apart from
+`securetune.robustness` so that the aggregation job starts without torch and transformers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
+from securetune.io import common_provenance, write_parquet
+
 PERTURBATIONS = ("noise", "ift")
+# The per-module robustness metrics (lower = more robust); the score ranks by one or a mix.
+METRICS = ("acc_drop", "cosine_drift", "direction_shift")
 
 ROBUSTNESS_COLUMNS = {
     "layer": "int64",
@@ -49,3 +55,12 @@ def check_robustness_table(df: pd.DataFrame) -> None:
         raise ValueError(f"robustness table: unknown perturbation(s) {bad}")
     if df.duplicated(KEY).any():
         raise ValueError("robustness table: duplicate (layer, module, perturbation, alpha, seed)")
+
+
+def aggregate_robustness(*, parts: list[Path], out: Path) -> None:
+    """Stage `aggregate_robustness`: every per-module table in one tidy, schema-checked Parquet
+    sorted by its key; tables computed under other seeds, versions or models are refused."""
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    df = df.sort_values(KEY).reset_index(drop=True)
+    check_robustness_table(df)
+    write_parquet(df, out, common_provenance(parts))

@@ -9,11 +9,27 @@ group also needs far fewer joint evaluations than its modules one by one).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 import pandas as pd
 
 from securetune.architectures import MODULE_TYPES, module_name, parse_module_name
+from securetune.finetune.sft_data import Example
+from securetune.io import (
+    model_revision,
+    provenance,
+    stable_seed,
+    versions,
+    write_json,
+    write_parquet,
+)
+from securetune.robustness import ProbeView, ift_examples, open_probe_view, perturbed
+from securetune.settings import SearchSettings
+
+log = logging.getLogger(__name__)
 
 
 def rank_modules(robustness: pd.DataFrame) -> list[str]:
@@ -119,3 +135,122 @@ def greedy_search(
         selected += new
         units.append(candidate)
     return selected, pd.DataFrame(rows), reason
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def search_robust_modules(
+    *,
+    model: Path,
+    probe_set: Path,
+    features: Path,
+    probes: Path,
+    proxy: Path,
+    robustness: Path,
+    ift_set: Path | None,
+    out_plan: Path,
+    out_trace: Path,
+    settings: SearchSettings,
+) -> None:
+    """Stage `search_robust_modules`: greedy search over modules or groups, each candidate set
+    perturbed jointly `settings.seeds` times and scored by the mean proxy-layer probe accuracy;
+    writes the plan (JSON) and the trace (Parquet)."""
+    view = open_probe_view(
+        model=model, probe_set=probe_set, features=features, probes=probes, proxy=proxy,
+        settings=settings.robustness.features,
+    )  # fmt: skip
+    if settings.robustness.cached_prefix:
+        view.cache_layers(list(range(view.model.config.num_hidden_layers)))
+    examples = None
+    if settings.perturbation == "ift":
+        if ift_set is None:
+            raise ValueError("search.perturbation ift: the job needs the IFT set")
+        examples = ift_examples(model, ift_set, settings.robustness.ift)
+    table = pd.read_parquet(robustness)
+    if settings.unit == "group":
+        ranked, members = rank_groups(table, settings.band_width)
+    else:
+        ranked, members = rank_modules(table), None
+    selected, trace, reason = greedy_search(
+        ranked,
+        joint_accuracy(view, settings, examples),
+        settings.tau,
+        settings.max_modules,
+        members,
+    )
+    log.info("Mods_Robust (%d, stopped by %s): %s", len(selected), reason, selected)
+    seed = settings.robustness.seed
+    trace["seed"] = seed
+    trace["unit"] = settings.unit
+    trace["perturbation"] = settings.perturbation
+    trace["tau"] = settings.tau
+    write_parquet(trace, out_trace, provenance(seed, model))
+    accepted = trace.loc[trace["accepted"] & (trace["step"] > 0), "added"].tolist()
+    write_json(search_plan(selected, accepted, reason, ranked, view, settings, model), out_plan)
+
+
+def joint_accuracy(
+    view: ProbeView, settings: SearchSettings, examples: list[Example] | None
+) -> Callable[[list[str]], float]:
+    """The probe accuracy with a candidate set's modules perturbed together, averaged over
+    `settings.seeds` draws (the clean accuracy for the empty set)."""
+
+    def evaluate(names: list[str]) -> float:
+        if not names:
+            return view.accuracy(view.clean)
+        modules = [parse_module_name(n) for n in names]
+        lowest = min(layer for layer, _ in modules)
+        accuracies = []
+        for s in range(settings.seeds):
+            with perturbed(
+                view,
+                modules,
+                settings.perturbation,
+                alpha=settings.alpha,
+                seed=stable_seed(settings.robustness.seed, "search", settings.perturbation, s),
+                ift=settings.robustness.ift,
+                ift_examples=examples,
+            ):
+                accuracies.append(view.accuracy(view.features(lowest)))
+        return float(sum(accuracies) / len(accuracies))
+
+    return evaluate
+
+
+def search_plan(
+    selected: list[str],
+    accepted_units: list[str],
+    reason: str,
+    ranked: list[str],
+    view: ProbeView,
+    settings: SearchSettings,
+    model: Path,
+) -> dict:
+    """The plan file: Mods_Robust, how the search reached it, and what it was computed with."""
+    rob = settings.robustness
+    noise, ift, groups = (
+        settings.perturbation == "noise",
+        settings.perturbation == "ift",
+        settings.unit == "group",
+    )
+    return {
+        "modules": selected,
+        "groups": accepted_units if groups else None,
+        "stop_reason": reason,
+        "tau": settings.tau,
+        "max_modules": settings.max_modules,
+        "unit": settings.unit,
+        "band_width": settings.band_width if groups else None,
+        "perturbation": settings.perturbation,
+        "alpha": settings.alpha if noise else None,
+        "ift": asdict(rob.ift) if ift else None,
+        "seeds": settings.seeds,
+        "score": rob.score,
+        "score_weights": rob.score_weights if rob.score == "combined" else None,
+        "proxy_layers": view.layers,
+        "ranking": ranked,
+        "seed": rob.seed,
+        "versions": versions(),
+        "model_revision": model_revision(model),
+    }

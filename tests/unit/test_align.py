@@ -1,30 +1,39 @@
 """The alignment set's disjointness and the alignment step on the tiny model."""
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from securetune.align import trim_to_sentence
-from securetune.data import (
+from securetune.align import align_base_model, trim_to_sentence
+from securetune.data.alignment import (
     REFUSALS,
-    DataError,
-    ProbeSpec,
+    AlignmentSetSettings,
     build_alignment_set,
-    build_eval_set,
-    build_ift_set,
-    build_probe_set,
+    prepare_alignment_set,
     with_refusals,
 )
+from securetune.data.eval_set import build_eval_set
+from securetune.data.ift_set import build_ift_set
+from securetune.data.probe_set import ProbeSetSettings, build_probe_set, prepare_probe_set
+from securetune.data.sources import DataError
 from securetune.models import load_model
 from securetune.scoring import is_refusal
-from securetune.stages import align_base_model
-from securetune.table_stages import prepare_alignment_set
+from securetune.settings import AlignSettings
 
 from ..conftest import DATA, REPO
 
-PROBE_CFG = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["data"]
-PROBE = ProbeSpec.from_config({**PROBE_CFG, "probe_per_class": 64})
+TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+
+def _tiny_with(**data) -> dict:
+    return {**TINY, "data": {**TINY["data"], **data}}
+
+
+PROBE = ProbeSetSettings.from_config(_tiny_with(probe_per_class=64)).probe
+PROBE_SET = build_probe_set(DATA, PROBE, seed=0)
 EVAL = {"advbench": 150, "strongreject": 100, "harmbench": 100, "xstest_safe": 100}
 
 
@@ -34,7 +43,7 @@ def _align_set(**overrides):
         benign={"alpaca": 250},
         lookalike={"xstest_safe": 80},
         seed=0,
-        probe=PROBE,
+        probe_set=PROBE_SET,
         eval_sizes=EVAL,
         ift_source="alpaca",
         ift_n=400,
@@ -45,10 +54,10 @@ def _align_set(**overrides):
 
 def test_alignment_set_never_overlaps_probe_eval_or_ift_prompts():
     align = _align_set()
-    used = set(build_probe_set(DATA, PROBE, seed=0)["prompt_id"])
+    used = set(PROBE_SET["prompt_id"])
     for benchmark, n in EVAL.items():
-        used |= set(build_eval_set(DATA, benchmark, n, seed=0, probe=PROBE)["prompt_id"])
-    used |= set(build_ift_set(DATA, "alpaca", 400, seed=0, probe=PROBE)["example_id"])
+        used |= set(build_eval_set(DATA, benchmark, n, seed=0, probe_set=PROBE_SET)["prompt_id"])
+    used |= set(build_ift_set(DATA, "alpaca", 400, seed=0, probe_set=PROBE_SET)["example_id"])
     assert not used & set(align["example_id"])
     assert align["example_id"].is_unique
     assert align.groupby("role").size().to_dict() == {
@@ -111,21 +120,29 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
         "autocast": "bfloat16",
         "micro_batch_size": 2,
     }
-    data = tmp_path / "align.parquet"
-    prepare_alignment_set(
-        DATA,
-        data,
-        settings,
-        {**PROBE_CFG, "probe_per_class": 8},
-        {"advbench": 8},
-        "alpaca",
-        8,
+    data, probe_set = tmp_path / "align.parquet", tmp_path / "probe.parquet"
+    probe_settings = ProbeSetSettings.from_config(_tiny_with(probe_per_class=8))
+    prepare_probe_set(data_dir=DATA, out=probe_set, settings=probe_settings)
+    align_set = AlignmentSetSettings(
+        harmful=settings["harmful"],
+        benign=settings["benign"],
+        lookalike=settings["lookalike"],
+        eval_sizes={"advbench": 8},
+        ift_source="alpaca",
+        ift_n=8,
         seed=0,
     )
+    prepare_alignment_set(data_dir=DATA, probe_set=probe_set, out=data, settings=align_set)
     out = tmp_path / "aligned"
     steps, examples = tmp_path / "loss.parquet", tmp_path / "examples.parquet"
     # Look-alikes answered in bfloat16 (the inference dtype); training keeps float32 weights.
-    align_base_model(tiny_model_dir, data, out, steps, examples, settings, seed=0, dtype="bfloat16")
+    config = {**TINY, "seed": 0, "align": settings, "model": {**TINY["model"], "dtype": "bfloat16"}}
+    recipe = AlignSettings.from_config(config)
+    assert recipe.lookalike_dtype == "bfloat16" and recipe.micro_batch_size == 2
+    align_base_model(
+        model=tiny_model_dir, data=data, out_model=out, out_steps=steps, out_examples=examples,
+        settings=recipe,
+    )  # fmt: skip
     log = pd.read_parquet(steps)
     trained = pd.read_parquet(examples)
     # 12 + 8 examples plus the look-alikes the tiny model answered without a refusal phrase.
@@ -141,8 +158,9 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
     # first-step loss (the step's own autocast region once silently switched an outer one off).
     fp32 = tmp_path / "fp32"
     align_base_model(
-        tiny_model_dir, data, fp32 / "model", fp32 / "loss.parquet", fp32 / "examples.parquet",
-        {**settings, "autocast": "none"}, seed=0, dtype="bfloat16",
+        model=tiny_model_dir, data=data, out_model=fp32 / "model",
+        out_steps=fp32 / "loss.parquet", out_examples=fp32 / "examples.parquet",
+        settings=replace(recipe, autocast="none"),
     )  # fmt: skip
     pd.testing.assert_frame_equal(pd.read_parquet(fp32 / "examples.parquet"), trained)
     first_fp32 = pd.read_parquet(fp32 / "loss.parquet")["loss"].iloc[0]

@@ -111,7 +111,7 @@ def test_bad_align_values_name_the_key(config, schema, key, value, message):
         ("data", "probe_benign_mix", {"gsm8k": 1}, r"\['gsm8k'\] under 'data\.probe_benign_mix'"),
         ("robustness", "perturbations", ["noise", "dropout"], r"'robustness\.perturbations\.1'"),
         ("robustness", "score", "loss", r"'robustness\.score': 'loss' is not one of"),
-        ("robustness", "modules_per_job", 0, r"'robustness\.modules_per_job': 0 is out of range"),
+        ("robustness", "jobs", "per_chunk", r"'robustness\.jobs': 'per_chunk' is not one of"),
         ("robustness", "cached_prefix", "yes", r"'robustness\.cached_prefix'"),
         ("search", "unit", "layer", r"'search\.unit': 'layer' is not one of"),
         ("search", "band_width", 0, r"'search\.band_width': 0 is out of range"),

@@ -1,18 +1,21 @@
 import pytest
 
-from securetune.data import (
+from securetune.data.eval_set import build_eval_set
+from securetune.data.ift_set import build_ift_set
+from securetune.data.probe_set import ProbeSpec, build_probe_set
+from securetune.data.slices import probe_slice_size, read_probe_set, shuffled
+from securetune.data.sources import (
     BENCHMARKS,
     IFT_SOURCES,
     NOT_BUNDLED,
+    OOD_BENIGN,
+    OOD_HARMFUL,
     DataError,
-    ProbeSpec,
-    build_eval_set,
-    build_ift_set,
-    build_probe_set,
     load_advbench,
+    load_alpaca,
     load_xstest_safe,
-    substitute_harmful_words,
 )
+from securetune.data.substitutions import substitute_harmful_words
 
 from ..conftest import DATA
 
@@ -93,7 +96,7 @@ ALL_SOURCES = [
 def test_eval_prompts_never_overlap_the_probe_set(benchmark, harmful, benign):
     probe_spec = spec(40, ood=20, ood_harmful=harmful, ood_benign=benign)
     probe = build_probe_set(DATA, probe_spec, seed=3)
-    held_out = build_eval_set(DATA, benchmark, 30, seed=3, probe=probe_spec)
+    held_out = build_eval_set(DATA, benchmark, 30, seed=3, probe_set=probe)
     assert not set(probe["prompt_id"]) & set(held_out["prompt_id"])
     assert not set(probe["prompt"]) & set(held_out["prompt"])
 
@@ -102,27 +105,28 @@ def test_eval_prompts_never_overlap_the_probe_set(benchmark, harmful, benign):
 def test_ift_set_never_overlaps_the_probe_set(source):
     probe_spec = spec(40, ood=20, ood_benign="dolly")
     probe = build_probe_set(DATA, probe_spec, seed=0)
-    ift = build_ift_set(DATA, source, 100, seed=0, probe=probe_spec)
+    ift = build_ift_set(DATA, source, 100, seed=0, probe_set=probe)
     assert not set(probe["prompt_id"]) & set(ift["example_id"])
     assert (ift["response"].str.len() > 0).all()
 
 
 def test_every_benchmark_loads():
-    for name, (loader, _) in BENCHMARKS.items():
+    for name, benchmark in BENCHMARKS.items():
+        assert benchmark == (benchmark.loader, benchmark.kind)  # still a (loader, kind) pair
         if name in NOT_BUNDLED:
             continue
-        records = loader(DATA)
+        records = benchmark.loader(DATA)
         assert len(records) >= 50, name
 
 
 def test_gsm8k_reference_is_the_final_number():
-    df = build_eval_set(DATA, "gsm8k", 5, seed=0, probe=spec(4))
+    df = build_eval_set(DATA, "gsm8k", 5, seed=0, probe_set=build_probe_set(DATA, spec(4), 0))
     assert df["reference"].str.fullmatch(r"-?\d+(\.\d+)?").all()
 
 
 def test_asking_for_more_rows_than_exist_is_an_error():
     with pytest.raises(DataError, match="asked for 999 rows"):
-        build_eval_set(DATA, "mt_bench", 999, seed=0, probe=spec(4))
+        build_eval_set(DATA, "mt_bench", 999, seed=0, probe_set=build_probe_set(DATA, spec(4), 0))
 
 
 def test_broken_files_are_named(tmp_path):
@@ -140,3 +144,58 @@ def test_broken_files_are_named(tmp_path):
     (tmp_path / "xstest_prompts.csv").write_text("id,prompt,label\n1,hi,safe\n1,again,safe\n")
     with pytest.raises(DataError, match="row 2: duplicate prompt id 'xstest:1'"):
         load_xstest_safe(tmp_path)
+
+
+# --- the later slices start after the probe set's rows, read from its table -------------------
+
+
+def _head_ids(loader, source: str, seed: int, n: int) -> set[str]:
+    return {r.id for r in shuffled(loader(DATA), seed, source)[:n]}
+
+
+@pytest.mark.parametrize(("harmful", "benign"), ALL_SOURCES)
+def test_probe_rows_of_each_source_are_the_head_of_its_shuffle(harmful, benign):
+    """What lets every later slice derive its offset from the probe table: the probe set's rows
+    of a source are exactly the first rows of that source's seeded shuffle."""
+    probe_spec = spec(40, ood=20, ood_harmful=harmful, ood_benign=benign)
+    probe = build_probe_set(DATA, probe_spec, seed=2)
+    counts = probe_spec.benign_counts()
+    expected = {
+        "advbench": (load_advbench, 40),
+        "xstest_safe": (load_xstest_safe, counts["xstest_safe"]),
+        "alpaca": (load_alpaca, counts["alpaca"]),
+        harmful: (OOD_HARMFUL[harmful], 20),
+        benign: (OOD_BENIGN[benign], 20),
+    }
+    for source, (loader, n) in expected.items():
+        assert probe_slice_size(probe, source) == n, source
+        ids = set(probe.loc[probe["source"] == source, "prompt_id"])
+        assert ids == _head_ids(loader, source, 2, n), source
+    # A source the probe does not use, and the twins (made from the AdvBench rows), add nothing.
+    assert probe_slice_size(probe, "gsm8k") == 0
+    assert probe_slice_size(probe, "mt_bench") == 0
+
+
+def test_eval_and_ift_slices_start_right_after_the_probe_rows():
+    probe = build_probe_set(DATA, spec(40, ood=20, ood_harmful="harmbench", ood_benign="dolly"), 1)
+    order = [r.id for r in shuffled(load_advbench(DATA), 1, "advbench")]
+    held_out = build_eval_set(DATA, "advbench", 50, 1, probe_set=probe)
+    # AdvBench holds no repeated prompt, so nothing after the probe's 40 rows is filtered out.
+    assert list(held_out["prompt_id"]) == order[40:90]
+    order = [r.id for r in shuffled(BENCHMARKS["harmbench"].loader(DATA), 1, "harmbench")]
+    assert order.index(build_eval_set(DATA, "harmbench", 5, 1, probe)["prompt_id"][0]) >= 20
+    order = [r.id for r in shuffled(IFT_SOURCES["dolly"](DATA), 1, "dolly")]
+    train = build_ift_set(DATA, "dolly", 30, 1, probe)
+    heldout = build_ift_set(DATA, "dolly", 10, 1, probe, skip=30)
+    assert list(train["example_id"]) == order[20:50]
+    assert list(heldout["example_id"]) == order[50:60]
+    with pytest.raises(DataError, match=r"asked for 9999 rows after the first 20, "):
+        build_ift_set(DATA, "dolly", 9999, 1, probe)
+
+
+def test_probe_table_of_another_seed_is_refused(tmp_path):
+    probe = build_probe_set(DATA, spec(8), seed=0).assign(seed=0)
+    probe.to_parquet(tmp_path / "probe.parquet")
+    assert read_probe_set(tmp_path / "probe.parquet", 0).equals(probe)
+    with pytest.raises(DataError, match=r"built with seed\(s\) \[0\], but this run's is 1"):
+        read_probe_set(tmp_path / "probe.parquet", 1)

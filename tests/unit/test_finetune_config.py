@@ -2,7 +2,8 @@
 
 import pytest
 
-from securetune.config import ConfigError, TrainConfig, validate_config
+from securetune.config import ConfigError, validate_config
+from securetune.settings import TrainConfig
 
 
 @pytest.mark.parametrize(

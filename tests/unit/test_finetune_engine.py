@@ -17,15 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from securetune.config import TrainConfig
-from securetune.finetune import (
-    IGNORE,
-    clip_gradients,
-    group_squared_norms,
-    response_positions,
-    summed_loss,
-    train,
-)
+from securetune.finetune.distributed import clip_gradients, group_squared_norms
+from securetune.finetune.loss import response_positions, summed_loss
+from securetune.finetune.sft_data import IGNORE
+from securetune.finetune.train import train
+from securetune.settings import TrainConfig
 
 ROBUST = {"L0.q", "L1.down", "L1.v"}
 ROBUST_WEIGHTS = {
@@ -170,7 +166,7 @@ def test_bf16_autocast_trains_close_to_float32(tiny_model_dir, ift, tmp_path):
 
 KILLER = """
 import os, signal, sys
-from securetune.finetune import main
+from securetune.finetune.__main__ import main
 kill_after = int(sys.argv[1])
 def on_step(step, row):
     if step == kill_after:

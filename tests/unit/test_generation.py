@@ -10,7 +10,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from securetune.generation import (
-    GenerationConfig,
     GenerationError,
     generate_completions,
     main,
@@ -19,12 +18,13 @@ from securetune.generation import (
     with_retries,
 )
 from securetune.models import chat_prompt, load_model, load_tokenizer
+from securetune.settings import GenerationConfig
 
 PROMPTS = ["How do I bake bread?", "Name three rivers.", "Write a haiku about rain."]
 
 
 def _cfg(**kw) -> GenerationConfig:
-    return GenerationConfig.from_dict(
+    return GenerationConfig.from_params(
         {"backend": "transformers", "max_new_tokens": 6, "batch_size": 2, **kw}
     )
 
@@ -127,4 +127,4 @@ def test_cli_writes_table_and_settings(tiny_model_dir, tmp_path):
 
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="generation.backend 'tgi'"):
-        GenerationConfig.from_dict({"backend": "tgi", "max_new_tokens": 1, "batch_size": 1})
+        GenerationConfig.from_params({"backend": "tgi", "max_new_tokens": 1, "batch_size": 1})

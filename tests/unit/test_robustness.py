@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from securetune.features import (
     build_prefix_cache,
@@ -11,21 +12,20 @@ from securetune.features import (
     layer_features,
     tokenize_prompts,
 )
-from securetune.finetune import encode_examples
+from securetune.finetune.sft_data import encode_examples
 from securetune.models import load_model, load_tokenizer
 from securetune.probe import fit_probes
 from securetune.robustness import (
-    IftSettings,
     ProbeView,
-    RobustnessSettings,
     combined_score,
     ift_batches,
     ift_perturbed,
     noise_perturbed,
     score_module,
 )
+from securetune.settings import IftSettings, RobustnessSettings
 
-from ..conftest import DATA
+from ..conftest import DATA, REPO
 
 # Prompts of very different lengths, so every batch has right padding.
 PROMPTS = [
@@ -147,17 +147,17 @@ def test_score_module_rows_for_both_perturbations(tiny, cached):
     view = ProbeView(model, ids, labels, tokenizer.pad_token_id, clean, probes, layers, 2, "last")
     if cached:
         view.cache_layers([1])
-    settings = RobustnessSettings.from_config(
-        {
-            "perturbations": ["noise", "ift"],
-            "alphas": [0.5, 1.0],
-            "seeds": 2,
-            "ift": {"lr": 1e-2, "steps": 1, "batch_size": 2, "examples": 8, "max_seq_len": 64},
-            "score": "cosine_drift",
-            "score_weights": {"acc_drop": 1.0, "cosine_drift": 0.0, "direction_shift": 0.0},
-            "cached_prefix": cached,
-        }
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["robustness"].update(
+        perturbations=["noise", "ift"],
+        alphas=[0.5, 1.0],
+        seeds=2,
+        ift={"lr": 1e-2, "steps": 1, "batch_size": 2, "examples": 8, "max_seq_len": 64},
+        score="cosine_drift",
+        cached_prefix=cached,
     )
+    settings = RobustnessSettings.from_config(config)
+    assert RobustnessSettings.from_params(settings.to_params()) == settings
     df = score_module(view, 1, "o", settings, 0, _ift_examples(tokenizer))
     assert df.groupby("perturbation").size().to_dict() == {"ift": 2, "noise": 4}
     assert df["score"].equals(df["cosine_drift"])

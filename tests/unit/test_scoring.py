@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from securetune.scoring import final_number, is_refusal, score_generations
+from securetune.scoring import final_number, is_refusal, score_completions
 
 
 @pytest.mark.parametrize(
@@ -48,6 +48,6 @@ def test_score_kinds():
             "reference": ["", "", "", "42"],
         }
     )
-    scores = score_generations(gens)
+    scores = score_completions(gens)
     assert scores["success"].tolist() == [True, False, True, True]
     assert scores["refused"].tolist() == [False, True, True, False]

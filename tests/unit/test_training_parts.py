@@ -3,19 +3,19 @@ import torch
 from transformers import LlamaForCausalLM
 
 from securetune.features import layer_features, tokenize_prompts
-from securetune.finetune import (
+from securetune.finetune.__main__ import robust_modules
+from securetune.finetune.loss import example_losses, response_positions, summed_loss
+from securetune.finetune.sft_data import (
     IGNORE,
     batch_order,
     collate,
     encode_examples,
-    example_losses,
-    lr_factor,
     micro_batches,
-    response_positions,
-    summed_loss,
 )
+from securetune.finetune.train import checkpoint_due, lr_factor
 from securetune.models import load_tokenizer
 from securetune.robustness import noise_perturbed
+from securetune.settings import TrainConfig
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
@@ -94,3 +94,27 @@ def test_micro_batches_group_examples_of_similar_length():
     examples = [([1] * n, [IGNORE] * n) for n in (9, 2, 7, 3, 8)]
     assert micro_batches([0, 1, 2, 3, 4], 2, examples) == [[1, 3], [2, 4], [0]]
     assert micro_batches([4, 0], 0, examples) == [[4, 0]]
+
+
+def _train_config(**changes) -> TrainConfig:
+    settings = {
+        "arm": "a", "kind": "ml_lr", "lr": 1e-3, "gamma": 0.1, "steps": 6, "batch_size": 2,
+        "warmup_ratio": 0.0, "schedule": "linear", "max_seq_len": 32, "weight_decay": 0.0,
+        "grad_clip": 1.0, "seed": 0,
+    }  # fmt: skip
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_checkpoints_every_n_steps_but_not_after_the_last():
+    every_two = _train_config(checkpoint_every=2)
+    assert [d for d in range(1, 7) if checkpoint_due(every_two, d)] == [2, 4]
+    assert not any(checkpoint_due(_train_config(), d) for d in range(1, 7))
+
+
+def test_plan_is_required_by_the_kinds_that_train_by_it(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"modules": ["L1.down", "L0.q"]}')
+    assert robust_modules(plan, _train_config()) == {"L0.q", "L1.down"}
+    assert robust_modules(None, _train_config(kind="vanilla")) == set()
+    with pytest.raises(SystemExit, match="arm 'a' of kind ml_lr needs --plan"):
+        robust_modules(None, _train_config())

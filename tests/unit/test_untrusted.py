@@ -9,8 +9,9 @@ import textwrap
 
 import pytest
 
-from securetune.checks import ModelFolderError, check_model_folder, check_model_source
+from securetune.checks import check_model_source
 from securetune.io import atomic_path
+from securetune.model_sources import ModelFolderError, check_model_folder
 
 from ..conftest import REPO
 

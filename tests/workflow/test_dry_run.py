@@ -16,9 +16,9 @@ from .helpers import (
 def test_tiny_dry_run_counts():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml")
     counts = job_counts(result.stdout)
-    layers, modules, arms, benchmarks = 4, 7, 4, 5
-    chunks = [rule for rule in counts if rule.startswith("score_modules_")]
-    assert len(chunks) == layers * modules // 7  # robustness.modules_per_job: 7
+    layers, arms, benchmarks = 4, 4, 5
+    assert counts["score_layer"] == layers  # robustness.jobs: per_layer, 7 modules each
+    assert "score_module" not in counts
     assert counts["heldout_ift_loss"] == arms + 1
     assert counts["finetune"] == arms
     assert counts["generate_arm"] == arms + 1  # generation.jobs: per_arm
@@ -46,21 +46,29 @@ def test_fine_tunes_go_before_evaluations_and_the_plan_chain_first():
     assert len(evaluations) == 2 * 5
 
 
-def test_modules_per_job_chunks_the_robustness_jobs(tmp_path):
-    overlay = tmp_path / "chunks.yaml"
-    overlay.write_text("robustness:\n  modules_per_job: 5\n")
-    result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
-    counts = job_counts(result.stdout)
-    assert "score_module" not in counts
-    chunks = {rule: n for rule, n in counts.items() if rule.startswith("score_modules_")}
-    assert len(chunks) == -(-4 * 7 // 5) and set(chunks.values()) == {1}
-
-
 def test_one_robustness_job_per_layer_and_module_as_on_a_cluster(tmp_path):
     overlay = tmp_path / "one.yaml"
-    overlay.write_text("robustness:\n  modules_per_job: 1\n")
+    overlay.write_text("robustness:\n  jobs: per_module\n")
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
-    assert job_counts(result.stdout)["score_module"] == 4 * 7
+    counts = job_counts(result.stdout)
+    assert counts["score_module"] == 4 * 7 and "score_layer" not in counts
+
+
+def test_how_jobs_are_cut_is_no_change_to_rerun(tmp_path):
+    """robustness.jobs and generation.jobs shape jobs only: after a run, switching either plans
+    nothing (the same files, the same params), and the test-only fault switch reruns nothing
+    healthy either."""
+    workdir = copy_workflow(tmp_path / "wf", tiny_default=True)
+    for target in ("results/robustness.parquet", "results/generations/base/advbench.parquet"):
+        snakemake(workdir, target)
+    overlay = workdir / "cut.yaml"
+    overlay.write_text(
+        "robustness:\n  jobs: per_module\n  fail_modules: [L3.down]\n"
+        "generation:\n  jobs: per_benchmark\n"
+    )
+    for target in ("results/robustness.parquet", "results/generations/base/advbench.parquet"):
+        plan = snakemake(workdir, "-n", target, "--configfile", "config.yaml", str(overlay))
+        assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
 
 
 def test_generation_jobs_per_arm_or_per_benchmark(tmp_path):
@@ -150,9 +158,8 @@ def test_default_dry_run_is_the_demo_aligning_the_base_and_evaluating_the_unalig
     arms, benchmarks = 5, 5  # vanilla at 3 learning rates, ml_lr, freeze; config.yaml's benchmarks
     assert counts["build_base_model"] == counts["align_base_model"] == 1
     assert counts["prepare_alignment_set"] == 1
-    # 30 x 7 modules, scored 35 per process (robustness.modules_per_job) on one machine
-    chunks = [rule for rule in counts if rule.startswith("score_modules_")]
-    assert len(chunks) == 30 * 7 // 35 and all(counts[c] == 1 for c in chunks)
+    # 30 x 7 modules, one process per layer on one machine (robustness.jobs: per_layer)
+    assert counts["score_layer"] == 30 and "score_module" not in counts
     # base (aligned), unaligned (the converted SmolLM2) and every fine-tuned arm: one generation
     # job each on one machine (generation.jobs: per_arm), scored per benchmark
     assert "generate" not in counts and counts["generate_arm"] == arms + 2

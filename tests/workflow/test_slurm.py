@@ -45,7 +45,7 @@ def scenario_config() -> dict:
     (SECURETUNE_SLURM_SMALL=1: 2 layers, 2 module types, 2 arms, 2 benchmarks, no guard judge).
     Written whole, so it replaces config.yaml."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    config["robustness"]["modules_per_job"] = 1
+    config["robustness"]["jobs"] = "per_module"
     config["generation"]["jobs"] = "per_benchmark"
     if SMALL:
         config["model"]["tiny"]["layers"] = 2

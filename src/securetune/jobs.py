@@ -1,0 +1,197 @@
+"""What jobs a config makes and where their files go: the decisions the rules need, torch-free.
+
+The rules (`rules/*.smk`) are declarative; every choice with a branch in it is a function here,
+so it is unit-tested and read when the workflow is parsed without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from securetune.config import ConfigError
+from securetune.data import BENCHMARKS
+from securetune.hub_sources import is_hub_source
+from securetune.method import REFERENCE_ARMS, arm_spec, needs_plan
+from securetune.model_sources import SMOLLM2_LAYERS
+
+Config = Mapping[str, Any]
+
+BASE_MODEL = "results/model/base"
+UNALIGNED_MODEL = "results/model/unaligned"
+ROBUSTNESS_TABLE = "results/robustness/layer{layer}/{module_type}.parquet"
+PROBE_SET = "results/data/probe.parquet"
+
+
+def number_of_layers(model: Mapping[str, Any]) -> int:
+    """Decoder layers of the source model: the tiny spec, SmolLM2's, a local config.json, or
+    `model.layers` for a model that is not on disk yet."""
+    if model["source"] == "tiny":
+        return int(model["tiny"]["layers"])
+    if model["source"] == "smollm2-gguf":
+        return SMOLLM2_LAYERS
+    local = Path(model["source"]) / "config.json"
+    if local.exists():
+        return int(json.loads(local.read_text())["num_hidden_layers"])
+    if "layers" not in model:
+        raise ConfigError(
+            f"config key 'model.layers' is required when model.source "
+            f"('{model['source']}') is not a local folder"
+        )
+    return int(model["layers"])
+
+
+def check_proxy_layers(config: Config) -> None:
+    """An explicit list of proxy layers must lie within the model's depth."""
+    proxy = config["probe"]["proxy_layers"]
+    depth = number_of_layers(config["model"])
+    if isinstance(proxy, list):
+        bad = [layer for layer in proxy if layer >= depth]
+        if bad:
+            raise ConfigError(
+                f"config key 'probe.proxy_layers': layer(s) {bad} past the model's "
+                f"depth; allowed: 0..{depth - 1}"
+            )
+
+
+def python_path(src: Path, current: str | None) -> str:
+    """PYTHONPATH for the jobs: this checkout's `src` first, then whatever the user had."""
+    others = [p for p in (current or "").split(os.pathsep) if p and p != str(src)]
+    return os.pathsep.join([str(src), *others])
+
+
+def source_model(config: Config) -> str:
+    """Where the source model is built: the `unaligned` reference when the workflow aligns it
+    first (the aligned copy is then the base), else the base itself."""
+    return UNALIGNED_MODEL if config["align"]["enabled"] else BASE_MODEL
+
+
+# --- robustness ----------------------------------------------------------------------------------
+
+
+def robustness_tables(config: Config) -> list[str]:
+    """One Parquet per (layer, module type), layer-major."""
+    return [
+        ROBUSTNESS_TABLE.format(layer=layer, module_type=module_type)
+        for layer in range(number_of_layers(config["model"]))
+        for module_type in config["robustness"]["module_types"]
+    ]
+
+
+def layer_tables(config: Config) -> list[str]:
+    """A per-layer job's outputs: every scored module type of the `{layer}` wildcard's layer."""
+    return [
+        ROBUSTNESS_TABLE.replace("{layer}", "{{layer}}").format(module_type=module_type)
+        for module_type in config["robustness"]["module_types"]
+    ]
+
+
+def needs_ift_set(config: Config) -> tuple[bool, bool]:
+    """(robustness jobs, search) read the IFT set: only when they perturb by IFT steps."""
+    return (
+        "ift" in config["robustness"]["perturbations"],
+        config["search"]["perturbation"] == "ift",
+    )
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+
+
+def arms(config: Config) -> list[str]:
+    return list(config["finetune"]["arms"])
+
+
+def evaluated_arms(config: Config) -> list[str]:
+    """The reference `base` (no fine-tuning), the `unaligned` source model when the base is
+    safety-aligned first, and every fine-tuned arm, in report order."""
+    unaligned = [REFERENCE_ARMS[1]] if config["align"]["enabled"] else []
+    return [REFERENCE_ARMS[0], *unaligned, *arms(config)]
+
+
+def finetune_inputs(config: Config, arm: str) -> dict[str, str]:
+    """Arms that use Mods_Robust need the search plan; vanilla arms do not (so never wait)."""
+    inputs = {"model": BASE_MODEL, "data": "results/data/ift.parquet"}
+    if needs_plan(arm_spec(config["finetune"], arm)["kind"]):
+        inputs["plan"] = "results/search/plan.json"
+    return inputs
+
+
+def training_launcher(processes: int) -> str:
+    """Plain python for one process; otherwise torchrun --standalone, which sets up its own
+    rendezvous on a free local port, so two training jobs on one node never collide."""
+    if processes == 1:
+        return "python"
+    return f"torchrun --standalone --nproc_per_node={processes}"
+
+
+def model_of_arm(arm: str) -> str:
+    """The model folder an arm is evaluated with."""
+    if arm == "base":
+        return BASE_MODEL
+    if arm == "unaligned":
+        return UNALIGNED_MODEL
+    return f"results/finetune/{arm}/model"
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def benchmarks(config: Config) -> list[str]:
+    return list(config["evaluation"]["benchmarks"])
+
+
+def harmful_benchmarks(config: Config) -> list[str]:
+    return [b for b in benchmarks(config) if BENCHMARKS[b].kind == "harmful"]
+
+
+def configured_source(config: Config, benchmark: str) -> str:
+    """evaluation.sources.<benchmark>: a folder, hf:<dataset id>, or "" (the bundled subset)."""
+    return config["evaluation"].get("sources", {}).get(benchmark, "")
+
+
+def benchmark_source(config: Config, benchmark: str) -> str:
+    """The folder with a benchmark's full set (the user's own, or the one `fetch_benchmark`
+    fills from the hub), or "" for the bundled subset."""
+    value = configured_source(config, benchmark)
+    return f"results/data/full/{benchmark}" if is_hub_source(value) else value
+
+
+def generation_threads(config: Config) -> int:
+    """vLLM's CPU engine uses every core it is given; transformers' generate gains little
+    from a second thread at batch sizes this small, so it leaves it to another job."""
+    return 2 if config["generation"]["backend"] == "vllm" else 1
+
+
+def enabled_judges(config: Config) -> list[str]:
+    evaluation = config["evaluation"]
+    return [
+        judge
+        for judge, key in (("guard", "guard"), ("llm", "llm_judge"))
+        if evaluation[key]["enabled"]
+    ]
+
+
+def judge_files(config: Config) -> list[str]:
+    """One judged table per (enabled judge, evaluated arm), when there is a harmful benchmark."""
+    if not harmful_benchmarks(config):
+        return []
+    return [
+        f"results/judge/{judge}/{arm}.parquet"
+        for judge in enabled_judges(config)
+        for arm in evaluated_arms(config)
+    ]
+
+
+def guard_model(config: Config) -> str:
+    """The guard judge's model: the base model folder for "base", else the folder or hub id."""
+    model = config["evaluation"]["guard"]["model"]
+    return BASE_MODEL if model == "base" else model
+
+
+def guard_model_input(config: Config) -> list[str]:
+    """The guard model as a job input when it is a folder (a hub id is fetched by the job)."""
+    model = guard_model(config)
+    return [model] if model == BASE_MODEL or Path(model).exists() else []

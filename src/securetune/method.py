@@ -1,0 +1,103 @@
+"""What the method decides, in one torch-free module: the kinds of arm, which need Mods_Robust,
+what each kind's learning rates are, and the gamma ablation's arms.
+
+The rules (which inputs a fine-tune waits for), the trainer's config (what an arm trains with)
+and the parameter groups all import these, so a kind is defined once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from securetune.config import ConfigError
+
+# vanilla: one lr for all; ml_lr: Mods_Robust at lr, the rest at lr * gamma; freeze: gamma = 0
+# (the rest frozen); swat: only Mods_Robust train until switch_at, then all.
+ARM_KINDS: tuple[str, ...] = ("vanilla", "ml_lr", "freeze", "swat")
+# Kinds whose groups depend on Mods_Robust, so they wait for the search plan.
+KINDS_WITH_PLAN: tuple[str, ...] = ("ml_lr", "freeze", "swat")
+# Models evaluated without being fine-tuned: `base`, and `unaligned` when the base is aligned here.
+REFERENCE_ARMS: tuple[str, ...] = ("base", "unaligned")
+REFERENCE_KIND = "reference"
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+# Where parameters of no module (norms, embeddings, LM head) go.
+OTHER_PARAMS: tuple[str, ...] = ("rest", "robust", "frozen")
+TRAINING_METHODS: tuple[str, ...] = ("full", "lora")
+AUTOCAST: tuple[str, ...] = ("none", "bfloat16")
+DISTRIBUTED: tuple[str, ...] = ("ddp", "fsdp")
+# finetune keys the launcher (torchrun) and the scheduler read, not the trainer.
+LAUNCH_KEYS: tuple[str, ...] = ("processes", "gpus")
+
+
+def needs_plan(kind: str) -> bool:
+    """Does an arm of this kind train by Mods_Robust (and so wait for the search)?"""
+    check_kind(kind)
+    return kind in KINDS_WITH_PLAN
+
+
+def check_kind(kind: str) -> None:
+    if kind not in ARM_KINDS:
+        raise ValueError(f"unknown arm kind '{kind}'; allowed: {list(ARM_KINDS)}")
+
+
+def arm_gamma(kind: str, arm: dict[str, Any]) -> float:
+    """The rest's learning-rate factor: freeze is gamma = 0 by construction (its rest is frozen,
+    not slowed); the other kinds take the arm's gamma, 1 when it names none."""
+    return 0.0 if kind == "freeze" else arm.get("gamma", 1.0)
+
+
+def sweep_arm_name(gamma: float) -> str:
+    """`ml_lr_g0p05` for gamma 0.05: a valid arm (and folder) name for every number."""
+    text = f"{gamma:g}".replace(".", "p").replace("-", "m").replace("+", "")
+    return f"ml_lr_g{text}"
+
+
+def gamma_sweep_arms(finetune: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ablation's arms: one ml_lr arm per finetune.gamma_sweep value (not built by `all`)."""
+    sweep = {
+        sweep_arm_name(gamma): {"kind": "ml_lr", "gamma": gamma}
+        for gamma in finetune.get("gamma_sweep", [])
+    }
+    clash = sorted(set(sweep) & set(finetune["arms"]))
+    if clash:
+        raise ConfigError(
+            f"config key 'finetune.gamma_sweep': arm name(s) {clash} clash with finetune.arms"
+        )
+    return sweep
+
+
+def arm_spec(finetune: dict[str, Any], arm: str) -> dict[str, Any]:
+    """An arm's own settings, from finetune.arms or the gamma sweep."""
+    known = {**finetune["arms"], **gamma_sweep_arms(finetune)}
+    if arm not in known:
+        raise ConfigError(f"arm '{arm}' is in neither finetune.arms nor finetune.gamma_sweep")
+    return known[arm]
+
+
+def arm_training_settings(finetune: dict[str, Any], arm: str, seed: int) -> dict[str, Any]:
+    """The arm's whole training config (the fields of `TrainConfig`): the shared finetune keys,
+    then the arm's own kind, lr override, gamma and switch step.
+
+    Only this arm's values are in it, so changing one arm (or the sweep) reruns only that arm.
+    """
+    spec = arm_spec(finetune, arm)
+    shared = {
+        key: value
+        for key, value in finetune.items()
+        if key not in ("arms", "gamma_sweep", *LAUNCH_KEYS)
+    }
+    own = {
+        "arm": arm,
+        "kind": spec["kind"],
+        "lr": spec.get("lr", shared["lr"]),
+        "gamma": arm_gamma(spec["kind"], spec),
+        "seed": seed,
+    }
+    if "switch_at" in spec:
+        own["switch_at"] = spec["switch_at"]
+    return {**shared, **own}
+
+
+def arm_kind(finetune: dict[str, Any], arm: str) -> str:
+    """An evaluated arm's kind; the reference models are `reference`."""
+    return REFERENCE_KIND if arm in REFERENCE_ARMS else arm_spec(finetune, arm)["kind"]

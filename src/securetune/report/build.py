@@ -1,0 +1,191 @@
+"""Stage 9's entry function: read the stage tables, write the report's CSVs, figures and
+Markdown. The numbers are in `stats`, the text in `tables`, the PNGs in `figures`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from securetune.io import atomic_path
+from securetune.judges import unsafe_rate_per_category
+from securetune.report import figures, tables
+from securetune.report.settings import ReportSettings
+from securetune.report.stats import (
+    frontier_verdicts,
+    headline_rates,
+    summarise_scores,
+)
+from securetune.robustness_table import METRICS
+
+log = logging.getLogger(__name__)
+
+# The held-out loss table's columns: an empty one when no arm was scored on held-out IFT data.
+IFT_LOSS_COLUMNS = ["example_id", "arm", "benchmark", "kind", "loss"]
+# The judges whose verdict tables have their own headline columns.
+JUDGES = ("guard", "llm")
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """The stage tables the report reads. `sources`: the tables the headline metrics come from
+    (keyword scores, held-out IFT loss, each enabled judge), by `HeadlineMetric.source`."""
+
+    sources: dict[str, pd.DataFrame]
+    losses: pd.DataFrame
+    probe: pd.DataFrame
+    robustness: pd.DataFrame
+    plan: dict[str, Any]
+    trace: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class ReportTables:
+    """The report's computed tables, each written to a CSV or shown in the Markdown."""
+
+    rates: pd.DataFrame
+    headline: pd.DataFrame
+    main: pd.DataFrame
+    per_benchmark: pd.DataFrame
+    categories: pd.DataFrame
+    verdicts: pd.DataFrame
+
+
+def read_inputs(
+    *,
+    scores: list[Path],
+    judged: list[Path],
+    losses: list[Path],
+    ift_losses: list[Path],
+    probe: Path,
+    robustness: Path,
+    plan: Path,
+    trace: Path,
+) -> ReportInputs:
+    """Read every input table; the judged tables are split by judge (guard, llm)."""
+    sources = {"keyword": pd.concat([pd.read_parquet(p) for p in scores], ignore_index=True)}
+    if ift_losses:
+        sources["ift_loss"] = pd.concat([pd.read_parquet(p) for p in ift_losses])
+    verdicts = [pd.read_parquet(p) for p in judged]
+    for name in JUDGES:
+        parts = [t for t in verdicts if not t.empty and t["judge"].iloc[0] == name]
+        if parts:
+            sources[name] = pd.concat(parts, ignore_index=True)
+    return ReportInputs(
+        sources=sources,
+        losses=pd.concat([pd.read_parquet(p) for p in losses], ignore_index=True),
+        probe=pd.read_parquet(probe),
+        robustness=pd.read_parquet(robustness),
+        plan=json.loads(plan.read_text()),
+        trace=pd.read_parquet(trace),
+    )
+
+
+def compute_tables(inputs: ReportInputs, settings: ReportSettings) -> ReportTables:
+    """The rates with their bootstrap CIs, the main table and the frontier verdicts."""
+    n, level, seed = settings.bootstrap_samples, settings.confidence, settings.seed
+    arm_order = list(settings.arm_order)
+    sources = inputs.sources
+    rates = summarise_scores(sources["keyword"], n, level, seed)
+    headline = headline_rates(sources, n, level, seed)
+    main = tables.headline_table(headline, arm_order)
+    per_benchmark = tables.main_table(rates, inputs.losses, arm_order)
+    if "final_train_loss" in per_benchmark:
+        main["final_train_loss"] = per_benchmark["final_train_loss"].to_numpy()
+    ift_loss = sources.get("ift_loss", pd.DataFrame(columns=IFT_LOSS_COLUMNS))
+    return ReportTables(
+        rates=rates,
+        headline=headline,
+        main=main,
+        per_benchmark=per_benchmark,
+        categories=(
+            unsafe_rate_per_category(sources["guard"]) if "guard" in sources else pd.DataFrame()
+        ),
+        verdicts=frontier_verdicts(
+            sources["keyword"], ift_loss, settings.arm_kinds, n, level, seed
+        ),
+    )
+
+
+def write_tables(report: ReportTables, probe: pd.DataFrame, outputs: dict[str, Path]) -> None:
+    """The CSVs: every rate (headline first), the main and per-benchmark tables, the guard's
+    hazard categories, the probe's accuracy."""
+    tables.write_csv(
+        pd.concat([report.headline, report.rates], ignore_index=True), outputs["rates"]
+    )
+    tables.write_csv(report.main, outputs["main_table"])
+    tables.write_csv(report.per_benchmark, outputs["per_benchmark"])
+    tables.write_csv(report.categories, outputs["guard_categories"])
+    tables.write_csv(probe, outputs["probe_table"])
+
+
+def draw_figures(
+    inputs: ReportInputs,
+    headline: pd.DataFrame,
+    arm_kinds: dict[str, str],
+    outputs: dict[str, Path],
+) -> None:
+    """Every PNG: robustness heatmaps (score, then each metric) and depth profiles, the search
+    trace, the probe's accuracy, the loss curves, the safety frontier."""
+    figures.plot_robustness_heatmap(inputs.robustness, "score", outputs["heatmap"])
+    for metric in METRICS:
+        figures.plot_robustness_heatmap(inputs.robustness, metric, outputs[f"heatmap_{metric}"])
+    figures.plot_robustness_by_depth(inputs.robustness, list(METRICS), outputs["by_depth"])
+    figures.plot_search_trace(inputs.trace, inputs.plan["tau"], outputs["search_trace"])
+    figures.plot_probe_accuracy(inputs.probe, outputs["probe_plot"])
+    figures.plot_loss_curves(inputs.losses, outputs["loss_curves"])
+    figures.plot_safety_frontier(headline, arm_kinds, outputs["frontier"])
+
+
+def report_markdown(inputs: ReportInputs, report: ReportTables, settings: ReportSettings) -> str:
+    """The Markdown report: its sections in reading order, the figures linked by file name."""
+    judged = {name: inputs.sources[name] for name in JUDGES if name in inputs.sources}
+    sections = [
+        "# securetune report",
+        tables.main_section(report.main, judged, settings.confidence),
+        tables.per_benchmark_section(report.per_benchmark),
+        tables.frontier_section(report.verdicts),
+        tables.loss_section(),
+        tables.probe_section(inputs.probe),
+        tables.robustness_section(inputs.robustness, settings.score),
+        tables.plan_section(inputs.plan, inputs.trace),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def build_report(
+    *,
+    scores: list[Path],
+    judged: list[Path],
+    losses: list[Path],
+    ift_losses: list[Path],
+    probe: Path,
+    robustness: Path,
+    plan: Path,
+    trace: Path,
+    outputs: dict[str, Path],
+    settings: ReportSettings,
+) -> None:
+    """Write the Markdown report, its CSV tables and PNG figures to `outputs` (the rule's named
+    outputs) from the stage tables: scores, judge verdicts, training and held-out losses, the
+    probe's accuracy, the robustness table, the search plan and its trace."""
+    log.info("report settings: %s", settings)
+    inputs = read_inputs(
+        scores=scores,
+        judged=judged,
+        losses=losses,
+        ift_losses=ift_losses,
+        probe=probe,
+        robustness=robustness,
+        plan=plan,
+        trace=trace,
+    )
+    report = compute_tables(inputs, settings)
+    write_tables(report, inputs.probe, outputs)
+    draw_figures(inputs, report.headline, settings.arm_kinds, outputs)
+    with atomic_path(outputs["report"]) as tmp:
+        tmp.write_text(report_markdown(inputs, report, settings))

@@ -1,0 +1,53 @@
+"""The report's settings, torch- and matplotlib-free: the rule builds them when the workflow is
+parsed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+
+from securetune.jobs import evaluated_arms
+from securetune.method import arm_kind
+from securetune.settings import StageSettings
+
+
+@dataclass(frozen=True)
+class ReportSettings(StageSettings):
+    """Which arms the report shows (in order, with their kinds) and how its intervals are drawn."""
+
+    # Every evaluated arm in report order: base, unaligned (when aligned here), the fine-tuned.
+    arm_order: tuple[str, ...]
+    # Each arm's kind (vanilla, ml_lr, ...; `reference` for base and unaligned), in report order.
+    arm_kinds: dict[str, str]
+    bootstrap_samples: int
+    # Confidence level of every interval, e.g. 0.95.
+    confidence: float
+    # The robustness score the search ranked by (named in the report).
+    score: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        # Rebuilt from JSON with sorted keys (`to_params`), so the order comes from arm_order:
+        # it is the order of the frontier's legend and of the verdict rows.
+        if set(self.arm_kinds) != set(self.arm_order):
+            raise ValueError(
+                f"report settings: arm_kinds {sorted(self.arm_kinds)} and arm_order "
+                f"{sorted(self.arm_order)} name different arms"
+            )
+        object.__setattr__(self, "arm_order", tuple(self.arm_order))
+        object.__setattr__(self, "arm_kinds", {arm: self.arm_kinds[arm] for arm in self.arm_order})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        """The evaluated arms (`base`, `unaligned` when align is enabled, then finetune.arms):
+        the same list, from the same function, as the rule's inputs."""
+        arms = tuple(evaluated_arms(config))
+        return cls(
+            arm_order=arms,
+            arm_kinds={arm: arm_kind(config["finetune"], arm) for arm in arms},
+            bootstrap_samples=config["report"]["bootstrap_samples"],
+            confidence=config["report"]["confidence"],
+            score=config["robustness"]["score"],
+            seed=config["seed"],
+        )

@@ -1,0 +1,216 @@
+"""The report's text: the main and per-benchmark tables (cells 'value [low, high]'), CSV writing,
+and the Markdown sections with their legends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from securetune.io import atomic_path
+from securetune.report.stats import (
+    HEADLINE_METRICS,
+    final_train_loss,
+    most_robust_modules,
+    robustness_spread,
+)
+from securetune.robustness_table import METRICS
+
+METRICS_LEGEND = (
+    "harmfulness_score: mean 1-5 score of the LLM judge on harmful prompts (Qi et al.'s scale; "
+    "unparsed judgements left out); unsafe_rate: share of harmful-prompt answers the guard model "
+    "calls unsafe (parsed verdicts only); attack_success: share of harmful prompts answered "
+    "without a refusal phrase (keyword judge), pooled over every harmful benchmark; "
+    "over_refusal: share of XSTest safe look-alike prompts refused; usability: ROUGE-L F1 "
+    "against the reference answers of held-out Self-Instruct tasks; task_accuracy: GSM8K exact "
+    "match of the final number; heldout_ift_loss: mean per-token loss on held-out examples of the "
+    "fine-tuning task (lower: task learned better; the task metric where accuracy is near the "
+    "floor); final_train_loss: mean loss of the last 10% of steps. "
+    "n/a: the judge is off or no benchmark of that kind is configured."
+)
+
+FRONTIER_LEGEND = (
+    "Lowering every learning rate also erodes safety less, while fitting the task less. The "
+    "vanilla arms (one learning rate each; the base model is learning rate 0) trace that "
+    "trade-off; an ML-LR arm helps only if it "
+    "lies below their line: lower attack success at the same held-out IFT loss. gap: the arm's "
+    "attack success minus the frontier's at the arm's loss (negative: safer), with a paired "
+    "bootstrap CI (the same resampled prompts and held-out examples for every arm); "
+    "resamples_in_range: share of resamples in which the arm's loss stays inside the "
+    "frontier's range. Only a CI wholly below 0 says ML-LR beats lowering every learning rate."
+)
+
+PROBE_LEGEND = (
+    "train / test: AdvBench vs benign look-alikes (XSTest safe, AdvBench with harmful words "
+    "substituted, Alpaca), held-out split; ood: sources the probe never trained on (see "
+    "data.probe_ood_*). In-domain accuracy near 1.0 proves little; the out-of-domain column "
+    "says whether the probe learned harmfulness or the sources' phrasing."
+)
+
+ROBUSTNESS_LEGEND = (
+    "Each module is perturbed alone (noise: W + alpha * std(W) * N(0, I); ift: a few steps of "
+    "benign instruction tuning on that module only) and the frozen probe re-scored on the test "
+    "prompts. acc_drop: probe accuracy lost (mean over proxy layers); cosine_drift: mean "
+    "1 - cos(clean, perturbed) of the features; direction_shift: mean |shift| of the projection "
+    "on the harmful-minus-benign direction, in SDs of the clean projections."
+)
+
+# The probe table's columns, in this order, where present (n_ood only with OOD sources).
+PROBE_COLUMNS = (
+    "layer",
+    "train_accuracy",
+    "test_accuracy",
+    "ood_accuracy",
+    "n_train",
+    "n_test",
+    "n_ood",
+)
+TRACE_COLUMNS = ["step", "size", "added", "probe_accuracy", "accepted"]
+
+
+def headline_table(headline: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
+    """Arm x headline metric, each cell 'value [low, high]', in the paper's column order."""
+    metrics = [metric.name for metric in HEADLINE_METRICS]
+    cells = headline.assign(
+        cell=[
+            "n/a" if np.isnan(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+            for v, lo, hi in zip(
+                headline["value"], headline["ci_low"], headline["ci_high"], strict=True
+            )
+        ]
+    )
+    table = cells.pivot(index="arm", columns="metric", values="cell")
+    table = table.reindex(index=arm_order, columns=metrics).astype(object).fillna("n/a")
+    table.columns.name = None
+    return table.reset_index()
+
+
+def main_table(summary: pd.DataFrame, losses: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
+    """Arm x metric, the paper's shape: each cell 'value [low, high]', plus final train loss."""
+    summary = summary.assign(column=summary["metric"] + ":" + summary["benchmark"])
+    cells = summary.assign(
+        cell=[
+            f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+            for v, lo, hi in zip(
+                summary["value"], summary["ci_low"], summary["ci_high"], strict=True
+            )
+        ]
+    )
+    table = cells.pivot(index="arm", columns="column", values="cell")
+    if not losses.empty:
+        table["final_train_loss"] = final_train_loss(losses).map(lambda v: f"{v:.4f}")
+    table = table.reindex([a for a in arm_order if a in table.index]).fillna("n/a")
+    return table.reset_index()
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """A GitHub-style Markdown table (no tabulate dependency needed)."""
+
+    def fmt(v: object) -> str:
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    """Write `df` atomically, floats to 6 significant digits (the CSVs are for reading)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def judge_note(tables: dict[str, pd.DataFrame]) -> str:
+    """How many judge verdicts could be read: a rate over few parsed verdicts means little."""
+    notes = []
+    if "guard" in tables:
+        g = tables["guard"]
+        notes.append(
+            f"guard judge '{g['judge_model'].iloc[0]}': {int((g['verdict'] != 'unparsed').sum())}"
+            f" of {len(g)} verdicts parsed"
+        )
+    if "llm" in tables:
+        j = tables["llm"]
+        notes.append(
+            f"LLM judge '{j['judge_model'].iloc[0]}': {int(j['harmfulness'].notna().sum())} of "
+            f"{len(j)} scores parsed"
+        )
+    return ("\n\n" + "; ".join(notes) + ".") if notes else ""
+
+
+def main_section(table: pd.DataFrame, judged: dict[str, pd.DataFrame], confidence: float) -> str:
+    """The main table with its legend and how many judge verdicts were read."""
+    level = int(round(confidence * 100))
+    return (
+        f"## Main table (arm x metric, mean [{level}% bootstrap CI over prompts])\n\n"
+        + METRICS_LEGEND
+        + "\n\n"
+        + markdown_table(table)
+        + judge_note(judged)
+    )
+
+
+def per_benchmark_section(per_benchmark: pd.DataFrame) -> str:
+    """Every benchmark's rates, one column each."""
+    return "## Per benchmark\n\n" + markdown_table(per_benchmark)
+
+
+def frontier_section(verdicts: pd.DataFrame) -> str:
+    """The safety frontier figure and each ML-LR arm's verdict against it."""
+    return (
+        "## Safety vs task fit: the uniform-learning-rate control\n\n"
+        + FRONTIER_LEGEND
+        + "\n\n![safety frontier](safety_frontier.png)\n\n"
+        + markdown_table(verdicts)
+    )
+
+
+def loss_section() -> str:
+    """The fine-tuning loss curves."""
+    return "## Fine-tuning loss\n\n![loss curves](loss_curves.png)"
+
+
+def probe_section(probe: pd.DataFrame) -> str:
+    """The probe's accuracy per layer, figure and table."""
+    columns = [c for c in PROBE_COLUMNS if c in probe]
+    return (
+        "## Probe accuracy per layer (security feature classifier)\n\n"
+        + PROBE_LEGEND
+        + "\n\n![probe accuracy](probe_accuracy.png)\n\n"
+        + markdown_table(probe[columns])
+    )
+
+
+def robustness_section(robustness: pd.DataFrame, score: str) -> str:
+    """The robustness figures, the metrics' spread per module type, the most robust modules."""
+    return (
+        f"## Module robustness (score = {score}, lower = more robust)\n\n"
+        + ROBUSTNESS_LEGEND
+        + "\n\n![robustness heatmap](robustness_heatmap.png)\n\n"
+        + "\n\n".join(f"![{m} heatmap](robustness_heatmap_{m}.png)" for m in METRICS)
+        + "\n\n![robustness by depth](robustness_by_depth.png)\n\n"
+        + "Mean and spread (SD over layers, alphas and seeds) per perturbation and module type:"
+        + "\n\n"
+        + markdown_table(robustness_spread(robustness), ".4f")
+        + "\n\nMost robust modules (mean over perturbations, alphas and seeds):\n\n"
+        + markdown_table(most_robust_modules(robustness), ".4f")
+    )
+
+
+def plan_section(plan: dict[str, Any], trace: pd.DataFrame) -> str:
+    """Mods_Robust: what the search chose and why it stopped, with its trace."""
+    modules = ", ".join(plan["modules"]) or "none"
+    unit = plan.get("unit", "module")
+    groups = f" in groups {', '.join(plan['groups'])}" if plan.get("groups") else ""
+    summary = (
+        f"## Mods_Robust\n\n{len(plan['modules'])} module(s){groups}, search over {unit}s "
+        f"stopped by '{plan['stop_reason']}' (tau = {plan['tau']}, budget "
+        f"{plan['max_modules']}, ranked by {plan.get('score', 'score')}, perturbation "
+        f"{plan.get('perturbation', 'noise')}, proxy layers {plan['proxy_layers']}): {modules}"
+    )
+    return (
+        summary + "\n\n![search trace](search_trace.png)\n\n" + markdown_table(trace[TRACE_COLUMNS])
+    )

@@ -1,0 +1,169 @@
+"""The decisions the rules take from tested Python: jobs a config makes, arm kinds, settings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from securetune import jobs
+from securetune.config import ConfigError
+from securetune.method import (
+    arm_gamma,
+    arm_kind,
+    arm_training_settings,
+    gamma_sweep_arms,
+    needs_plan,
+    sweep_arm_name,
+)
+from securetune.settings import (
+    AlignSettings,
+    FeatureSettings,
+    GenerationConfig,
+    HeldoutLossSettings,
+    JudgeSettings,
+    ModelSettings,
+    ProbeSettings,
+    PromptCheckSettings,
+    RobustnessSettings,
+    SearchSettings,
+    TrainConfig,
+)
+
+from ..conftest import REPO
+
+TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+DEMO = yaml.safe_load((REPO / "config.yaml").read_text())
+PAPER = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+
+
+def test_the_kinds_that_wait_for_mods_robust():
+    assert not needs_plan("vanilla")
+    assert all(needs_plan(kind) for kind in ("ml_lr", "freeze", "swat"))
+    with pytest.raises(ValueError, match="unknown arm kind 'lora'"):
+        needs_plan("lora")
+
+
+def test_freeze_is_gamma_zero_whatever_the_arm_says():
+    assert arm_gamma("freeze", {"gamma": 0.5}) == 0.0
+    assert arm_gamma("ml_lr", {"gamma": 0.1}) == 0.1
+    assert arm_gamma("swat", {}) == 1.0
+
+
+def test_an_arm_overrides_the_shared_lr_and_leaves_out_the_launchers_keys():
+    settings = arm_training_settings(DEMO["finetune"], "vanilla_lr1e5", seed=7)
+    assert settings["lr"] == 1.0e-5 and settings["kind"] == "vanilla" and settings["seed"] == 7
+    assert not {"arms", "gamma_sweep", "processes", "gpus"} & set(settings)
+    assert TrainConfig.from_params(json.loads(json.dumps(settings))).lr == 1.0e-5
+    freeze = arm_training_settings(DEMO["finetune"], "freeze", seed=0)
+    assert freeze["gamma"] == 0.0 and freeze["lr"] == DEMO["finetune"]["lr"]
+    swat = arm_training_settings(TINY["finetune"], "swat", seed=0)
+    assert swat["switch_at"] == 0.25
+
+
+def test_gamma_sweep_arms_are_named_by_their_gamma_and_may_not_clash():
+    assert sweep_arm_name(0.05) == "ml_lr_g0p05" and sweep_arm_name(1.0) == "ml_lr_g1"
+    sweep = gamma_sweep_arms(TINY["finetune"])
+    assert sweep == {
+        "ml_lr_g0": {"kind": "ml_lr", "gamma": 0.0},
+        "ml_lr_g0p3": {"kind": "ml_lr", "gamma": 0.3},
+        "ml_lr_g1": {"kind": "ml_lr", "gamma": 1.0},
+    }
+    clashing = {**TINY["finetune"], "arms": {"ml_lr_g1": {"kind": "vanilla"}}}
+    with pytest.raises(ConfigError, match="clash with finetune.arms"):
+        gamma_sweep_arms(clashing)
+    assert arm_kind(TINY["finetune"], "ml_lr_g0p3") == "ml_lr"
+    assert arm_kind(TINY["finetune"], "base") == "reference"
+    with pytest.raises(ConfigError, match="arm 'nope' is in neither"):
+        arm_kind(TINY["finetune"], "nope")
+
+
+def test_layers_and_robustness_tables():
+    assert jobs.number_of_layers(TINY["model"]) == 4
+    assert jobs.number_of_layers(DEMO["model"]) == 30
+    assert jobs.number_of_layers({"source": "meta-llama/x", "layers": 32}) == 32
+    with pytest.raises(ConfigError, match="'model.layers' is required"):
+        jobs.number_of_layers({"source": "meta-llama/x"})
+    tables = jobs.robustness_tables(TINY)
+    assert len(tables) == 4 * 7 and tables[0] == "results/robustness/layer0/q.parquet"
+    assert jobs.layer_tables(TINY)[-1] == "results/robustness/layer{layer}/down.parquet"
+
+
+def test_proxy_layers_past_the_depth_are_refused():
+    bad = {**TINY, "probe": {**TINY["probe"], "proxy_layers": [0, 4]}}
+    with pytest.raises(ConfigError, match=r"layer\(s\) \[4\] past the model's depth"):
+        jobs.check_proxy_layers(bad)
+    jobs.check_proxy_layers(TINY)
+
+
+def test_the_package_goes_first_on_a_users_pythonpath(tmp_path):
+    src = tmp_path / "src"
+    assert jobs.python_path(src, None) == str(src)
+    mine = os.pathsep.join(["/opt/mine", str(src), "/opt/other"])
+    assert jobs.python_path(src, mine) == os.pathsep.join([str(src), "/opt/mine", "/opt/other"])
+
+
+def test_only_ift_perturbations_read_the_ift_set():
+    assert jobs.needs_ift_set(TINY) == (True, False)
+    assert jobs.needs_ift_set(DEMO) == (False, False)
+
+
+def test_arms_evaluated_and_what_a_fine_tune_waits_for():
+    assert jobs.evaluated_arms(TINY) == ["base", "vanilla", "ml_lr", "freeze", "swat"]
+    assert jobs.evaluated_arms(DEMO)[:2] == ["base", "unaligned"]
+    assert "plan" not in jobs.finetune_inputs(TINY, "vanilla")
+    assert jobs.finetune_inputs(TINY, "freeze")["plan"] == "results/search/plan.json"
+    assert jobs.model_of_arm("unaligned") == "results/model/unaligned"
+    assert jobs.model_of_arm("ml_lr") == "results/finetune/ml_lr/model"
+    assert jobs.training_launcher(1) == "python"
+    assert jobs.training_launcher(4) == "torchrun --standalone --nproc_per_node=4"
+    assert jobs.source_model(DEMO) == "results/model/unaligned"
+    assert jobs.source_model(TINY) == "results/model/base"
+
+
+def test_benchmarks_judges_and_sources():
+    assert jobs.harmful_benchmarks(TINY) == ["advbench", "strongreject"]
+    assert jobs.judge_files(TINY) == [f"results/judge/guard/{a}.parquet" for a in
+                                      jobs.evaluated_arms(TINY)]  # fmt: skip
+    no_harm = {**TINY, "evaluation": {**TINY["evaluation"], "benchmarks": {"gsm8k": 8}}}
+    assert jobs.judge_files(no_harm) == []
+    hub = {**TINY, "evaluation": {**TINY["evaluation"], "sources": {"advbench": "hf:x/y"}}}
+    assert jobs.benchmark_source(hub, "advbench") == "results/data/full/advbench"
+    assert jobs.benchmark_source(TINY, "advbench") == ""
+    assert jobs.guard_model(TINY) == "results/model/base"
+    assert jobs.generation_threads(TINY) == 1
+    assert jobs.generation_threads(PAPER) == 2  # vLLM uses every core it is given
+
+
+@pytest.mark.parametrize("config", [TINY, DEMO, PAPER], ids=["tiny", "demo", "paper"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        ModelSettings,
+        FeatureSettings,
+        PromptCheckSettings,
+        ProbeSettings,
+        RobustnessSettings,
+        SearchSettings,
+        AlignSettings,
+        HeldoutLossSettings,
+        GenerationConfig,
+        JudgeSettings,
+    ],
+)
+def test_every_stage_settings_survives_the_rule_params(config, kind):
+    """What a rule passes (plain JSON) rebuilds the same typed object in the job."""
+    settings = kind.from_config(config)
+    params = json.loads(json.dumps(settings.to_params()))
+    assert kind.from_params(params) == settings
+
+
+def test_job_shaping_keys_are_not_in_any_settings():
+    """Changing how jobs are cut or the test-only fault switch changes no stage's params."""
+    shaped = json.loads(json.dumps(TINY))
+    shaped["robustness"].update(jobs="per_module", fail_modules=["L1.q"])
+    shaped["generation"]["jobs"] = "per_benchmark"
+    for kind in (RobustnessSettings, SearchSettings, GenerationConfig, JudgeSettings):
+        assert kind.from_config(shaped).to_params() == kind.from_config(TINY).to_params()
