@@ -1,7 +1,10 @@
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
 
 from securetune import jobs
 from securetune.checks import check_at_start
@@ -98,6 +101,17 @@ def settings_of(kind, *args):
 # rule of the chain carries it.
 PLAN_PRIORITY = 10
 
+# "$SECURETUNE_PYTHON", the interpreter of every shell command, is Snakemake's own, unless the
+# envs/ conda environments are in use (then each environment's python). An environment variable,
+# not a param, so a venv at another path reruns nothing.
+os.environ.update(
+    SECURETUNE_PYTHON=jobs.job_python(
+        sys.executable,
+        DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method,
+    )
+)
+PYTHON = '"$SECURETUNE_PYTHON"'
+
 
 # --- model and data ------------------------------------------------------------------------------
 
@@ -185,7 +199,7 @@ def training_processes():
 
 
 def training_launcher(wildcards):
-    return jobs.training_launcher(training_processes())
+    return jobs.training_launcher(training_processes(), PYTHON)
 
 
 def threads_per_process(wildcards, threads):

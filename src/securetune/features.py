@@ -27,6 +27,7 @@ from securetune.io import (
     write_safetensors,
 )
 from securetune.models import chat_prompt, load_model, load_tokenizer
+from securetune.precision import detect
 from securetune.settings import FeatureSettings, PromptCheckSettings
 
 log = logging.getLogger(__name__)
@@ -308,5 +309,6 @@ def extract_features(*, model: Path, probe_set: Path, out: Path, settings: Featu
         "splits": ",".join(splits),
         "model_revision": model_revision(model),
         "versions": json.dumps(versions(), sort_keys=True),
+        "precision": json.dumps(detect().record(), sort_keys=True),
     }
     write_safetensors(tensors, out, metadata)

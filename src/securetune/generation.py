@@ -40,6 +40,7 @@ from securetune.io import (
     write_parquet,
 )
 from securetune.models import chat_prompt, load_model, load_tokenizer
+from securetune.precision import detect, resolve_dtype
 from securetune.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,9 @@ def opened_generator(
     with servable_model(model_dir) as served:
         tokenizer = load_tokenizer(served)
         if cfg.backend == "vllm":
-            llm = open_vllm_engine(served, cfg, dtype, seed, tensor_parallel_size)
+            # vLLM's own "auto" means the checkpoint's dtype; ours follows the hardware.
+            engine_dtype = resolve_dtype(dtype, key="model.dtype")
+            llm = open_vllm_engine(served, cfg, engine_dtype, seed, tensor_parallel_size)
 
             def run(conversations: list[Conversation], token_ids: list[list[int]], call_seed: int):
                 check_engine_prompt_tokens(llm.get_tokenizer(), conversations[:4], token_ids[:4])
@@ -382,6 +385,7 @@ def run_generation(
     """The `generate` rules: completions of every prompt of each benchmark, the model loaded once
     for all of them; each benchmark's table is written whole or not at all."""
     log.info("generation settings: %s", json.dumps(asdict(cfg), sort_keys=True))
+    dtype = resolve_dtype(dtype, key="model.dtype")
     eval_sets = [pd.read_parquet(job.prompts) for job in jobs]  # a bad file fails before loading
     with opened_generator(
         model_dir, cfg, dtype, stable_seed(seed, arm), tensor_parallel_size
@@ -402,6 +406,7 @@ def run_generation(
                     "tensor_parallel_size": tensor_parallel_size,
                     "n_prompts": len(table),
                     "versions": versions(),
+                    "precision": detect().record(),
                     "model_revision": model_revision(model_dir),
                 },
                 job.out_meta,

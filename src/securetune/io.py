@@ -73,11 +73,15 @@ def model_revision(model_dir: str | Path) -> str:
 
 def provenance(seed: int, model_dir: str | Path | None = None) -> dict[str, Any]:
     """What decides a table's numbers besides its inputs: the seed its job's random choices came
-    from, the library versions, and the revision (weights' sha256) of the model it was computed
-    with (None for data built before any model)."""
+    from, the library versions, the hardware's precision (device, native bfloat16: what `auto`
+    resolves to), and the revision (weights' sha256) of the model it was computed with (None for
+    data built before any model)."""
+    from securetune.precision import detect
+
     return {
         "seed": int(seed),
         "versions": versions(),
+        "precision": detect().record(),
         "model_revision": model_revision(model_dir) if model_dir is not None else None,
     }
 

@@ -119,12 +119,20 @@ def finetune_inputs(config: Config, arm: str) -> dict[str, str]:
     return inputs
 
 
-def training_launcher(processes: int) -> str:
-    """Plain python for one process; otherwise torchrun --standalone, which sets up its own
-    rendezvous on a free local port, so two training jobs on one node never collide."""
+def job_python(snakemake_python: str, conda: bool) -> str:
+    """The interpreter of the `shell:` rules: the one Snakemake itself runs under (so a run
+    started as `.venv/bin/snakemake` without an activated venv finds the venv's packages), or
+    the conda environment's `python` when the rules run in the envs/ environments."""
+    return "python" if conda else snakemake_python
+
+
+def training_launcher(processes: int, python: str = "python") -> str:
+    """Plain python for one process; otherwise torchrun (as `python -m torch.distributed.run`,
+    the same interpreter) --standalone, which sets up its own rendezvous on a free local port,
+    so two training jobs on one node never collide."""
     if processes == 1:
-        return "python"
-    return f"torchrun --standalone --nproc_per_node={processes}"
+        return python
+    return f"{python} -m torch.distributed.run --standalone --nproc_per_node={processes}"
 
 
 def model_of_arm(arm: str) -> str:

@@ -23,7 +23,8 @@ SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 # Where parameters of no module (norms, embeddings, LM head) go.
 OTHER_PARAMS: tuple[str, ...] = ("rest", "robust", "frozen")
 TRAINING_METHODS: tuple[str, ...] = ("full", "lora")
-AUTOCAST: tuple[str, ...] = ("none", "bfloat16")
+# auto: bfloat16 where the hardware computes it natively, else none (`securetune.precision`).
+AUTOCAST: tuple[str, ...] = ("auto", "none", "bfloat16")
 DISTRIBUTED: tuple[str, ...] = ("ddp", "fsdp")
 # finetune keys the launcher (torchrun) and the scheduler read, not the trainer.
 LAUNCH_KEYS: tuple[str, ...] = ("processes", "gpus")

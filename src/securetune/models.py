@@ -34,6 +34,7 @@ from securetune.model_sources import (
     check_model_folder,
     source_kind,
 )
+from securetune.precision import resolve_dtype
 from securetune.settings import ModelSettings, TinyModelSpec
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
     policy = model_policy(path)
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=getattr(torch, dtype),
+        dtype=getattr(torch, resolve_dtype(dtype, key="model.dtype")),
         trust_remote_code=policy["trust_remote_code"],
         use_safetensors=not policy["allow_pickle"],
     )

@@ -26,6 +26,7 @@ from securetune.io import (
     write_json,
     write_parquet,
 )
+from securetune.precision import detect
 from securetune.robustness import ProbeView, ift_examples, open_probe_view, perturbed
 from securetune.settings import SearchSettings
 
@@ -252,5 +253,6 @@ def search_plan(
         "ranking": ranked,
         "seed": rob.seed,
         "versions": versions(),
+        "precision": detect().record(),
         "model_revision": model_revision(model),
     }

@@ -93,7 +93,8 @@ class TrainConfig(StageSettings):
     switch_at: float | None = None
     # Examples per forward pass on one process (gradient accumulation); 0: the whole share.
     micro_batch_size: int = 0
-    # none, or bfloat16: autocast of the forward pass (master weights stay float32).
+    # auto, none, or bfloat16: autocast of the forward pass (master weights stay float32); auto
+    # is resolved on the training process's hardware (`securetune.precision`).
     autocast: str = "none"
     # Save a resumable checkpoint every N optimizer steps; 0: never.
     checkpoint_every: int = 0

@@ -92,7 +92,7 @@ def test_arm_named_base_is_reserved(config, schema):
         (
             "autocast",
             "float16",
-            r"'align\.autocast': 'float16' is not one of \['none', 'bfloat16'\]",
+            r"'align\.autocast': 'float16' is not one of \['auto', 'none', 'bfloat16'\]",
         ),
     ],
 )

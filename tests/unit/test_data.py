@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from securetune.data.eval_set import build_eval_set
@@ -144,6 +146,25 @@ def test_broken_files_are_named(tmp_path):
     (tmp_path / "xstest_prompts.csv").write_text("id,prompt,label\n1,hi,safe\n1,again,safe\n")
     with pytest.raises(DataError, match="row 2: duplicate prompt id 'xstest:1'"):
         load_xstest_safe(tmp_path)
+
+
+@pytest.mark.parametrize("byte", [b"\x00", b"\x1b", b"\x7f"])
+def test_a_control_byte_in_a_prompt_is_refused_with_file_and_row(tmp_path, byte):
+    (tmp_path / "advbench_harmful_behaviors.csv").write_bytes(
+        b"first prompt\nsecond prompt\nthird " + byte + b" prompt\n"
+    )
+    code = re.escape(f"U+{byte[0]:04X}")
+    with pytest.raises(
+        DataError,
+        match=rf"advbench_harmful_behaviors.csv', row 3 \(id 'advbench:2'\): control character "
+        rf"{code} in the prompt",
+    ):
+        load_advbench(tmp_path)
+
+
+def test_tabs_and_line_breaks_are_text_not_control_bytes(tmp_path):
+    (tmp_path / "advbench_harmful_behaviors.csv").write_bytes(b'"a\tb"\n"c\r\nd"\n')
+    assert [r.prompt for r in load_advbench(tmp_path)] == ["a\tb", "c\r\nd"]
 
 
 # --- the later slices start after the probe set's rows, read from its table -------------------

@@ -118,7 +118,11 @@ def test_arms_evaluated_and_what_a_fine_tune_waits_for():
     assert jobs.model_of_arm("unaligned") == "results/model/unaligned"
     assert jobs.model_of_arm("ml_lr") == "results/finetune/ml_lr/model"
     assert jobs.training_launcher(1) == "python"
-    assert jobs.training_launcher(4) == "torchrun --standalone --nproc_per_node=4"
+    assert jobs.training_launcher(4, "/v/bin/python") == (
+        "/v/bin/python -m torch.distributed.run --standalone --nproc_per_node=4"
+    )
+    assert jobs.job_python("/my venv/bin/python3", conda=False) == "/my venv/bin/python3"
+    assert jobs.job_python("/my venv/bin/python3", conda=True) == "python"
     assert jobs.source_model(DEMO) == "results/model/unaligned"
     assert jobs.source_model(TINY) == "results/model/base"
 

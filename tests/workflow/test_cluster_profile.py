@@ -9,6 +9,9 @@ import pytest
 
 from .helpers import REPO, job_counts, snakemake
 
+# The interpreter Snakemake runs under, which common.smk exports to every shell rule.
+PYTHON = '"$SECURETUNE_PYTHON"'
+
 
 def planned_jobs(output: str) -> list[dict[str, str]]:
     """Each job of a dry run: its rule, wildcards, resources and shell command."""
@@ -78,11 +81,12 @@ def test_finetune_launch_follows_the_process_count(tmp_path, processes, gpus):
     (job,) = [j for j in planned_jobs(result.stdout) if j["rule"] == "finetune"]
     assert resources(job)["gpu"] == str(gpus)
     if processes == 1:
-        assert "OMP_NUM_THREADS=2 python -m securetune.finetune" in job["shell"]
+        # The interpreter Snakemake itself runs under (the venv's), not `python` from PATH.
+        assert f"OMP_NUM_THREADS=2 {PYTHON} -m securetune.finetune" in job["shell"]
     else:
         assert (
-            "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m securetune.finetune"
-            in job["shell"]
+            f"OMP_NUM_THREADS=1 {PYTHON} -m torch.distributed.run --standalone --nproc_per_node=2"
+            " -m securetune.finetune" in job["shell"]
         )
 
 

@@ -1,5 +1,7 @@
 """The DAG: job counts of the tiny and paper configs, without running anything."""
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -54,21 +56,19 @@ def test_one_robustness_job_per_layer_and_module_as_on_a_cluster(tmp_path):
     assert counts["score_module"] == 4 * 7 and "score_layer" not in counts
 
 
-def test_how_jobs_are_cut_is_no_change_to_rerun(tmp_path):
-    """robustness.jobs and generation.jobs shape jobs only: after a run, switching either plans
-    nothing (the same files, the same params), and the test-only fault switch reruns nothing
-    healthy either."""
+def test_how_robustness_jobs_are_cut_is_no_change_to_rerun(tmp_path):
+    """robustness.jobs shapes jobs only: after a run, switching it plans nothing (the same
+    files, inputs and params), and neither does the test-only fault switch. (generation.jobs is
+    no param either, but a per-arm job reads every benchmark's prompts and a per-benchmark job
+    one, so Snakemake's input-set trigger regenerates on a switch.)"""
     workdir = copy_workflow(tmp_path / "wf", tiny_default=True)
-    for target in ("results/robustness.parquet", "results/generations/base/advbench.parquet"):
-        snakemake(workdir, target)
+    snakemake(workdir, "results/robustness.parquet")
     overlay = workdir / "cut.yaml"
-    overlay.write_text(
-        "robustness:\n  jobs: per_module\n  fail_modules: [L3.down]\n"
-        "generation:\n  jobs: per_benchmark\n"
+    overlay.write_text("robustness:\n  jobs: per_module\n  fail_modules: [L3.down]\n")
+    plan = snakemake(
+        workdir, "-n", "results/robustness.parquet", "--configfile", "config.yaml", str(overlay)
     )
-    for target in ("results/robustness.parquet", "results/generations/base/advbench.parquet"):
-        plan = snakemake(workdir, "-n", target, "--configfile", "config.yaml", str(overlay))
-        assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
+    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
 
 
 def test_generation_jobs_per_arm_or_per_benchmark(tmp_path):
@@ -200,3 +200,28 @@ def test_llm_judge_adds_one_job_per_arm(tmp_path):
     overlay.write_text("evaluation:\n  llm_judge:\n    enabled: true\n")
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
     assert job_counts(result.stdout)["judge_llm"] == 4 + 1  # the tiny config's arms + base
+
+
+@pytest.mark.parametrize(
+    ("overlay", "message"),
+    [
+        (
+            "data:\n  ift_examples: 5000\n",
+            r"config keys 'data.ift_examples' \+ 'data.ift_heldout_examples' = 5016: the IFT "
+            r"source 'alpaca' holds \d+ rows after the probe set's",
+        ),
+        (
+            "evaluation:\n  benchmarks:\n    advbench: 1000\n",
+            r"config key 'evaluation.benchmarks.advbench': 1000 prompts asked, the bundled set "
+            r"holds \d+ after the probe set's",
+        ),
+    ],
+)
+def test_a_slice_larger_than_its_source_is_refused_at_start(tmp_path, overlay, message):
+    """Refused when the workflow is parsed, naming the key and what the source holds, not by
+    the data job after the model was built."""
+    bad = tmp_path / "big.yaml"
+    bad.write_text(overlay)
+    result = snakemake(REPO, "-n", "--configfile", "configs/tiny.yaml", str(bad), check=False)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr + result.stdout), result.stderr[-2000:]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -105,6 +108,7 @@ def test_every_table_records_its_provenance(run):
         record = read_provenance(path)
         assert {"torch", "transformers"} <= set(record["versions"]), path
         assert isinstance(record["seed"], int), path
+        assert record["precision"]["device"] in ("cpu", "cuda"), path
         part = path.relative_to(run / "results").parts[0]
         if part in model_tables:
             assert record["model_revision"] in revisions.values(), path
@@ -112,9 +116,10 @@ def test_every_table_records_its_provenance(run):
             arm = path.parent.name if part != "ift_loss" else path.stem
             assert record["model_revision"] == revisions[arm], path
     plan = json.loads((run / "results" / "search" / "plan.json").read_text())
-    assert plan["model_revision"] == revisions["base"]
+    assert plan["model_revision"] == revisions["base"] and "native_bf16" in plan["precision"]
     meta = json.loads((run / "results" / "generations" / "base" / "advbench.json").read_text())
     assert meta["model_revision"] == revisions["base"] and "torch" in meta["versions"]
+    assert meta["dtype"] == "float32" and "device" in meta["precision"]  # tiny: model.dtype float32
     for arm in ARMS:
         policy = json.loads(
             (run / "results" / "finetune" / arm / "model" / "securetune_model.json").read_text()
@@ -218,3 +223,23 @@ def test_one_generation_job_per_benchmark_writes_the_same_completions(run):
     assert job_counts(result.stdout + result.stderr) == {"generate": len(BENCHMARKS)}
     for name, table in before.items():
         pd.testing.assert_frame_equal(pd.read_parquet(folder / name), table)
+
+
+def test_shell_rules_run_snakemakes_own_python_without_an_activated_venv(tmp_path):
+    """`.venv/bin/snakemake` with a PATH that has no python of the venv (a user who did not
+    activate it, a cron job): the shell rules (generation here) must still find the venv's
+    packages, by running the interpreter Snakemake runs under."""
+    workdir = copy_workflow(tmp_path / "wf", tiny_default=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PATH", "VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/bin:/bin"
+    snakemake_bin = Path(sys.executable).parent / "snakemake"
+    result = subprocess.run(
+        [str(snakemake_bin), "--cores", "2", "results/generations/base/advbench.parquet"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (workdir / "results" / "generations" / "base" / "gsm8k.parquet").exists()

@@ -78,11 +78,28 @@ def _rows_jsonl(path: Path, columns: list[str]) -> list[dict]:
     return rows
 
 
+# Control characters other than tab and line breaks: a NUL or an escape byte in a prompt is a
+# broken file (or an injected one), not text a tokenizer should see.
+_CONTROL = {chr(c) for c in range(32) if chr(c) not in "\t\n\r"} | {chr(127)}
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character of `text` (as U+XXXX), or None."""
+    found = next((ch for ch in text if ch in _CONTROL), None)
+    return None if found is None else f"U+{ord(found):04X}"
+
+
 def _checked(records: list[Record], path: Path) -> list[Record]:
     seen: set[str] = set()
     for number, rec in enumerate(records, start=1):
         if not rec.prompt.strip():
             raise DataError(f"data file '{path}', row {number}: empty prompt")
+        # Prompts only: the bundled Alpaca holds a response with U+0003, harmless as a target.
+        if bad := _control_character(rec.prompt):
+            raise DataError(
+                f"data file '{path}', row {number} (id '{rec.id}'): control character {bad} "
+                "in the prompt"
+            )
         if rec.id in seen:
             raise DataError(f"data file '{path}', row {number}: duplicate prompt id '{rec.id}'")
         seen.add(rec.id)

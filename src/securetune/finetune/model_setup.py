@@ -16,6 +16,7 @@ from securetune.finetune.distributed import Dist
 from securetune.io import atomic_dir, versions
 from securetune.models import load_model, write_derived_policy
 from securetune.param_groups import freeze_for_arm
+from securetune.precision import detect
 from securetune.settings import LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,12 @@ def save_model(
             tokenizer.save_pretrained(tmp)
             (tmp / "securetune_arm.json").write_text(
                 json.dumps(
-                    {"arm": asdict(cfg), "robust_modules": sorted(robust), "versions": versions()},
+                    {
+                        "arm": asdict(cfg),
+                        "robust_modules": sorted(robust),
+                        "versions": versions(),
+                        "precision": detect().record(),
+                    },
                     indent=2,
                     sort_keys=True,
                 )

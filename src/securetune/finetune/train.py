@@ -11,6 +11,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -44,6 +45,7 @@ from securetune.finetune.sft_data import (
 )
 from securetune.models import load_tokenizer
 from securetune.param_groups import groups_for_arm, held_groups, swat_switch_step
+from securetune.precision import resolve_autocast
 from securetune.settings import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -278,6 +280,9 @@ def train(
     `on_step(step, row)` is called after every optimizer step (and its checkpoint), on every rank.
     """
     env = init_distributed()
+    # `auto` becomes bfloat16 or none here, on the process's own hardware, before anything
+    # (the checkpoint fingerprint, the saved arm config) records it.
+    cfg = replace(cfg, autocast=resolve_autocast(cfg.autocast, key=f"autocast of arm {cfg.arm}"))
     fsdp = env.active and cfg.distributed == "fsdp"
     tokenizer = load_tokenizer(model_dir)
     model, model_type = prepare_model(model_dir, cfg, robust, dtype, env)

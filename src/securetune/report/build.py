@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from securetune.io import atomic_path
+from securetune.io import atomic_path, read_provenance
 from securetune.judges import unsafe_rate_per_category
 from securetune.report import figures, tables
 from securetune.report.settings import ReportSettings
@@ -41,6 +41,8 @@ class ReportInputs:
     robustness: pd.DataFrame
     plan: dict[str, Any]
     trace: pd.DataFrame
+    # The precision record of the hardware the completions came from (their provenance).
+    hardware: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ def read_inputs(
         robustness=pd.read_parquet(robustness),
         plan=json.loads(plan.read_text()),
         trace=pd.read_parquet(trace),
+        hardware=read_provenance(scores[0]).get("precision") if scores else None,
     )
 
 
@@ -146,6 +149,7 @@ def report_markdown(inputs: ReportInputs, report: ReportTables, settings: Report
     judged = {name: inputs.sources[name] for name in JUDGES if name in inputs.sources}
     sections = [
         "# securetune report",
+        tables.precision_section(inputs.hardware, settings.precision),
         tables.main_section(report.main, judged, settings.confidence),
         tables.per_benchmark_section(report.per_benchmark),
         tables.frontier_section(report.verdicts),

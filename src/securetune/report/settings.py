@@ -4,7 +4,7 @@ parsed."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from securetune.jobs import evaluated_arms
@@ -26,6 +26,9 @@ class ReportSettings(StageSettings):
     # The robustness score the search ranked by (named in the report).
     score: str
     seed: int
+    # The precision keys as configured (auto, or an explicit dtype / autocast), so the report
+    # can say what they resolved to on the hardware the completions were generated on.
+    precision: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Rebuilt from JSON with sorted keys (`to_params`), so the order comes from arm_order:
@@ -50,4 +53,9 @@ class ReportSettings(StageSettings):
             confidence=config["report"]["confidence"],
             score=config["robustness"]["score"],
             seed=config["seed"],
+            precision={
+                "model.dtype": config["model"]["dtype"],
+                "align.autocast": config["align"]["autocast"],
+                "finetune.autocast": config["finetune"].get("autocast", "none"),
+            },
         )

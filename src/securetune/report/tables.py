@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from securetune.io import atomic_path
+from securetune.precision import Hardware, choose_autocast, choose_dtype
 from securetune.report.stats import (
     HEADLINE_METRICS,
     final_train_loss,
@@ -213,4 +214,21 @@ def plan_section(plan: dict[str, Any], trace: pd.DataFrame) -> str:
     )
     return (
         summary + "\n\n![search trace](search_trace.png)\n\n" + markdown_table(trace[TRACE_COLUMNS])
+    )
+
+
+def precision_section(hardware: dict[str, Any] | None, requested: dict[str, str]) -> str:
+    """One line: the hardware the completions were generated on and what each precision key
+    resolved to there, so runs in bfloat16 and float32 never look alike."""
+    if not hardware:
+        return "Precision: not recorded (tables written before precision was recorded)."
+    machine = Hardware(**hardware)
+    native = "native" if machine.native_bf16 else "emulated (float32 used for auto)"
+    choices = []
+    for key, value in requested.items():
+        choose = choose_dtype if key.endswith("dtype") else choose_autocast
+        resolved = choose(value, machine)
+        choices.append(f"`{key}` {value}" + (f" -> {resolved}" if resolved != value else ""))
+    return (
+        f"Precision: computed on {machine.device}, bfloat16 {native}; " + ", ".join(choices) + "."
     )
