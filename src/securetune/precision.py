@@ -110,23 +110,22 @@ def _warn_if_emulated(choice: str, hardware: Hardware, key: str) -> None:
         log.warning("%s is bfloat16, but %s; use auto or float32", key, EMULATED_BF16_COST)
 
 
-def resolve_dtype(requested: str, hardware: Hardware | None = None, key: str = "dtype") -> str:
-    """`requested` (a dtype or auto) for this process's hardware, logged once per choice."""
+def _resolve(requested: str, hardware: Hardware | None, key: str, choose) -> str:
     hardware = hardware or detect()
-    choice = choose_dtype(requested, hardware)
+    choice = choose(requested, hardware)
     _warn_if_emulated(choice, hardware, key)
     if requested == AUTO:
         log.info("%s auto -> %s on %s", key, choice, hardware.device)
     return choice
+
+
+def resolve_dtype(requested: str, hardware: Hardware | None = None, key: str = "dtype") -> str:
+    """`requested` (a dtype or auto) for this process's hardware, the choice logged."""
+    return _resolve(requested, hardware, key, choose_dtype)
 
 
 def resolve_autocast(
     requested: str, hardware: Hardware | None = None, key: str = "autocast"
 ) -> str:
-    """`requested` (none, bfloat16 or auto) for this process's hardware."""
-    hardware = hardware or detect()
-    choice = choose_autocast(requested, hardware)
-    _warn_if_emulated(choice, hardware, key)
-    if requested == AUTO:
-        log.info("%s auto -> %s on %s", key, choice, hardware.device)
-    return choice
+    """`requested` (none, bfloat16 or auto) for this process's hardware, the choice logged."""
+    return _resolve(requested, hardware, key, choose_autocast)

@@ -222,30 +222,25 @@ def _gsm8k_final(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
-def load_gsm8k_train(root: Path) -> list[Record]:
-    """GSM8K training problems; the reference is the final number of the answer."""
-    path = root / "gsm8k_train_2000.jsonl"
+def _gsm8k(path: Path, prefix: str) -> list[Record]:
     rows = _rows_jsonl(path, ["question", "answer"])
     return _checked(
         [
-            Record(f"gsm8k_train:{i}", r["question"], r["answer"], _gsm8k_final(r["answer"]))
+            Record(f"{prefix}:{i}", r["question"], r["answer"], _gsm8k_final(r["answer"]))
             for i, r in enumerate(rows)
         ],
         path,
     )
+
+
+def load_gsm8k_train(root: Path) -> list[Record]:
+    """GSM8K training problems; the reference is the final number of the answer."""
+    return _gsm8k(root / "gsm8k_train_2000.jsonl", "gsm8k_train")
 
 
 def load_gsm8k_test(root: Path) -> list[Record]:
     """GSM8K test problems; the reference is the final number of the answer."""
-    path = root / "gsm8k_test_500.jsonl"
-    rows = _rows_jsonl(path, ["question", "answer"])
-    return _checked(
-        [
-            Record(f"gsm8k:{i}", r["question"], r["answer"], _gsm8k_final(r["answer"]))
-            for i, r in enumerate(rows)
-        ],
-        path,
-    )
+    return _gsm8k(root / "gsm8k_test_500.jsonl", "gsm8k")
 
 
 def load_mt_bench(root: Path) -> list[Record]:
