@@ -7,7 +7,7 @@
 rule score_module:
     """Perturb each module of the job alone and re-score the frozen probe."""
     input:
-        **ift_set_if(jobs.needs_ift_set(config)[0]),
+        **ift_set_if(jobs.robustness_reads_ift_set(config)),
         model=BASE_MODEL,
         probe_set=PROBE_SET,
         features="results/features/features.safetensors",

@@ -1,7 +1,7 @@
 rule search_robust_modules:
     """Greedy proxy-guided search for Mods_Robust; a JSON plan and a Parquet trace."""
     input:
-        **ift_set_if(jobs.needs_ift_set(config)[1]),
+        **ift_set_if(jobs.search_reads_ift_set(config)),
         model=BASE_MODEL,
         probe_set=PROBE_SET,
         features="results/features/features.safetensors",

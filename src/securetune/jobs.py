@@ -89,12 +89,14 @@ def layer_tables(config: Config) -> list[str]:
     ]
 
 
-def needs_ift_set(config: Config) -> tuple[bool, bool]:
-    """(robustness jobs, search) read the IFT set: only when they perturb by IFT steps."""
-    return (
-        "ift" in config["robustness"]["perturbations"],
-        config["search"]["perturbation"] == "ift",
-    )
+def robustness_reads_ift_set(config: Config) -> bool:
+    """The robustness jobs read the IFT set only when they perturb by IFT steps."""
+    return "ift" in config["robustness"]["perturbations"]
+
+
+def search_reads_ift_set(config: Config) -> bool:
+    """The search reads the IFT set only when it perturbs candidate sets by IFT steps."""
+    return config["search"]["perturbation"] == "ift"
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------

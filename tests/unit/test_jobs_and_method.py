@@ -106,8 +106,8 @@ def test_the_package_goes_first_on_a_users_pythonpath(tmp_path):
 
 
 def test_only_ift_perturbations_read_the_ift_set():
-    assert jobs.needs_ift_set(TINY) == (True, False)
-    assert jobs.needs_ift_set(DEMO) == (False, False)
+    assert jobs.robustness_reads_ift_set(TINY) and not jobs.search_reads_ift_set(TINY)
+    assert not jobs.robustness_reads_ift_set(DEMO) and not jobs.search_reads_ift_set(DEMO)
 
 
 def test_arms_evaluated_and_what_a_fine_tune_waits_for():
