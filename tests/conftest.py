@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "resources" / "data"
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_gpu_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite computes on the CPU even on a GPU box (its expected numbers, and the processes
+    it compares with in-process runs, are CPU ones); `gpu`-marked tests get the real device."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("SECURETUNE_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

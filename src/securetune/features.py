@@ -26,8 +26,9 @@ from securetune.io import (
     write_json,
     write_safetensors,
 )
-from securetune.models import chat_prompt, load_model, load_tokenizer
+from securetune.models import chat_prompt, load_model, load_tokenizer, model_device
 from securetune.precision import detect
+from securetune.progress import Progress
 from securetune.settings import FeatureSettings, PromptCheckSettings
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,17 @@ def tokenize_prompts(
     return ids
 
 
-def _pad_right(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_right(
+    batch: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask, built on the CPU and moved to the model's `device`."""
     width = max(len(x) for x in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
-    return input_ids, mask
+    return input_ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -67,15 +71,18 @@ def layer_features(
     batch_size: int,
     pooling: str = "last",
     layers: list[int] | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Features [n_layers, n_prompts, hidden] in float32, for all decoder layers or `layers`.
+    """Features [n_layers, n_prompts, hidden] in float32 on the CPU, for all decoder layers or
+    `layers`.
 
     Layer l is the output of decoder layer l (0-based); the last layer's output is taken after the
     final norm, as transformers reports it.
     """
     chunks = []
+    device = model_device(model)
     for start in range(0, len(token_ids), batch_size):
-        input_ids, mask = _pad_right(token_ids[start : start + batch_size], pad_id)
+        input_ids, mask = _pad_right(token_ids[start : start + batch_size], pad_id, device)
         # The decoder stack alone: the LM head's logits are not needed for features.
         out = _decoder(model)(
             input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
@@ -83,7 +90,9 @@ def layer_features(
         states = torch.stack(out.hidden_states[1:])  # [L, B, T, H]; index 0 is the embedding
         if layers is not None:
             states = states[layers]
-        chunks.append(_pool(states, mask, pooling).float())
+        chunks.append(_pool(states, mask, pooling).float().cpu())
+        if progress is not None:
+            progress.update(len(input_ids))
     return torch.cat(chunks, dim=1)
 
 
@@ -143,8 +152,9 @@ def build_prefix_cache(
     layers = _decoder(model).layers
     wanted = sorted(set(start_layers))
     batches = []
+    device = model_device(model)
     for start in range(0, len(token_ids), batch_size):
-        input_ids, mask = _pad_right(token_ids[start : start + batch_size], pad_id)
+        input_ids, mask = _pad_right(token_ids[start : start + batch_size], pad_id, device)
         seen_kwargs: list[dict[str, Any]] = [{} for _ in layers]
         inputs: dict[int, torch.Tensor] = {}
 
@@ -205,7 +215,7 @@ def features_from_layer(
             result = decoder.layers[index](hidden, **batch.layer_kwargs[index])
             hidden = result[0] if isinstance(result, tuple) else result
             state = decoder.norm(hidden) if index == cache.n_layers - 1 else hidden
-            pooled[index] = _pool(state, batch.mask, pooling).float()
+            pooled[index] = _pool(state, batch.mask, pooling).float().cpu()
         n = len(batch.mask)
         for row, layer in recompute:
             out[row, offset : offset + n] = pooled[layer]
@@ -296,9 +306,11 @@ def extract_features(*, model: Path, probe_set: Path, out: Path, settings: Featu
     tensors = {}
     for split in splits:
         ids, labels = probe_tokens(tokenizer, probe_set, split, settings.max_prompt_tokens)
+        progress = Progress(f"{split} features", len(ids), log, unit="prompts")
         tensors[split] = layer_features(
-            network, ids, tokenizer.pad_token_id, settings.batch_size, settings.pooling
-        ).contiguous()
+            network, ids, tokenizer.pad_token_id, settings.batch_size, settings.pooling,
+            progress=progress,
+        ).contiguous()  # fmt: skip
         tensors[f"{split}_labels"] = labels.contiguous()
         log.info("%s features: %s", split, tuple(tensors[split].shape))
     metadata = {

@@ -39,8 +39,9 @@ from securetune.io import (
     write_json,
     write_parquet,
 )
-from securetune.models import chat_prompt, load_model, load_tokenizer
+from securetune.models import chat_prompt, load_model, load_tokenizer, model_device
 from securetune.precision import detect, resolve_dtype
+from securetune.progress import Progress
 from securetune.settings import GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,15 @@ def generate_transformers(
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: dict[int, Completion] = {}
     batches = batches_by_length(range(len(token_ids)), lambda i: len(token_ids[i]), cfg.batch_size)
+    device = model_device(model)
+    progress = Progress("generation", len(token_ids), log, unit="prompts")
     for k, indices in enumerate(batches):
         chunk = [token_ids[i] for i in indices]
         width = max(len(ids) for ids in chunk)
         # Decoder-only generation continues from the right edge, so pad on the left.
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk])
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+        input_ids, mask = input_ids.to(device), mask.to(device)
         sampling: dict[str, Any] = {"do_sample": False}
         if cfg.temperature > 0:
             torch.manual_seed(stable_seed(seed, "generate", k * cfg.batch_size))
@@ -143,7 +147,7 @@ def generate_transformers(
         for i, row in zip(indices, generated[:, width:].tolist(), strict=True):
             ids = _strip_eos(row, eos_id, pad_id)
             out[i] = Completion(tokenizer.decode(ids, skip_special_tokens=True), ids)
-        log.info("generated %d/%d", len(out), len(token_ids))
+        progress.update(len(indices))
     return [out[i] for i in range(len(token_ids))]
 
 

@@ -10,12 +10,12 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from securetune.finetune.loss import example_losses
 from securetune.finetune.sft_data import encode_examples
 from securetune.io import provenance, write_parquet
 from securetune.models import load_model, load_tokenizer
+from securetune.progress import Progress
 from securetune.settings import HeldoutLossSettings
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,13 @@ def heldout_ift_loss(
     tokenizer = load_tokenizer(model)
     # float32: arms differ in the second decimal of this loss; bfloat16 rounding is not far off.
     network = load_model(model, "float32")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    network.to(device)
     examples = encode_examples(
         tokenizer, list(df["prompt"]), list(df["response"]), settings.max_seq_len
     )
-    losses = example_losses(network, examples, tokenizer.pad_token_id, settings.batch_size)
+    progress = Progress(f"{arm} held-out loss", len(examples), log, unit="examples")
+    losses = example_losses(
+        network, examples, tokenizer.pad_token_id, settings.batch_size, progress
+    )
     if any(tokens == 0 for _, tokens in losses):
         raise ValueError(
             f"{heldout}: an example has no response token left within max_seq_len "

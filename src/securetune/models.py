@@ -34,7 +34,7 @@ from securetune.model_sources import (
     check_model_folder,
     source_kind,
 )
-from securetune.precision import resolve_dtype
+from securetune.precision import job_device, resolve_dtype
 from securetune.settings import ModelSettings, TinyModelSpec
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
-    """Load under the folder's policy: no remote code, safetensors only, unless it says so."""
+def load_model(
+    path: str | Path, dtype: str = "float32", device: torch.device | str | None = None
+) -> PreTrainedModel:
+    """Load under the folder's policy (no remote code, safetensors only, unless it says so) onto
+    `device`, by default the job's (`precision.job_device`): the GPU a job was given, else CPU."""
     policy = model_policy(path)
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -164,8 +167,14 @@ def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
         trust_remote_code=policy["trust_remote_code"],
         use_safetensors=not policy["allow_pickle"],
     )
+    model.to(job_device() if device is None else device)
     model.eval()
     return model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a loaded model's weights are: the device its batches must be moved to."""
+    return next(model.parameters()).device
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:

@@ -1,4 +1,9 @@
-"""Which floating-point precision a job computes in: `auto` follows the hardware.
+"""Where a job computes and in which floating-point precision: `auto` follows the hardware.
+
+`job_device` is the one place that decides the device: every stage that loads a model loads it
+there (`models.load_model`) and moves its batches to the model's device. A job that SLURM gave a
+GPU computes on it; elsewhere on the CPU. `SECURETUNE_DEVICE` (cpu, cuda, cuda:1, ...) overrides
+the choice, e.g. to keep a job on the CPU of a GPU node.
 
 bfloat16 halves the memory traffic and, where the hardware computes it natively (a CUDA GPU with
 bf16, an x86 CPU with AVX512-BF16 or AMX, an Arm CPU with the BF16 extension), about doubles the
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
@@ -24,6 +30,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+DEVICE_ENV = "SECURETUNE_DEVICE"
 # x86: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX (Sapphire Rapids and later) compute
 # bfloat16 dot products; Arm: the BF16 extension (Neoverse V1/N2, Graviton 3 and later).
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -66,10 +73,34 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return bool(cpu_flags(text) & NATIVE_BF16_FLAGS)
 
 
+def job_device(local_rank: int | None = None):
+    """The torch device this job computes on: `SECURETUNE_DEVICE` if set, else this process's GPU
+    (`local_rank`, or LOCAL_RANK under torchrun; SLURM's CUDA_VISIBLE_DEVICES has already narrowed
+    the GPUs to the job's own), else the CPU."""
+    import torch
+
+    forced = os.environ.get(DEVICE_ENV)
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def _forced_device_type() -> str | None:
+    forced = os.environ.get(DEVICE_ENV)
+    return forced.split(":")[0] if forced else None
+
+
 def _cuda_bf16() -> bool | None:
-    """CUDA's bf16 support when this process has torch and a GPU; None when it has no GPU."""
+    """CUDA's bf16 support when this process has torch and computes on a GPU; None otherwise."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    if (
+        torch is None
+        or not torch.cuda.is_available()
+        or _forced_device_type() not in (None, "cuda")
+    ):
         return None
     return bool(torch.cuda.is_bf16_supported())
 

@@ -37,8 +37,9 @@ from securetune.features import (
 )
 from securetune.finetune.sft_data import IGNORE, Example, batch_order, collate, encode_examples
 from securetune.io import provenance, stable_seed, write_parquet
-from securetune.models import load_model, load_tokenizer
+from securetune.models import load_model, load_tokenizer, model_device
 from securetune.probe import LayerProbes
+from securetune.progress import Progress
 from securetune.robustness_table import METRICS, PERTURBATIONS
 from securetune.settings import FeatureSettings, IftSettings, RobustnessSettings
 
@@ -91,16 +92,22 @@ def noise_perturbed(
     """W <- W + alpha * std(W) * N(0, I) on each module, restored on exit.
 
     Scaling by std(W) makes alpha comparable across modules of different size and init scale.
-    Yields {"weight_change": ||dW|| / ||W||}.
+    Yields {"weight_change": ||dW|| / ||W||}, the value filled in when the block exits.
     """
     weights = _weights(model, modules)
     with _restored(weights) as originals:
         with torch.no_grad():
             for weight, (layer, module) in zip(weights, modules, strict=True):
                 gen = torch.Generator().manual_seed(stable_seed(seed, module_name(layer, module)))
+                # Drawn on the CPU, so a seed gives the same noise on every device.
                 noise = torch.randn(weight.shape, generator=gen, dtype=torch.float32)
-                weight.add_((alpha * weight.float().std() * noise).to(weight.device, weight.dtype))
-        yield {"weight_change": relative_change(weights, originals)}
+                noise = noise.to(weight.device)
+                weight.add_((alpha * weight.float().std() * noise).to(weight.dtype))
+        # Filled in once the caller's block is done, before the weights are restored: reading
+        # the change waits for the device, which should happen after the forward, not before.
+        info: dict[str, float] = {}
+        yield info
+        info["weight_change"] = relative_change(weights, originals)
 
 
 @contextmanager
@@ -113,7 +120,8 @@ def ift_perturbed(
     """One AdamW step per batch of benign IFT (loss on response tokens), updating only the
     modules' weights; every other parameter is frozen and bit-identical. Restored on exit.
 
-    Yields {"weight_change": ||dW|| / ||W||, "ift_loss": mean training loss of the steps}.
+    Yields {"weight_change": ||dW|| / ||W||, "ift_loss": mean training loss of the steps}, the
+    weight change filled in when the block exits.
     """
     weights = _weights(model, modules)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -126,9 +134,11 @@ def ift_perturbed(
             # No weight decay: the drift should be what the data's gradient causes, nothing else.
             optimizer = torch.optim.AdamW(weights, lr=lr, weight_decay=0.0)
             losses = []
+            device = model_device(model)
             with torch.enable_grad():
                 for batch in batches:
-                    loss = model(**batch, use_cache=False).loss
+                    on_device = {key: tensor.to(device) for key, tensor in batch.items()}
+                    loss = model(**on_device, use_cache=False).loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -138,10 +148,9 @@ def ift_perturbed(
         finally:
             for name, p in model.named_parameters():
                 p.requires_grad_(flags[name])
-        yield {
-            "weight_change": relative_change(weights, originals),
-            "ift_loss": float(sum(losses) / len(losses)),
-        }
+        info = {"ift_loss": float(sum(losses) / len(losses))}
+        yield info
+        info["weight_change"] = relative_change(weights, originals)
 
 
 def harmful_direction(clean: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -378,12 +387,14 @@ def score_modules(
         if ift_set is None:
             raise ValueError("robustness.perturbations lists ift: the job needs the IFT set")
         examples = ift_examples(model, ift_set, settings.ift)
+    progress = Progress("robustness", len(modules), log, unit="modules")
     for (layer, module), out in zip(modules, outs, strict=True):
         df = score_module(view, layer, module, settings, settings.seed, examples)
         df["score_name"] = settings.score
         df["model"] = settings.source
         df["proxy_layers"] = ",".join(map(str, view.layers))
         write_parquet(df, out, provenance(settings.seed, model))
+        progress.update()
 
 
 def module_of_table(path: Path) -> tuple[int, str]:

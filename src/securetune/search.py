@@ -27,6 +27,7 @@ from securetune.io import (
     write_parquet,
 )
 from securetune.precision import detect
+from securetune.progress import Progress
 from securetune.robustness import ProbeView, ift_examples, open_probe_view, perturbed
 from securetune.settings import SearchSettings
 
@@ -175,7 +176,7 @@ def search_robust_modules(
         ranked, members = rank_modules(table), None
     selected, trace, reason = greedy_search(
         ranked,
-        joint_accuracy(view, settings, examples),
+        with_progress(joint_accuracy(view, settings, examples), len(ranked), settings),
         settings.tau,
         settings.max_modules,
         members,
@@ -189,6 +190,23 @@ def search_robust_modules(
     write_parquet(trace, out_trace, provenance(seed, model))
     accepted = trace.loc[trace["accepted"] & (trace["step"] > 0), "added"].tolist()
     write_json(search_plan(selected, accepted, reason, ranked, view, settings, model), out_plan)
+
+
+def with_progress(
+    evaluate: Callable[[list[str]], float], n_units: int, settings: SearchSettings
+) -> Callable[[list[str]], float]:
+    """`evaluate`, logging progress: the total counts every set the search could try (it may stop
+    earlier at tau), so the ETA is an upper bound."""
+    progress = Progress(
+        "search (at most)", min(n_units, settings.max_modules) + 1, log, unit="candidate sets"
+    )
+
+    def logged(names: list[str]) -> float:
+        accuracy = evaluate(names)
+        progress.update()
+        return accuracy
+
+    return logged
 
 
 def joint_accuracy(

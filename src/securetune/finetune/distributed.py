@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from securetune.precision import job_device
 from securetune.settings import TrainConfig
 
 
@@ -34,10 +35,8 @@ class Dist:
 
     @property
     def device(self) -> torch.device:
-        """This rank's GPU, or the CPU when there is none."""
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        """This rank's GPU, or the CPU when there is none (`precision.job_device`)."""
+        return job_device(self.local_rank)
 
 
 def init_distributed() -> Dist:

@@ -7,6 +7,7 @@ import torch
 
 from securetune.finetune.sft_data import IGNORE, Example, collate, predicted_tokens
 from securetune.io import batches_by_length
+from securetune.progress import Progress
 
 
 def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -28,6 +29,16 @@ def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return positions, shifted[:, positions]
 
 
+def device_batch(
+    examples: list[Example], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """A collated batch on `device`, with its response `positions` and their `targets`: found on
+    the CPU, so the step never waits on the device to learn which logits it needs."""
+    batch = collate(examples, pad_id)
+    batch["positions"], batch["targets"] = response_positions(batch["labels"])
+    return {key: tensor.to(device) for key, tensor in batch.items()}
+
+
 def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of the next-token losses on response tokens, in float32; `targets` are
     the next-token labels of the positions the logits were computed at (`response_positions`)."""
@@ -41,28 +52,36 @@ def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def example_losses(
-    model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int
+    model: torch.nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    progress: Progress | None = None,
 ) -> list[tuple[float, int]]:
     """(summed loss, predicted tokens) of each example's response, in float32 and in the given
     order: the training objective measured on examples no stage trains on (the held-out IFT
     loss). Batches group examples of similar length, which changes no example's loss."""
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # wherever the caller loaded it
     out: dict[int, tuple[float, int]] = {}
     for indices in batches_by_length(
         range(len(examples)), lambda i: len(examples[i][0]), batch_size
     ):
         batch = [examples[i] for i in indices]
-        tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-        positions, targets = response_positions(tensors["labels"])
+        tensors = device_batch(batch, pad_id, device)
         logits = model(
             input_ids=tensors["input_ids"],
             attention_mask=tensors["attention_mask"],
-            logits_to_keep=positions,
+            logits_to_keep=tensors["positions"],
         ).logits
         per_token = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+            logits.float().transpose(1, 2),
+            tensors["targets"],
+            ignore_index=IGNORE,
+            reduction="none",
         )
         for row, (i, example) in enumerate(zip(indices, batch, strict=True)):
             out[i] = (float(per_token[row].sum()), predicted_tokens(example))
+        if progress is not None:
+            progress.update(len(indices))
     return [out[i] for i in range(len(examples))]

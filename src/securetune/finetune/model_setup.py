@@ -43,7 +43,7 @@ def prepare_model(
     model_dir: Path, cfg: TrainConfig, robust: set[str], dtype: str, env: Dist
 ) -> tuple[torch.nn.Module, str]:
     """Load the model, add LoRA adapters if asked, freeze what the arm never trains."""
-    model = load_model(model_dir, dtype=dtype)
+    model = load_model(model_dir, dtype=dtype, device=env.device)
     model_type = str(model.config.model_type)
     torch.manual_seed(cfg.seed)  # LoRA's initial adapters: the same in every arm and rank
     if cfg.method == "lora":

@@ -6,6 +6,7 @@ scaling keeps the gradient independent of the process count and the micro-batch 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -32,12 +33,11 @@ from securetune.finetune.distributed import (
     sync_context,
     wrap_for_processes,
 )
-from securetune.finetune.loss import response_positions, summed_loss
+from securetune.finetune.loss import device_batch, summed_loss
 from securetune.finetune.model_setup import prepare_model, save_model
 from securetune.finetune.sft_data import (
     Example,
     batch_order,
-    collate,
     encode_examples,
     micro_batches,
     predicted_tokens,
@@ -123,19 +123,26 @@ def set_learning_rates(
         group["lr"] = 0.0 if group["name"] in held else base * factor
 
 
+def autocast_context(cfg: TrainConfig, env: Dist) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the job's device when the arm asks for it, else nothing (autocast
+    refuses device types it does not know even when disabled)."""
+    if cfg.autocast == "bfloat16":
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def forward_loss(
     wrapped: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, env: Dist
 ) -> torch.Tensor:
     """Summed response-token loss of one micro-batch, logits only where a response token is next."""
-    positions, targets = response_positions(batch["labels"])
-    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bfloat16"):
+    with autocast_context(cfg, env):
         logits = wrapped(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            logits_to_keep=positions,
+            logits_to_keep=batch["positions"],
         ).logits
     # Outside autocast: the loss is taken in float32 whatever the forward pass ran in.
-    return summed_loss(logits, targets)
+    return summed_loss(logits, batch["targets"])
 
 
 def accumulate_gradients(
@@ -155,10 +162,7 @@ def accumulate_gradients(
     chunks = micro_batches(share, cfg.micro_batch_size, examples)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for k, chunk in enumerate(chunks):
-        batch = {
-            key: t.to(env.device)
-            for key, t in collate([examples[i] for i in chunk], pad_id).items()
-        }
+        batch = device_batch([examples[i] for i in chunk], pad_id, env.device)
         with sync_context(wrapped, env, sync=k == len(chunks) - 1):
             summed = forward_loss(wrapped, batch, cfg, env)
             (summed * scale).backward()
