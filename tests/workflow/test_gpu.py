@@ -11,16 +11,15 @@ provenance of its table, so the test reads both: a stage that ran on the CPU of 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
+from securetune.io import read_provenance
 from tests.workflow.helpers import copy_workflow
 
 pytestmark = [
@@ -44,12 +43,6 @@ MODEL_LOGS = [
     "extract_features.log", "score_module", "score_layer", "search_robust_modules.log",
     "finetune", "generate", "judge_guard", "heldout_ift_loss",
 ]  # fmt: skip
-
-
-def provenance_precision(path: Path) -> dict:
-    metadata = pq.read_schema(path).metadata or {}
-    record = json.loads(metadata[b"provenance"]) if b"provenance" in metadata else {}
-    return record.get("precision", {})
 
 
 @pytest.fixture(scope="module")
@@ -91,4 +84,4 @@ def test_model_tables_record_cuda(gpu_run, table):
     path = gpu_run / table
     if not path.exists():
         pytest.skip(f"{table}: not produced by this config")
-    assert provenance_precision(path).get("device") == "cuda", table
+    assert read_provenance(path)["precision"]["device"] == "cuda", table
