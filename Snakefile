@@ -23,6 +23,24 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
+# Table jobs (seconds of pandas, no model) run on the submit node under `--profile slurm`
+# instead of waiting in the queue for an sbatch slot; only model work is submitted.
+localrules:
+    all,
+    ablation_gamma,
+    fetch_smollm2,
+    prepare_probe_set,
+    prepare_ift_set,
+    prepare_ift_heldout,
+    fetch_benchmark,
+    prepare_eval_set,
+    check_prompts,
+    train_probe,
+    aggregate_robustness,
+    score_generations,
+    report,
+
+
 rule all:
     default_target: True
     input:

@@ -1,6 +1,9 @@
 # Safety alignment of a base model that does not refuse (the demo's SmolLM2); see align.enabled.
 if ALIGN_ENABLED:
 
+    localrules:
+        prepare_alignment_set,
+
     rule prepare_alignment_set:
         """Harmful prompts (to refuse), benign and look-alike prompts (to answer): tail slices of
         the bundled sets, disjoint from every probe, IFT and evaluation prompt."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
 from .helpers import REPO, job_counts, snakemake
 
@@ -13,11 +14,24 @@ from .helpers import REPO, job_counts, snakemake
 PYTHON = '"$SECURETUNE_PYTHON"'
 
 
-def planned_jobs(output: str) -> list[dict[str, str]]:
+def declared_localrules() -> set[str]:
+    """The rules the Snakefile and rules/*.smk declare local (a dry run does not print it)."""
+    names: set[str] = set()
+    for path in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]:
+        for block in re.findall(
+            r"^\s*localrules:\s*\n((?:\s+\w+,?\s*\n)+)", path.read_text(), re.M
+        ):
+            names.update(re.findall(r"\w+", block))
+    return names
+
+
+def planned_jobs(output: str) -> list[dict]:
     """Each job of a dry run: its rule, wildcards, resources and shell command."""
     jobs = []
+    local = declared_localrules()
     for block in re.split(r"^(?:local)?rule ", output, flags=re.M)[1:]:
-        job = {"rule": block.split(":", 1)[0]}
+        rule = block.split(":", 1)[0]
+        job = {"rule": rule, "local": rule in local}
         for key in ("wildcards", "resources"):
             match = re.search(rf"^\s+{key}: (.+)$", block, re.M)
             job[key] = match.group(1) if match else ""
@@ -56,6 +70,48 @@ def test_gpu_rules_ask_for_gpus_and_memory(paper_plan, rule, gpus):
         assert int(asked["cpus_per_gpu"]) >= 1
         assert int(asked["mem_mb"]) >= 16000  # a 7B model in bfloat16 is 13.5 GB
         assert int(asked["runtime"]) > 0
+
+
+# Every rule that loads a model (or, for judge_llm, waits hours on one behind an endpoint).
+MODEL_RULES = {
+    "build_base_model", "align_base_model", "extract_features", "score_module", "score_layer",
+    "search_robust_modules", "finetune", "generate", "generate_arm", "heldout_ift_loss",
+    "judge_guard", "judge_llm",
+}  # fmt: skip
+# The slurm profile's fallback for a rule profiles/default does not list.
+FALLBACK = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())["default-resources"]
+
+
+def test_every_model_rule_has_its_own_resources():
+    """profiles/default names memory and runtime for each model-loading rule, so none falls
+    back to the cluster profile's small defaults (a 7B job killed at 2 GB or 30 minutes)."""
+    listed = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
+    resources = listed["set-resources"]
+    for rule in sorted(MODEL_RULES):
+        assert rule in resources, f"{rule}: no resources in profiles/default"
+        assert {"mem_mb", "runtime"} <= resources[rule].keys(), rule
+        assert "attempt" in str(resources[rule]["runtime"]), f"{rule}: runtime does not grow"
+
+
+def test_paper_run_submits_only_model_work(paper_plan):
+    """Walk the paper DAG: each model job asks for more than the fallback (a GPU where it
+    computes); every other job is a localrule, run on the submit node."""
+    planned = planned_jobs(paper_plan)
+    submitted = [job for job in planned if not job["local"]]
+    assert {job["rule"] for job in submitted} <= MODEL_RULES
+    for job in submitted:
+        asked = resources(job)
+        assert int(asked["mem_mb"]) > int(FALLBACK["mem_mb"]), job
+        assert int(asked["runtime"]) >= 30, job
+        if job["rule"] not in ("build_base_model", "judge_llm"):
+            assert int(asked["gpu"]) >= 1, job
+    counts = job_counts(paper_plan)
+    local = sum(1 for job in planned if job["local"])
+    # 224 robustness, 1 features, 1 search, 4 fine-tunes, 50 generations, 5 held-out losses,
+    # 5 guard judges, 5 LLM judges, and the base model (counted from the plan's own table).
+    assert len(submitted) == sum(n for rule, n in counts.items() if rule in MODEL_RULES)
+    assert local == sum(n for rule, n in counts.items() if rule not in MODEL_RULES)
+    assert local > 0 and counts["score_module"] == 224
 
 
 def test_cpu_rules_ask_for_no_gpu(paper_plan):

@@ -271,3 +271,16 @@ def test_changing_one_arm_resubmits_only_that_arm(resumed):
     assert all("ml_lr" in path or path.startswith("results/report/") for path in rewritten)
     steps = pd.read_parquet(workdir / "results" / "finetune" / "ml_lr" / "loss.parquet")
     assert steps["lr_rest"].to_numpy() == pytest.approx(0.3 * steps["lr_robust"].to_numpy())
+
+
+def test_only_model_work_is_submitted(resumed):
+    """Table jobs are localrules: SLURM saw only the rules that load a model."""
+    from .test_cluster_profile import MODEL_RULES, declared_localrules
+
+    workdir = resumed[0]
+    submitted = {p.name.removeprefix("rule_") for p in (workdir / "logs" / "slurm").iterdir()}
+    assert submitted, "no SLURM job logs"
+    assert submitted <= MODEL_RULES, submitted - MODEL_RULES
+    assert not submitted & declared_localrules()
+    # ...while the table jobs did run (on the submit node).
+    assert (workdir / "results" / "report" / "report.md").exists()
