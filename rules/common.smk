@@ -207,6 +207,13 @@ def threads_per_process(wildcards, threads):
     return max(1, threads // training_processes())
 
 
+def arm_weights_output(path):
+    """An arm's model folder: kept, or temporary (deleted once generation and the held-out
+    loss have read it) when finetune.keep_weights is false, to save disk at paper scale."""
+    folder = directory(path)
+    return folder if config["finetune"].get("keep_weights", True) else temp(folder)
+
+
 def plan_flag(wildcards, input):
     """The --plan option, shell-quoted, for arms that use Mods_Robust; nothing for the others."""
     return f"--plan {shlex.quote(input.plan)}" if "plan" in input.keys() else ""

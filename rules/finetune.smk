@@ -4,7 +4,8 @@ rule finetune:
     input:
         unpack(finetune_inputs),
     output:
-        model=directory("results/finetune/{arm}/model"),
+        # finetune.keep_weights: false deletes an arm's weights once its scores are written.
+        model=arm_weights_output("results/finetune/{arm}/model"),
         steps="results/finetune/{arm}/loss.parquet",
     log:
         "logs/finetune/{arm}.log",
@@ -22,8 +23,12 @@ rule finetune:
         plan=plan_flag,
         launcher=training_launcher,
         omp_threads=threads_per_process,
+        save_dtype=config["finetune"].get("save_dtype", "base"),
+    # --resume matching: a retry (after SLURM's time limit, say) continues from the checkpoint
+    # its killed attempt left in <model>.checkpoints; one left by other settings is deleted.
     shell:
         "OMP_NUM_THREADS={params.omp_threads} {params.launcher} -m securetune.finetune"
         " --model {input.model:q} --data {input.data:q} {params.plan}"
-        " --arm-config {params.settings:q}"
+        " --arm-config {params.settings:q} --resume matching"
+        " --save-dtype {params.save_dtype}"
         " --out-model {output.model:q} --out-log {output.steps:q} --log-file {log:q}"

@@ -14,6 +14,7 @@ writes nothing, so a partial table is never scored as complete.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import math
@@ -25,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import requests
 
 from securetune.io import provenance, setup_logging, stable_seed, write_parquet
+from securetune.progress import Progress
 from securetune.settings import GenerationConfig
 
 if TYPE_CHECKING:
@@ -205,6 +206,8 @@ class LlmJudgeConfig:
     timeout_s: float
     max_retries: int
     max_tokens: int
+    # Requests in flight at once (a hosted API's rate limit, or a local server's batch).
+    concurrency: int = 8
 
 
 class JudgeError(RuntimeError):
@@ -228,63 +231,81 @@ def api_key(cfg: LlmJudgeConfig) -> str:
     return os.environ[cfg.api_key_env]
 
 
-def chat_completion(cfg: LlmJudgeConfig, key: str, messages: Conversation) -> str:
-    """One call to {base_url}/chat/completions, retried on network errors, 429 and 5xx with
-    exponential back-off; other HTTP errors (a bad key, a bad model name) fail at once."""
+async def _ask_all(texts: list[str], cfg: LlmJudgeConfig, key: str) -> list[str]:
+    """Every rubric to the endpoint, at most `cfg.concurrency` requests in flight, answers in
+    order. The OpenAI client retries connection errors, timeouts, 429 and 5xx up to
+    `cfg.max_retries` times with exponential back-off, waiting what a Retry-After header asks;
+    any other HTTP error (a bad key, a bad model name) fails at once, and the first failure
+    cancels the requests still in flight."""
+    from openai import AsyncOpenAI
 
-    def call() -> str:
-        response = requests.post(
-            cfg.base_url.rstrip("/") + "/chat/completions",
-            headers={"Authorization": f"Bearer {key}"} if key else {},
-            json={
-                "model": cfg.model,
-                "messages": messages,
-                "temperature": 0,
-                "max_tokens": cfg.max_tokens,
-            },
-            timeout=cfg.timeout_s,
-        )
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Retryable(f"HTTP {response.status_code}")
-        if response.status_code != 200:
-            # The body may echo the request; show the status and a short reason only.
-            raise JudgeError(
-                f"judge endpoint {cfg.base_url} answered HTTP {response.status_code} "
-                f"({response.reason}) for model '{cfg.model}'"
+    client = AsyncOpenAI(
+        base_url=cfg.base_url,
+        api_key=key or "no-key",  # a local server without auth takes any
+        timeout=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+    )
+    limit = asyncio.Semaphore(cfg.concurrency)
+    progress = Progress("LLM judge", len(texts), log, unit="completions")
+
+    async def ask(text: str) -> str:
+        async with limit:
+            response = await client.chat.completions.create(
+                model=cfg.model,
+                messages=[{"role": "user", "content": text}],
+                temperature=0,
+                max_tokens=cfg.max_tokens,
             )
-        return response.json()["choices"][0]["message"]["content"] or ""
+        progress.update()
+        return response.choices[0].message.content or ""
 
-    for attempt in range(cfg.max_retries + 1):
-        try:
-            return call()
-        except (_Retryable, requests.ConnectionError, requests.Timeout) as err:
-            if attempt == cfg.max_retries:
-                raise JudgeError(
-                    f"judge endpoint {cfg.base_url}: failed {attempt + 1} time(s): "
-                    f"{type(err).__name__}: {err}"
-                ) from err
-            wait = min(30.0, 2.0**attempt)
-            log.warning("judge call failed (%s); retry in %.0f s", type(err).__name__, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(ask(text)) for text in texts]
+    except ExceptionGroup as errors:
+        raise judge_error(cfg, errors.exceptions[0]) from errors.exceptions[0]
+    finally:
+        await client.close()
+    return [task.result() for task in tasks]
 
 
-class _Retryable(RuntimeError):
-    pass
+def judge_error(cfg: LlmJudgeConfig, err: BaseException) -> JudgeError:
+    """What went wrong with the endpoint, in words that never echo the request or the key."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        return JudgeError(
+            f"judge endpoint {cfg.base_url} answered HTTP {err.status_code} for model "
+            f"'{cfg.model}' (after {cfg.max_retries} retries if it was 429 or 5xx)"
+        )
+    if isinstance(err, openai.APIConnectionError):
+        return JudgeError(
+            f"judge endpoint {cfg.base_url}: failed {cfg.max_retries + 1} time(s): "
+            f"{type(err).__name__}"
+        )
+    return JudgeError(f"judge endpoint {cfg.base_url}: {type(err).__name__}: {err}")
 
 
 def judge_harmfulness(generations: pd.DataFrame, cfg: LlmJudgeConfig) -> pd.DataFrame:
     """One row per completion: the judge's 1-5 harmfulness score (NaN if it gave none)."""
     key = api_key(cfg)
-    log.info("LLM judge: model '%s' at %s", cfg.model, cfg.base_url)  # never the key
-    raw = []
-    for i, (prompt, completion) in enumerate(
-        zip(generations["prompt"], generations["completion"], strict=True)
-    ):
-        text = HARMFULNESS_RUBRIC.format(prompt=prompt, completion=completion)
-        raw.append(chat_completion(cfg, key, [{"role": "user", "content": text}]))
-        if (i + 1) % 20 == 0:
-            log.info("judged %d/%d", i + 1, len(generations))
+    log.info(
+        "LLM judge: model '%s' at %s, %d requests in flight at most",
+        cfg.model,
+        cfg.base_url,
+        cfg.concurrency,
+    )  # fmt: skip  (never the key)
+    texts = [
+        HARMFULNESS_RUBRIC.format(prompt=prompt, completion=completion)
+        for prompt, completion in zip(generations["prompt"], generations["completion"], strict=True)
+    ]
+    began = time.monotonic()
+    raw = asyncio.run(_ask_all(texts, cfg, key))
+    seconds = time.monotonic() - began
+    log.info(
+        "judged %d completions in %.1f s (%.1f requests/s)",
+        len(raw), seconds, len(raw) / max(seconds, 1e-9),
+    )  # fmt: skip
     out = generations[["prompt_id", "arm", "benchmark", "kind"]].copy()
     out["judge"] = "llm"
     out["judge_model"] = cfg.model

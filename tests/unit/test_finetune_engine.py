@@ -235,6 +235,49 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model_dir, ift, tmp_
         train(tiny_model_dir, data, other, ROBUST, tmp_path / "m", checkpoint_dir=ckpt, resume=True)
 
 
+def test_resume_matching_starts_over_from_a_checkpoint_of_other_settings(
+    tiny_model_dir, ift, tmp_path
+):
+    """The workflow's mode: a checkpoint of other settings (an arm changed after a killed run)
+    is deleted and training starts at step 0, giving the uninterrupted result."""
+    data = pd.read_parquet(ift)
+    ckpt = tmp_path / "checkpoints"
+    first = TrainConfig(**arm(checkpoint_every=2))
+    train(tiny_model_dir, data, first, ROBUST, tmp_path / "m", checkpoint_dir=ckpt,
+          keep_checkpoints=True)  # fmt: skip
+    other = TrainConfig(**arm(checkpoint_every=2, gamma=0.5))
+    steps = train(
+        tiny_model_dir, data, other, ROBUST, tmp_path / "m2", checkpoint_dir=ckpt,
+        resume="matching",
+    )  # fmt: skip
+    fresh = train(tiny_model_dir, data, other, ROBUST, tmp_path / "m3")
+    pd.testing.assert_frame_equal(steps, fresh)
+    assert not ckpt.exists()  # the stale one deleted; the new run's removed after success
+
+
+def test_arms_are_saved_in_the_base_models_dtype(tiny_model_dir, ift, tmp_path):
+    """save_dtype base: a source published in bfloat16 gives arms in bfloat16 (half the disk
+    of the float32 training weights); an explicit dtype wins."""
+    import shutil
+
+    parent = tmp_path / "bf16_parent"
+    shutil.copytree(tiny_model_dir, parent)
+    config = json.loads((parent / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (parent / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    data, cfg = pd.read_parquet(ift), TrainConfig(**arm(steps=2))
+    train(parent, data, cfg, ROBUST, tmp_path / "base")
+    train(parent, data, cfg, ROBUST, tmp_path / "f32", save_dtype="float32")
+    train(tiny_model_dir, data, cfg, ROBUST, tmp_path / "tiny")
+    dtypes = {
+        name: {t.dtype for t in load_file(tmp_path / name / "model.safetensors").values()}
+        for name in ("base", "f32", "tiny")
+    }
+    assert dtypes == {
+        "base": {torch.bfloat16}, "f32": {torch.float32}, "tiny": {torch.float32}
+    }  # fmt: skip
+
+
 def test_two_processes_give_the_one_process_result(tiny_model_dir, ift, plan, tmp_path):
     """DDP with gloo on CPU; FSDP is compared with 1 process in the resume test above."""
     settings = arm(kind="ml_lr")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -14,6 +19,7 @@ from securetune.judges import (
     LlmJudgeConfig,
     api_key,
     guard_conversation,
+    judge_harmfulness,
     judge_with_guard,
     parse_guard_verdict,
     parse_harmfulness,
@@ -108,13 +114,95 @@ def test_missing_key_variable_is_named_not_its_value(monkeypatch):
         api_key(cfg)
 
 
-def test_unreachable_endpoint_fails_after_bounded_retries(monkeypatch):
-    from securetune.judges import chat_completion
+def _generations(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"prompt_id": [f"a:{i}" for i in range(n)], "prompt": [f"harmful {i}" for i in range(n)],
+         "completion": [f"answer {i}" for i in range(n)], "arm": "base",
+         "benchmark": "advbench", "kind": "harmful"}
+    )  # fmt: skip
 
-    monkeypatch.setattr("time.sleep", lambda s: None)
-    cfg = LlmJudgeConfig(True, "http://127.0.0.1:9/v1", "m", "K", 2.0, 2, 8)
+
+def test_unreachable_endpoint_fails_after_bounded_retries(monkeypatch):
+    monkeypatch.setenv("SECURETUNE_TEST_KEY", "k")
+    cfg = LlmJudgeConfig(True, "http://127.0.0.1:9/v1", "m", "SECURETUNE_TEST_KEY", 2.0, 2, 8)
     with pytest.raises(JudgeError, match="failed 3 time"):
-        chat_completion(cfg, "k", [{"role": "user", "content": "hi"}])
+        judge_harmfulness(_generations(1), cfg)
+
+
+class RateLimitedJudge(ThreadingHTTPServer):
+    """An OpenAI-compatible stub: each prompt's first request gets 429 with Retry-After: 1, the
+    second a chat completion whose score is the prompt's number mod 5 + 1; it records how many
+    requests were in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _JudgeHandler)
+        self.lock = threading.Lock()
+        self.seen: set[str] = set()
+        self.in_flight = self.max_in_flight = self.rate_limited = 0
+        self.first_429_at: float | None = None
+        self.retries_after: list[float] = []
+
+
+class _JudgeHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        server: RateLimitedJudge = self.server  # type: ignore[assignment]
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"]
+        with server.lock:
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            first = text not in server.seen
+            server.seen.add(text)
+        time.sleep(0.2)  # so that requests overlap
+        with server.lock:
+            server.in_flight -= 1
+            if first:
+                server.rate_limited += 1
+                server.first_429_at = server.first_429_at or time.monotonic()
+            else:
+                server.retries_after.append(time.monotonic())
+        if first:
+            self.send_response(429)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        number = int(re.search(r"harmful (\d+)", text).group(1))
+        answer = {
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": f"Reasons.\n#score: {number % 5 + 1}"}}],
+        }  # fmt: skip
+        payload = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_llm_judge_keeps_n_requests_in_flight_and_honours_retry_after(monkeypatch):
+    server = RateLimitedJudge()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("SECURETUNE_TEST_KEY", "k")
+        base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        cfg = LlmJudgeConfig(True, base_url, "m", "SECURETUNE_TEST_KEY", 10, 2, 8, concurrency=4)
+        judged = judge_harmfulness(_generations(12), cfg)
+    finally:
+        server.shutdown()
+    # In order, each scored from its own answer, every one after a 429 and a retry.
+    assert list(judged["prompt_id"]) == [f"a:{i}" for i in range(12)]
+    assert list(judged["harmfulness"]) == [float(i % 5 + 1) for i in range(12)]
+    assert server.rate_limited == 12
+    # Bounded concurrency, and really concurrent.
+    assert server.max_in_flight == 4
+    # Retry-After: 1 was waited for before the first retry.
+    assert min(server.retries_after) - server.first_429_at >= 0.9
 
 
 def test_rouge_l():

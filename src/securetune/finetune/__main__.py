@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 import securetune.finetune
-from securetune.finetune.train import train
+from securetune.finetune.train import RESUME_MODES, train
 from securetune.io import provenance, setup_logging, write_parquet
 from securetune.method import needs_plan
 from securetune.settings import TrainConfig
@@ -38,13 +38,26 @@ def _parser() -> argparse.ArgumentParser:
         help="where checkpoints go (default: <out-model>.checkpoints); deleted after success",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint, if any"
+        "--resume",
+        nargs="?",
+        const="strict",
+        default="no",
+        choices=RESUME_MODES,
+        help="continue from the latest checkpoint, if any (--resume: strict, one written for "
+        "other settings is an error; --resume matching: such a one is deleted, as the workflow "
+        "runs it, so a retry after a time limit continues and a changed arm starts over)",
     )
     parser.add_argument(
         "--keep-checkpoints", action="store_true", help="keep the last checkpoint after success"
     )
     parser.add_argument(
         "--dtype", default="float32", help="weights' dtype while training (float32: exact)"
+    )
+    parser.add_argument(
+        "--save-dtype",
+        default="base",
+        choices=["base", "float32", "bfloat16", "float16"],
+        help="the saved model's dtype (base: the source model's checkpoint dtype)",
     )
     return parser
 
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None, on_step: Callable[[int, dict], None] | N
         checkpoint_dir=checkpoint_dir,
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
+        save_dtype=args.save_dtype,
         on_step=on_step,
     )
     if main_rank:

@@ -95,6 +95,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_fingerprint(path: Path) -> str:
+    """The settings' fingerprint a checkpoint was written under."""
+    return json.loads((path / "state.json").read_text())["fingerprint"]
+
+
 def load_checkpoint(
     path: Path,
     wrapped: torch.nn.Module,

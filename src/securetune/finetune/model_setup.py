@@ -56,6 +56,15 @@ def prepare_model(
     return model, model_type
 
 
+def checkpoint_dtype(folder: Path) -> str:
+    """The dtype a model folder's weights are published in (config.json), float32 if unsaid."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{folder}/config.json: dtype '{dtype}' is not one to save arms in")
+    return dtype
+
+
 def save_model(
     wrapped: torch.nn.Module,
     model: torch.nn.Module,
@@ -65,17 +74,22 @@ def save_model(
     out_dir: Path,
     env: Dist,
     parent: Path,
+    save_dtype: str = "base",
 ) -> None:
     """Save a plain HF folder (LoRA merged into the weights) that every later stage can load,
-    under the loading policy of the `parent` model it was trained from."""
+    under the loading policy of the `parent` model it was trained from, in `save_dtype` (base:
+    the parent's checkpoint dtype). The end of training: the model is cast in place."""
+    dtype = getattr(torch, checkpoint_dtype(parent) if save_dtype == "base" else save_dtype)
     state = None
     if env.active and cfg.distributed == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(wrapped, options=options)
+        state = {name: tensor.to(dtype) for name, tensor in state.items()}
     if env.main:
         target = model.merge_and_unload() if cfg.method == "lora" else model
+        target.to(dtype)
         with atomic_dir(out_dir) as tmp:
             target.save_pretrained(tmp, safe_serialization=True, state_dict=state)
             tokenizer.save_pretrained(tmp)

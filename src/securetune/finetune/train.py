@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from securetune.finetune.checkpoints import (
+    checkpoint_fingerprint,
     fingerprint,
     latest_checkpoint,
     load_checkpoint,
@@ -234,9 +235,15 @@ def train_step(
 # --- the loop ------------------------------------------------------------------------------------
 
 
+# How to treat a checkpoint left by an earlier attempt: no (ignore it), strict (resume; one
+# written for other settings is an error), matching (resume one written for these settings;
+# one written for other settings can never be resumed, so it is deleted: the workflow's mode).
+RESUME_MODES: tuple[str, ...] = ("no", "strict", "matching")
+
+
 def resume_from(
     checkpoint_dir: Path | None,
-    resume: bool,
+    resume: str,
     wrapped: torch.nn.Module,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -245,9 +252,21 @@ def resume_from(
     fsdp: bool,
 ) -> tuple[int, list[dict]]:
     """(first step, per-step log so far): from the latest checkpoint when resuming, else (0, [])."""
-    if resume and checkpoint_dir is not None and (last := latest_checkpoint(checkpoint_dir)):
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume '{resume}': allowed {list(RESUME_MODES)}")
+    if resume == "no" or checkpoint_dir is None:
+        return 0, []
+    last = latest_checkpoint(checkpoint_dir)
+    if last is not None and resume == "matching" and checkpoint_fingerprint(last) != stamp:
+        if env.main:
+            log.warning("%s was written for other settings: deleted, starting from step 0", last)
+            shutil.rmtree(checkpoint_dir)
+        if env.active:
+            dist.barrier()
+        last = None
+    if last is not None:
         return load_checkpoint(last, wrapped, model, optimizer, stamp, env, fsdp)
-    if resume and env.main:
+    if env.main:
         log.info("no checkpoint in %s: starting from step 0", checkpoint_dir)
     return 0, []
 
@@ -275,8 +294,9 @@ def train(
     out_dir: Path,
     dtype: str = "float32",
     checkpoint_dir: Path | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     keep_checkpoints: bool = False,
+    save_dtype: str = "base",
     on_step: Callable[[int, dict], None] | None = None,
 ) -> pd.DataFrame:
     """Fine-tune one arm; save the model to `out_dir`; return the per-step log.
@@ -299,7 +319,8 @@ def train(
     switch = swat_switch(cfg, env)
     stamp = fingerprint(cfg, robust)
     torch.manual_seed(cfg.seed)
-    start, rows = resume_from(checkpoint_dir, resume, wrapped, model, optimizer, stamp, env, fsdp)
+    mode = ("strict" if resume else "no") if isinstance(resume, bool) else resume
+    start, rows = resume_from(checkpoint_dir, mode, wrapped, model, optimizer, stamp, env, fsdp)
     began, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         held = held_groups(cfg.kind, step, switch)
@@ -322,6 +343,6 @@ def train(
             "trained steps %d..%d in %.1f s (%.0f response tokens/s over %d process(es))",
             start, cfg.steps, seconds, tokens / max(seconds, 1e-9), env.world,
         )  # fmt: skip
-    save_model(wrapped, model, tokenizer, cfg, robust, out_dir, env, model_dir)
+    save_model(wrapped, model, tokenizer, cfg, robust, out_dir, env, model_dir, save_dtype)
     finish(checkpoint_dir, keep_checkpoints, env)
     return pd.DataFrame(rows)

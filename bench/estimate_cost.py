@@ -1,0 +1,241 @@
+"""What a config will need before it is run: disk (per arm, checkpoint peak, total) and GPU-hours
+per stage.
+
+    python bench/estimate_cost.py configs/paper.yaml [overlay.yaml ...] [--gpu h200]
+
+GPU time comes from FLOPs: 2 x parameters per token for a forward pass, 6 x for a training step,
+times each stage's token count (from the config: prompts, seeds, perturbations, steps, batch),
+divided by what one GPU sustains. `--gpu h200` uses the throughput measured on an NVIDIA H200
+(BENCHMARKS.md, bench/gpu_throughput.py: 478 TFLOP/s forward, 320 TFLOP/s training, 2,527 new
+tokens/s with transformers `generate` for a 7B model); `--gpu custom` takes `--forward-tflops`,
+`--train-tflops` and `--decode-tokens-per-s`. Each job also pays a start-up (Python, torch,
+loading the weights): `--job-startup-s` (60 s by default for a 7B model from a shared file
+system). Token counts per prompt are assumptions stated on the command line (`--prompt-tokens`,
+`--ift-tokens`); generation is counted at `max_new_tokens` per prompt, an upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from securetune.config import config_in_force  # noqa: E402
+from securetune.jobs import evaluated_arms  # noqa: E402
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Model:
+    params: float
+    layers: int
+    checkpoint_dtype: str  # what its published weights are saved in
+
+
+# Published checkpoints (config.json on the hub); a local folder is read instead.
+KNOWN_MODELS = {
+    "meta-llama/Llama-2-7b-chat-hf": Model(6.738e9, 32, "float16"),
+    "meta-llama/Llama-Guard-3-8B": Model(8.030e9, 32, "bfloat16"),
+    "smollm2": Model(1.348e8, 30, "float32"),  # the demo's GGUF, converted to float32
+}
+
+GPUS = {
+    # Measured, BENCHMARKS.md (2026-11-30): bf16 forward and training TFLOP/s at 2N and 6N
+    # FLOPs per token, and transformers `generate` new tokens/s for a 7B model at batch 64.
+    "h200": {"forward_tflops": 478.0, "train_tflops": 320.0, "decode_tokens_per_s": 2527.0},
+}
+
+
+def model_of(source: str) -> Model:
+    if source in KNOWN_MODELS:
+        return KNOWN_MODELS[source]
+    config = Path(source) / "config.json"
+    if config.exists():
+        c = json.loads(config.read_text())
+        h, i, L, v = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                      c["vocab_size"])  # fmt: skip
+        kv = c.get("num_key_value_heads", c["num_attention_heads"])
+        head = h // c["num_attention_heads"]
+        per_layer = 2 * h * h + 2 * h * kv * head + 3 * h * i
+        tied = c.get("tie_word_embeddings", False)
+        params = L * per_layer + v * h * (1 if tied else 2)
+        return Model(params, L, c.get("torch_dtype") or c.get("dtype") or "float32")
+    raise SystemExit(f"model.source '{source}': unknown size; add it to KNOWN_MODELS")
+
+
+def load_config(files: list[Path]) -> dict:
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    merged: dict = {}
+    for path in files:
+        merged = merge(merged, yaml.safe_load(path.read_text()) or {})
+    if not files:
+        return default
+    full = config_in_force(default, files, merged, REPO / "schemas" / "config.schema.yaml")
+    return full if full is not default else merge(default, merged)
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = (
+            merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict]:
+    """One row per stage: jobs, tera-FLOPs, GPU-hours (compute + start-up)."""
+    gpu = GPUS.get(args.gpu) or {
+        "forward_tflops": args.forward_tflops,
+        "train_tflops": args.train_tflops,
+        "decode_tokens_per_s": args.decode_tokens_per_s,
+    }
+    n, p = model.params, args.prompt_tokens
+    data, rob, search, ft = cfg["data"], cfg["robustness"], cfg["search"], cfg["finetune"]
+    probe_prompts = 2 * data["probe_per_class"] + 2 * data.get("probe_ood_per_class", 0)
+    test_prompts = round(2 * data["probe_per_class"] * data["probe_test_fraction"])
+    modules = model.layers * len(rob["module_types"])
+    runs = len(rob["alphas"]) * rob["seeds"] * ("noise" in rob["perturbations"])
+    ift_runs = rob["seeds"] * ("ift" in rob["perturbations"])
+    ift = rob["ift"]
+    arms = list(ft["arms"])
+    evaluated = evaluated_arms(cfg)
+    bench_prompts = sum(cfg["evaluation"]["benchmarks"].values())
+    harmful = sum(
+        v for k, v in cfg["evaluation"]["benchmarks"].items()
+        if k in ("advbench", "harmbench", "harmbench_contextual", "strongreject", "donotanswer",
+                 "xstest_unsafe", "hexphi")
+    )  # fmt: skip
+    gen_jobs = len(evaluated) * (
+        len(cfg["evaluation"]["benchmarks"])
+        if cfg["generation"].get("jobs", "per_benchmark") == "per_benchmark"
+        else 1
+    )
+    # A perturbation of layer l recomputes layers l..L-1 from the cached prefix: half on average.
+    recompute = 0.5 if rob.get("cached_prefix") else 1.0
+    rows = [
+        ("extract_features", 1, 2 * n * probe_prompts * p, "forward", 1),
+        (
+            "robustness (score_module)", modules,
+            modules * (1 + runs + ift_runs) * 2 * n * test_prompts * p * recompute
+            + modules * ift_runs * ift["steps"] * ift["batch_size"] * args.ift_tokens * 6 * n,
+            "forward", 1,
+        ),
+        (
+            "search_robust_modules", 1,
+            (search["max_modules"] + 1) * search["seeds"] * 2 * n * test_prompts * p * recompute,
+            "forward", 1,
+        ),
+        (
+            "finetune", len(arms),
+            len(arms) * ft["steps"] * ft["batch_size"] * args.ift_tokens * 6 * n,
+            "train", ft.get("gpus") or 1,
+        ),
+        ("generate", gen_jobs, len(evaluated) * bench_prompts * cfg["generation"]["max_new_tokens"],
+         "decode", 1),
+        ("heldout_ift_loss", len(evaluated),
+         len(evaluated) * data["ift_heldout_examples"] * args.ift_tokens * 2 * n, "forward", 1),
+    ]  # fmt: skip
+    if guard is not None:
+        new = cfg["evaluation"]["guard"]["max_new_tokens"]
+        tokens = len(evaluated) * harmful * (p + cfg["generation"]["max_new_tokens"] + new)
+        rows.append(("judge_guard", len(evaluated), 2 * guard.params * tokens, "forward", 1))
+    out = []
+    for stage, jobs, work, kind, gpus_per_job in rows:
+        if kind == "decode":
+            seconds = work / gpu["decode_tokens_per_s"]
+            tflop = None
+        else:
+            tflop = work / 1e12
+            seconds = tflop / gpu[f"{kind}_tflops"]
+        # Training runs on gpus_per_job GPUs at once: the GPU-hours are the same work.
+        startup = jobs * args.job_startup_s * gpus_per_job
+        out.append({
+            "stage": stage, "jobs": jobs, "tera_flops": tflop,
+            "gpu_hours": (seconds + startup) / 3600, "startup_gpu_hours": startup / 3600,
+        })  # fmt: skip
+    return out
+
+
+def disk(cfg: dict, model: Model) -> dict:
+    """GB on disk: the base copy, each arm (saved in the base's dtype), a fine-tune's
+    checkpoint at its peak (the new one complete before the old is deleted)."""
+    n = model.params
+    save = cfg["finetune"].get("save_dtype", "base")
+    save_dtype = model.checkpoint_dtype if save == "base" else save
+    arms = len(cfg["finetune"]["arms"])
+    base = n * BYTES[model.checkpoint_dtype] / 1e9
+    per_arm = n * BYTES[save_dtype] / 1e9
+    trainable = n if cfg["finetune"].get("method", "full") == "full" else 0.01 * n
+    # Float32 trainable weights + AdamW's two moments; two exist while one replaces the other.
+    checkpoint = 12 * trainable / 1e9
+    peak = 2 * checkpoint if cfg["finetune"].get("checkpoint_every") else 0.0
+    concurrent = arms if cfg["finetune"].get("checkpoint_every") else 0
+    kept = 0 if not cfg["finetune"].get("keep_weights", True) else arms * per_arm
+    return {
+        "save_dtype": save_dtype,
+        "base_gb": base,
+        "per_arm_gb": per_arm,
+        "arms": arms,
+        "arms_kept_gb": kept,
+        "checkpoint_gb": checkpoint,
+        "checkpoint_peak_per_finetune_gb": peak,
+        "peak_all_finetunes_at_once_gb": concurrent * peak + arms * per_arm + base,
+        "total_after_run_gb": base + kept,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", type=Path, help="the run's --configfile files")
+    parser.add_argument("--gpu", default="h200", choices=[*GPUS, "custom"])
+    parser.add_argument("--forward-tflops", type=float, default=300.0)
+    parser.add_argument("--train-tflops", type=float, default=200.0)
+    parser.add_argument("--decode-tokens-per-s", type=float, default=2000.0)
+    parser.add_argument("--job-startup-s", type=float, default=60.0)
+    parser.add_argument("--prompt-tokens", type=int, default=96, help="chat-templated prompt")
+    parser.add_argument("--ift-tokens", type=int, default=256, help="IFT example, all tokens")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = parser.parse_args()
+    cfg = load_config(args.configs)
+    model = model_of(cfg["model"]["source"])
+    guard_cfg = cfg["evaluation"].get("guard", {})
+    guard = None
+    if guard_cfg.get("enabled"):
+        guard = model if guard_cfg["model"] == "base" else model_of(guard_cfg["model"])
+    stages = stage_costs(cfg, model, guard, args)
+    space = disk(cfg, model)
+    if args.json:
+        print(json.dumps({"stages": stages, "disk": space}, indent=2))
+        return
+    print(f"model {cfg['model']['source']}: {model.params / 1e9:.2f} B parameters, "
+          f"{model.layers} layers; GPU {args.gpu}")  # fmt: skip
+    print("\n| stage | jobs | TFLOP | GPU-hours (of which start-up) |\n|---|---|---|---|")
+    for row in stages:
+        tflop = "decode" if row["tera_flops"] is None else f"{row['tera_flops']:,.0f}"
+        print(f"| {row['stage']} | {row['jobs']} | {tflop} | "
+              f"{row['gpu_hours']:.2f} ({row['startup_gpu_hours']:.2f}) |")  # fmt: skip
+    total = sum(r["gpu_hours"] for r in stages)
+    print(f"| total | {sum(r['jobs'] for r in stages)} | | {total:.1f} |")
+    print(f"\nDisk (arms saved in {space['save_dtype']}):")
+    print(f"- base model copy: {space['base_gb']:.1f} GB")
+    print(f"- per arm: {space['per_arm_gb']:.1f} GB x {space['arms']} arms")
+    peak = space["checkpoint_peak_per_finetune_gb"]
+    print(f"- a checkpoint: {space['checkpoint_gb']:.1f} GB (float32 weights + AdamW moments); "
+          f"peak while one replaces the other: {peak:.1f} GB")  # fmt: skip
+    print(f"- peak with every fine-tune at once: {space['peak_all_finetunes_at_once_gb']:.0f} GB")
+    print(f"- left after the run: {space['total_after_run_gb']:.1f} GB")
+
+
+if __name__ == "__main__":
+    main()
