@@ -27,6 +27,7 @@ include: "rules/report.smk"
 # instead of waiting in the queue for an sbatch slot; only model work is submitted.
 localrules:
     all,
+    paper_tables,
     ablation_gamma,
     fetch_smollm2,
     prepare_probe_set,
@@ -45,6 +46,12 @@ rule all:
     default_target: True
     input:
         "results/report/report.md",
+
+
+rule paper_tables:
+    """The paper's tables (results/report/paper_tables.md and .csv); `all` builds them too."""
+    input:
+        "results/report/paper_tables.md",
 
 
 rule ablation_gamma:

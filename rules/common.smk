@@ -209,7 +209,8 @@ def threads_per_process(wildcards, threads):
 
 def arm_weights_output(path):
     """An arm's model folder: kept, or temporary (deleted once generation and the held-out
-    loss have read it) when finetune.keep_weights is false, to save disk at paper scale."""
+    loss have read it) when finetune.keep_weights is false, to save disk at paper scale.
+    """
     folder = directory(path)
     return folder if config["finetune"].get("keep_weights", True) else temp(folder)
 

@@ -39,6 +39,12 @@ rule report:
             category="Judges",
             caption="../report/guard_categories.rst",
         ),
+        paper_tables=report(
+            "results/report/paper_tables.md",
+            category="Main table",
+            caption="../report/paper_tables.rst",
+        ),
+        paper_tables_csv="results/report/paper_tables.csv",
         probe_table=report(
             "results/report/probe_accuracy.csv",
             category="Safety features",

@@ -133,3 +133,59 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     paired = frontier_verdicts(keyword, ift_loss, with_base, 50, 0.95, 0)
     assert paired["gap"][0] == pytest.approx(asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2)
     assert not paired["verdict"][0].startswith("no frontier")
+
+
+def _headline(rows):
+    return pd.DataFrame(
+        [(arm, "x", metric, v, v - 0.1, v + 0.1, 10) for arm, metric, v in rows],
+        columns=["arm", "benchmark", "metric", "value", "ci_low", "ci_high", "n"],
+    )
+
+
+def test_paper_tables_rows_deltas_and_reported_numbers():
+    from securetune.report.paper_tables import paper_tables
+
+    headline = _headline([
+        ("base", "attack_success", 0.05), ("vanilla", "attack_success", 0.40),
+        ("ml_lr", "attack_success", 0.25), ("freeze", "attack_success", 0.10),
+        ("base", "usability", 0.30), ("vanilla", "usability", 0.35),
+        ("ml_lr", "usability", 0.33), ("freeze", "usability", 0.31),
+        ("vanilla", "harmfulness_score", 2.5), ("ml_lr", "harmfulness_score", 1.5),
+    ])  # fmt: skip
+    probe = pd.DataFrame({"layer": [0, 1], "test_accuracy": [0.9, 0.95]})
+    arms = ["base", "vanilla", "ml_lr", "freeze"]
+    kinds = {"base": "reference", "vanilla": "vanilla", "ml_lr": "ml_lr", "freeze": "freeze"}
+    page, csv = paper_tables(
+        headline, probe, arms, kinds, "alpaca", "meta-llama/Llama-2-7b-chat-hf", 0.95
+    )
+    ours = csv[csv["source"] == "ours"].set_index(["row", "metric"])["value"]
+    assert ours[("ML-LR - vanilla", "attack_success")] == pytest.approx(-0.15)
+    assert ours[("ML-LR - vanilla", "harmfulness_score")] == pytest.approx(-1.0)
+    assert ours[("ML-LR - vanilla", "usability")] == pytest.approx(-0.02)
+    assert np.isnan(ours[("before IFT", "harmfulness_score")])  # not judged: n/a, not 0
+    reported = csv[csv["source"] == "Du et al. 2024 (reported)"].set_index("metric")["value"]
+    assert reported["attack_success"] == pytest.approx(-0.3791)
+    assert (csv["source"] == "Qi et al. 2023 (reported)").any()
+    # Rows in the paper's order, the task metric of the general domain, the deltas side by side.
+    lines = page.splitlines()
+    order = [next(i for i, line in enumerate(lines) if line.startswith(f"| {row} "))
+             for row in ("before IFT", "vanilla", "ml_lr", "freeze (freeze)")]  # fmt: skip
+    assert order == sorted(order)
+    assert "usability (ROUGE-L)" in page and "accuracy (GSM8K" not in page
+    assert "| ASR (keyword) | -15.00% | -37.91% |" in page
+    assert "0.250 [0.150, 0.350]" in page
+
+
+def test_paper_tables_of_the_math_domain_use_accuracy_and_show_no_qi_numbers():
+    from securetune.report.paper_tables import paper_tables
+
+    headline = _headline([("vanilla", "task_accuracy", 0.2), ("ml_lr", "task_accuracy", 0.18)])
+    probe = pd.DataFrame({"layer": [0], "test_accuracy": [0.9]})
+    page, csv = paper_tables(
+        headline, probe, ["base", "vanilla", "ml_lr"],
+        {"base": "reference", "vanilla": "vanilla", "ml_lr": "ml_lr"},
+        "gsm8k", "meta-llama/Llama-2-7b-chat-hf", 0.95,
+    )  # fmt: skip
+    assert "## Domain: math" in page and "accuracy (GSM8K exact match)" in page
+    assert "Qi et al." not in page
+    assert "-11.48%" in page

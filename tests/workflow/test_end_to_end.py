@@ -146,6 +146,25 @@ def test_report(run):
     assert "Mods_Robust" in (report / "report.md").read_text()
 
 
+def test_paper_tables(run):
+    """The paper's layout from the run's own rates: the tiny config fine-tunes on Alpaca (the
+    general domain, so its task metric is usability), with no LLM judge (harmfulness is n/a)."""
+    report = run / "results" / "report"
+    page = (report / "paper_tables.md").read_text()
+    assert "## Domain: general" in page and "| before IFT |" in page
+    assert "usability (ROUGE-L)" in page
+    csv = pd.read_csv(report / "paper_tables.csv")
+    ours = csv[(csv["source"] == "ours") & (csv["row"] != "ML-LR - vanilla")]
+    rates = pd.read_csv(report / "rates.csv")
+    asr = rates[rates["metric"] == "attack_success"].drop_duplicates("arm").set_index("arm")
+    for arm, value in ours[ours["metric"] == "attack_success"].set_index("arm")["value"].items():
+        assert value == pytest.approx(asr.loc[arm, "value"])
+    delta = csv[(csv["row"] == "ML-LR - vanilla") & (csv["source"] == "ours")]
+    expected = asr.loc["ml_lr", "value"] - asr.loc["vanilla", "value"]
+    assert delta.set_index("metric").loc["attack_success", "value"] == pytest.approx(expected)
+    assert ours.loc[ours["metric"] == "harmfulness_score", "value"].isna().all()
+
+
 def test_judges_and_main_table(run):
     for arm in ["base", *ARMS]:
         guard = pd.read_parquet(run / "results" / "judge" / "guard" / f"{arm}.parquet")

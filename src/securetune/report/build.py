@@ -14,6 +14,7 @@ import pandas as pd
 from securetune.io import atomic_path, read_provenance
 from securetune.judges import unsafe_rate_per_category
 from securetune.report import figures, tables
+from securetune.report.paper_tables import paper_tables
 from securetune.report.settings import ReportSettings
 from securetune.report.stats import (
     frontier_verdicts,
@@ -191,5 +192,19 @@ def build_report(
     report = compute_tables(inputs, settings)
     write_tables(report, inputs.probe, outputs)
     draw_figures(inputs, report.headline, settings.arm_kinds, outputs)
+    write_paper_tables(inputs, report, settings, outputs)
     with atomic_path(outputs["report"]) as tmp:
         tmp.write_text(report_markdown(inputs, report, settings))
+
+
+def write_paper_tables(
+    inputs: ReportInputs, report: ReportTables, settings: ReportSettings, outputs: dict[str, Path]
+) -> None:
+    """results/report/paper_tables.md and .csv: the paper's layout (`report.paper_tables`)."""
+    page, csv = paper_tables(
+        report.headline, inputs.probe, list(settings.arm_order), settings.arm_kinds,
+        settings.ift_source, settings.source_model, settings.confidence,
+    )  # fmt: skip
+    tables.write_csv(csv, outputs["paper_tables_csv"])
+    with atomic_path(outputs["paper_tables"]) as tmp:
+        tmp.write_text(page)

@@ -29,6 +29,10 @@ class ReportSettings(StageSettings):
     # The precision keys as configured (auto, or an explicit dtype / autocast), so the report
     # can say what they resolved to on the hardware the completions were generated on.
     precision: dict[str, str] = field(default_factory=dict)
+    # The paper tables' domain comes from the IFT source; the source model decides whether
+    # Qi et al.'s numbers for the same model are shown beside ours.
+    ift_source: str = ""
+    source_model: str = ""
 
     def __post_init__(self) -> None:
         # Rebuilt from JSON with sorted keys (`to_params`), so the order comes from arm_order:
@@ -58,4 +62,6 @@ class ReportSettings(StageSettings):
                 "align.autocast": config["align"]["autocast"],
                 "finetune.autocast": config["finetune"].get("autocast", "none"),
             },
+            ift_source=config["data"]["ift_source"],
+            source_model=config["model"]["source"],
         )
