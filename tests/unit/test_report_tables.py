@@ -155,13 +155,21 @@ def test_paper_tables_rows_deltas_and_reported_numbers():
     probe = pd.DataFrame({"layer": [0, 1], "test_accuracy": [0.9, 0.95]})
     arms = ["base", "vanilla", "ml_lr", "freeze"]
     kinds = {"base": "reference", "vanilla": "vanilla", "ml_lr": "ml_lr", "freeze": "freeze"}
+    paired = {
+        "attack_success": (-0.15, -0.2, -0.1),
+        "harmfulness_score": (-1.0, -1.4, -0.6),
+        "usability": (-0.02, -0.05, 0.01),
+    }
     page, csv = paper_tables(
-        headline, probe, arms, kinds, "alpaca", "meta-llama/Llama-2-7b-chat-hf", 0.95
-    )
-    ours = csv[csv["source"] == "ours"].set_index(["row", "metric"])["value"]
-    assert ours[("ML-LR - vanilla", "attack_success")] == pytest.approx(-0.15)
-    assert ours[("ML-LR - vanilla", "harmfulness_score")] == pytest.approx(-1.0)
-    assert ours[("ML-LR - vanilla", "usability")] == pytest.approx(-0.02)
+        headline, probe, arms, kinds, "alpaca", "meta-llama/Llama-2-7b-chat-hf", 0.95,
+        paired.__getitem__,
+    )  # fmt: skip
+    ours = csv[csv["source"] == "ours"].set_index(["row", "metric"])
+    assert ours.loc[("ML-LR - vanilla", "attack_success"), "value"] == pytest.approx(-0.15)
+    assert ours.loc[("ML-LR - vanilla", "attack_success"), "ci_low"] == pytest.approx(-0.2)
+    assert ours.loc[("ML-LR - vanilla", "harmfulness_score"), "value"] == pytest.approx(-1.0)
+    assert ours.loc[("ML-LR - vanilla", "usability"), "ci_high"] == pytest.approx(0.01)
+    ours = ours["value"]
     assert np.isnan(ours[("before IFT", "harmfulness_score")])  # not judged: n/a, not 0
     reported = csv[csv["source"] == "Du et al. 2024 (reported)"].set_index("metric")["value"]
     assert reported["attack_success"] == pytest.approx(-0.3791)
@@ -172,7 +180,7 @@ def test_paper_tables_rows_deltas_and_reported_numbers():
              for row in ("before IFT", "vanilla", "ml_lr", "freeze (freeze)")]  # fmt: skip
     assert order == sorted(order)
     assert "usability (ROUGE-L)" in page and "accuracy (GSM8K" not in page
-    assert "| ASR (keyword) | -15.00% | -37.91% |" in page
+    assert "| ASR (keyword) | -15.00% [-20.00%, -10.00%] | -37.91% |" in page
     assert "0.250 [0.150, 0.350]" in page
 
 
@@ -184,8 +192,34 @@ def test_paper_tables_of_the_math_domain_use_accuracy_and_show_no_qi_numbers():
     page, csv = paper_tables(
         headline, probe, ["base", "vanilla", "ml_lr"],
         {"base": "reference", "vanilla": "vanilla", "ml_lr": "ml_lr"},
-        "gsm8k", "meta-llama/Llama-2-7b-chat-hf", 0.95,
+        "gsm8k", "meta-llama/Llama-2-7b-chat-hf", 0.95, lambda metric: (math.nan,) * 3,
     )  # fmt: skip
     assert "## Domain: math" in page and "accuracy (GSM8K exact match)" in page
     assert "Qi et al." not in page
     assert "-11.48%" in page
+
+
+def test_paired_difference_resamples_the_two_arms_together():
+    from securetune.report.stats import paired_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.random(200) < 0.5
+    # ml_lr differs from vanilla on 10 of 200 prompts, always lower: a paired CI excludes 0,
+    # though the two arms' own intervals overlap almost entirely.
+    other = base.copy()
+    flips = np.flatnonzero(base)[:10]
+    other[flips] = False
+    keyword = pd.DataFrame({
+        "arm": ["vanilla"] * 200 + ["ml_lr"] * 200, "kind": "harmful", "benchmark": "advbench",
+        "prompt_id": [f"p{i}" for i in range(200)] * 2,
+        "success": np.concatenate([base, other]).astype(float),
+    })  # fmt: skip
+    mean, low, high = paired_difference(
+        {"keyword": keyword}, "attack_success", "ml_lr", "vanilla", 2000, 0.95, 0
+    )
+    assert mean == pytest.approx(-10 / 200)
+    assert low < mean < high < 0
+    assert math.isnan(
+        paired_difference({"keyword": keyword}, "harmfulness_score", "ml_lr", "vanilla",
+                          100, 0.95, 0)[0]
+    )  # fmt: skip

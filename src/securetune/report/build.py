@@ -19,6 +19,7 @@ from securetune.report.settings import ReportSettings
 from securetune.report.stats import (
     frontier_verdicts,
     headline_rates,
+    paired_difference,
     summarise_scores,
 )
 from securetune.robustness_table import METRICS
@@ -201,9 +202,16 @@ def write_paper_tables(
     inputs: ReportInputs, report: ReportTables, settings: ReportSettings, outputs: dict[str, Path]
 ) -> None:
     """results/report/paper_tables.md and .csv: the paper's layout (`report.paper_tables`)."""
+
+    def paired(metric: str) -> tuple[float, float, float]:
+        return paired_difference(
+            inputs.sources, metric, "ml_lr", "vanilla",
+            settings.bootstrap_samples, settings.confidence, settings.seed,
+        )  # fmt: skip
+
     page, csv = paper_tables(
         report.headline, inputs.probe, list(settings.arm_order), settings.arm_kinds,
-        settings.ift_source, settings.source_model, settings.confidence,
+        settings.ift_source, settings.source_model, settings.confidence, paired,
     )  # fmt: skip
     tables.write_csv(csv, outputs["paper_tables_csv"])
     with atomic_path(outputs["paper_tables"]) as tmp:

@@ -7,6 +7,7 @@ probe's accuracy per layer. Reported numbers are labelled as reported, never mix
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,8 @@ from securetune.report.tables import PROBE_COLUMNS, markdown_table
 DOMAIN_OF_IFT_SOURCE = {"alpaca": "general", "dolly": "general", "gsm8k": "math"}
 TASK_METRIC = {"general": "usability", "math": "task_accuracy"}
 SAFETY_METRICS = ("harmfulness_score", "attack_success")
+# metric -> (mean, low, high) of ML-LR minus vanilla, paired over prompts.
+PairedDifference = Callable[[str], tuple[float, float, float]]
 LABELS = {
     "harmfulness_score": "harmfulness (1-5, LLM judge)",
     "attack_success": "ASR (keyword)",
@@ -75,15 +78,14 @@ def ours(headline: pd.DataFrame, rows: list[tuple[str, str]], domain: str) -> pd
     return pd.DataFrame(out)
 
 
-def deltas(table: pd.DataFrame, domain: str) -> pd.DataFrame:
-    """ML-LR minus vanilla per metric (ours, from the point estimates), beside the paper's."""
-    values = table.set_index(["arm", "metric"])["value"]
+def deltas(table: pd.DataFrame, domain: str, paired: PairedDifference) -> pd.DataFrame:
+    """ML-LR minus vanilla per metric, ours with its paired bootstrap CI (`paired(metric)`:
+    mean, low, high), beside the paper's."""
     rows = []
     for metric in table["metric"].unique():
-        have = ("ml_lr", metric) in values.index and ("vanilla", metric) in values.index
-        diff = values[("ml_lr", metric)] - values[("vanilla", metric)] if have else math.nan
+        mean, low, high = paired(metric)
         rows.append({
-            "domain": domain, "metric": metric, "ours": diff,
+            "domain": domain, "metric": metric, "ours": mean, "ci_low": low, "ci_high": high,
             "paper_reported": PAPER_DELTAS.get(domain, {}).get(metric, math.nan),
         })  # fmt: skip
     return pd.DataFrame(rows)
@@ -99,6 +101,12 @@ def _signed(value: float, percent: bool) -> str:
     if np.isnan(value):
         return "n/a"
     return f"{100 * value:+.2f}%" if percent else f"{value:+.3f}"
+
+
+def _signed_ci(value: float, low: float, high: float, percent: bool) -> str:
+    if np.isnan(value):
+        return "n/a"
+    return f"{_signed(value, percent)} [{_signed(low, percent)}, {_signed(high, percent)}]"
 
 
 def markdown(
@@ -119,9 +127,10 @@ def markdown(
     wide.columns = [LABELS.get(c, c) for c in wide.columns]
     delta_rows = pd.DataFrame({
         "metric": [LABELS.get(m, m) for m in delta["metric"]],
-        "ML-LR - vanilla (ours)": [
-            _signed(v, m == "attack_success") for v, m in zip(delta["ours"], delta["metric"],
-                                                              strict=True)],
+        "ML-LR - vanilla (ours, paired CI)": [
+            _signed_ci(v, lo, hi, m == "attack_success")
+            for v, lo, hi, m in zip(delta["ours"], delta["ci_low"], delta["ci_high"],
+                                    delta["metric"], strict=True)],
         "Du et al. 2024 (reported)": [
             _signed(v, m == "attack_success") for v, m in zip(delta["paper_reported"],
                                                               delta["metric"], strict=True)],
@@ -179,13 +188,15 @@ def paper_tables(
     ift_source: str,
     source_model: str,
     confidence: float,
+    paired: PairedDifference,
 ) -> tuple[str, pd.DataFrame]:
-    """(the Markdown page, the tidy CSV table: ours, our deltas, the reported numbers)."""
+    """(the Markdown page, the tidy CSV table: ours, our deltas, the reported numbers).
+    `paired(metric)` is ML-LR minus vanilla on that metric with its paired CI."""
     domain = domain_of(ift_source)
     table = ours(headline, row_order(arm_order, arm_kinds), domain)
-    delta = deltas(table, domain)
+    delta = deltas(table, domain, paired)
     delta_rows = delta.rename(columns={"ours": "value"}).assign(
-        row="ML-LR - vanilla", arm="", ci_low=math.nan, ci_high=math.nan, n=0, source="ours"
+        row="ML-LR - vanilla", arm="", n=0, source="ours"
     )[table.columns]
     csv = pd.concat([table, delta_rows, reported_rows(domain, source_model)], ignore_index=True)
     return markdown(table, delta, probe, source_model, confidence), csv

@@ -183,6 +183,31 @@ def per_item(table: pd.DataFrame, kind: str, column: str) -> pd.DataFrame:
     return wide.dropna()
 
 
+def paired_difference(
+    tables: dict[str, pd.DataFrame],
+    metric_name: str,
+    arm: str,
+    reference: str,
+    n_resamples: int,
+    level: float,
+    seed: int,
+) -> tuple[float, float, float]:
+    """(mean, low, high) of `arm` minus `reference` on a headline metric, item by item: the two
+    arms' values on the same prompts are resampled together, so the interval is the
+    difference's own (narrower than two separate intervals suggest). NaN where either arm or
+    the metric's table is missing."""
+    metric = next(m for m in HEADLINE_METRICS if m.name == metric_name)
+    table = tables.get(metric.source)
+    if table is None or table.empty or metric.column not in table:
+        return float("nan"), float("nan"), float("nan")
+    wide = per_item(table, metric.kind, metric.column)
+    if arm not in wide or reference not in wide:
+        return float("nan"), float("nan"), float("nan")
+    differences = (wide[arm] - wide[reference]).to_numpy(dtype=float)
+    seed = stable_seed(seed, "paired", arm, reference, metric_name)
+    return bootstrap_ci(differences, n_resamples, level, seed)
+
+
 def compared_arms(arm_kinds: dict[str, str]) -> list[str]:
     """The arms set against the frontier: those neither uniform-lr nor reference models."""
     return [a for a, k in arm_kinds.items() if k not in (VANILLA_KIND, REFERENCE_KIND)]
