@@ -42,6 +42,16 @@ localrules:
     report,
 
 
+# A fine-tune's last checkpoint outlives its job, so a job counted failed after saving its model
+# resumes instead of starting over; once the run ends, finished arms' checkpoints are deleted.
+onsuccess:
+    jobs.remove_finished_checkpoints()
+
+
+onerror:
+    jobs.remove_finished_checkpoints()
+
+
 rule all:
     default_target: True
     input:

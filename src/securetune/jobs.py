@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,21 @@ def training_launcher(processes: int, python: str = "python") -> str:
     if processes == 1:
         return python
     return f"{python} -m torch.distributed.run --standalone --nproc_per_node={processes}"
+
+
+def remove_finished_checkpoints(finetune_dir: str | Path = "results/finetune") -> list[Path]:
+    """Delete the checkpoints of every arm whose fine-tune Snakemake has kept (its model and
+    loss log both exist: a failed job's outputs are deleted before this runs, at the end of a
+    run). The trainer keeps its last checkpoint (`--keep-checkpoints`) because a job can be
+    counted failed after its model is saved (SLURM's time limit reached as it exits), and its
+    retry must not start over from step 0."""
+    removed = []
+    for checkpoints in sorted(Path(finetune_dir).glob("*/model.checkpoints")):
+        arm = checkpoints.parent
+        if (arm / "model").is_dir() and (arm / "loss.parquet").is_file():
+            shutil.rmtree(checkpoints)
+            removed.append(checkpoints)
+    return removed
 
 
 def model_of_arm(arm: str) -> str:

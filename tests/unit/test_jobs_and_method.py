@@ -171,3 +171,18 @@ def test_job_shaping_keys_are_not_in_any_settings():
     shaped["generation"]["jobs"] = "per_benchmark"
     for kind in (RobustnessSettings, SearchSettings, GenerationConfig, JudgeSettings):
         assert kind.from_config(shaped).to_params() == kind.from_config(TINY).to_params()
+
+
+def test_checkpoints_of_finished_arms_only_are_removed(tmp_path):
+    from securetune.jobs import remove_finished_checkpoints
+
+    for arm in ("done", "failed", "running"):
+        (tmp_path / arm / "model.checkpoints" / "step_00000100").mkdir(parents=True)
+    (tmp_path / "done" / "model").mkdir()
+    (tmp_path / "done" / "loss.parquet").write_bytes(b"x")
+    (tmp_path / "running" / "model").mkdir()  # no loss log: not finished
+    removed = remove_finished_checkpoints(tmp_path)
+    assert removed == [tmp_path / "done" / "model.checkpoints"]
+    assert not removed[0].exists()
+    assert (tmp_path / "failed" / "model.checkpoints").exists()
+    assert (tmp_path / "running" / "model.checkpoints").exists()
