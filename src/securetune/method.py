@@ -26,8 +26,10 @@ TRAINING_METHODS: tuple[str, ...] = ("full", "lora")
 # auto: bfloat16 where the hardware computes it natively, else none (`securetune.precision`).
 AUTOCAST: tuple[str, ...] = ("auto", "none", "bfloat16")
 DISTRIBUTED: tuple[str, ...] = ("ddp", "fsdp")
-# finetune keys the launcher (torchrun) and the scheduler read, not the trainer.
-LAUNCH_KEYS: tuple[str, ...] = ("processes", "gpus")
+# finetune keys the launcher (torchrun), the scheduler and the rule's outputs read, not the
+# training settings: how many processes and GPUs, what dtype the result is saved in (a separate
+# flag, so it never changes the checkpoint fingerprint), whether the weights are kept.
+LAUNCH_KEYS: tuple[str, ...] = ("processes", "gpus", "save_dtype", "keep_weights")
 
 
 def needs_plan(kind: str) -> bool:

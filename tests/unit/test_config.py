@@ -116,11 +116,20 @@ def test_bad_align_values_name_the_key(config, schema, key, value, message):
         ("search", "unit", "layer", r"'search\.unit': 'layer' is not one of"),
         ("search", "band_width", 0, r"'search\.band_width': 0 is out of range"),
         ("search", "perturbation", "both", r"'search\.perturbation'"),
+        ("finetune", "save_dtype", "int8", r"'finetune\.save_dtype': 'int8' is not one of"),
+        ("finetune", "keep_weights", "no", r"'finetune\.keep_weights': 'no' is not of type"),
     ],
 )
 def test_robustness_keys_refuse_wrong_values_by_name(config, schema, section, key, value, message):
     config[section][key] = value
     with pytest.raises(ConfigError, match=message):
+        validate_config(config, schema)
+
+
+@pytest.mark.parametrize("value", [0, 1000])
+def test_llm_judge_concurrency_out_of_range_is_refused(config, schema, value):
+    config["evaluation"]["llm_judge"]["concurrency"] = value
+    with pytest.raises(ConfigError, match=rf"'evaluation\.llm_judge\.concurrency': {value} is out"):
         validate_config(config, schema)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 import securetune.finetune
+from securetune.finetune.model_setup import SAVE_DTYPES
 from securetune.finetune.train import RESUME_MODES, train
 from securetune.io import provenance, setup_logging, write_parquet
 from securetune.method import needs_plan
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-dtype",
         default="base",
-        choices=["base", "float32", "bfloat16", "float16"],
+        choices=SAVE_DTYPES,
         help="the saved model's dtype (base: the source model's checkpoint dtype)",
     )
     return parser

@@ -7,6 +7,7 @@ import torch
 
 from securetune.finetune.sft_data import IGNORE, Example, collate, predicted_tokens
 from securetune.io import batches_by_length
+from securetune.models import model_device
 from securetune.progress import Progress
 
 
@@ -62,7 +63,7 @@ def example_losses(
     order: the training objective measured on examples no stage trains on (the held-out IFT
     loss). Batches group examples of similar length, which changes no example's loss."""
     model.eval()
-    device = next(model.parameters()).device  # wherever the caller loaded it
+    device = model_device(model)  # wherever the caller loaded it
     out: dict[int, tuple[float, int]] = {}
     for indices in batches_by_length(
         range(len(examples)), lambda i: len(examples[i][0]), batch_size

@@ -56,11 +56,16 @@ def prepare_model(
     return model, model_type
 
 
+# What an arm's weights can be saved in (finetune.save_dtype): base is the source's own.
+SAVED_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+SAVE_DTYPES: tuple[str, ...] = ("base", *SAVED_DTYPES)
+
+
 def checkpoint_dtype(folder: Path) -> str:
     """The dtype a model folder's weights are published in (config.json), float32 if unsaid."""
     config = json.loads((Path(folder) / "config.json").read_text())
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in SAVED_DTYPES:
         raise ValueError(f"{folder}/config.json: dtype '{dtype}' is not one to save arms in")
     return dtype
 
