@@ -29,10 +29,12 @@ localrules:
     all,
     paper_tables,
     ablation_gamma,
+    ablation_gamma_table,
     fetch_smollm2,
     prepare_probe_set,
     prepare_ift_set,
     prepare_ift_heldout,
+    prepare_robustness_ift_set,
     fetch_benchmark,
     prepare_eval_set,
     check_prompts,
@@ -55,24 +57,16 @@ onerror:
 rule all:
     default_target: True
     input:
-        "results/report/report.md",
-
-
-rule paper_tables:
-    """The paper's tables (results/report/paper_tables.md and .csv); `all` builds them too."""
-    input:
+        jobs.domain_reports(config),
         "results/report/paper_tables.md",
 
 
 rule ablation_gamma:
-    """Ablation (not part of `all`): one ml_lr arm per finetune.gamma_sweep value, scored."""
+    """The gamma ablation: one ml_lr arm per finetune.gamma_sweep value and domain, scored, in
+    results/<domain>/report/ablation_gamma.csv (and in the paper tables, which need it when the
+    config has a sweep)."""
     input:
         expand(
-            "results/scores/{arm}/{benchmark}.parquet",
-            arm=gamma_sweep_arms(config["finetune"]),
-            benchmark=benchmarks(),
-        ),
-        expand(
-            "results/finetune/{arm}/loss.parquet",
-            arm=gamma_sweep_arms(config["finetune"]),
+            "results/{domain}/report/ablation_gamma.csv",
+            domain=domains() if sweep_arms() else [],
         ),

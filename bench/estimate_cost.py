@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from securetune.config import config_in_force  # noqa: E402
+from securetune.domains import domain_finetune  # noqa: E402
 from securetune.jobs import evaluated_arms  # noqa: E402
+from securetune.method import gamma_sweep_arms  # noqa: E402
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -108,8 +110,16 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
     runs = len(rob["alphas"]) * rob["seeds"] * ("noise" in rob["perturbations"])
     ift_runs = rob["seeds"] * ("ift" in rob["perturbations"])
     ift = rob["ift"]
-    arms = list(ft["arms"])
-    evaluated = evaluated_arms(cfg)
+    # The gamma sweep's arms too: with a sweep, the paper tables (and so `all`) need them.
+    arms = [*ft["arms"], *gamma_sweep_arms(ft)]
+    domains = {name: domain_finetune(cfg, name) for name in cfg["domains"]}
+    # Every arm fine-tuned in every domain; the reference arms (base, unaligned) evaluated once.
+    trained = len(arms) * len(domains)
+    references = len(evaluated_arms(cfg)) - len(ft["arms"])
+    evaluated = [None] * (references + trained)
+    heldout = sum(
+        (references + len(arms)) * spec["ift_heldout_examples"] for spec in cfg["domains"].values()
+    )
     bench_prompts = sum(cfg["evaluation"]["benchmarks"].values())
     harmful = sum(
         v for k, v in cfg["evaluation"]["benchmarks"].items()
@@ -137,14 +147,15 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
             "forward", 1,
         ),
         (
-            "finetune", len(arms),
-            len(arms) * ft["steps"] * ft["batch_size"] * args.ift_tokens * 6 * n,
+            "finetune", trained,
+            sum(len(arms) * d["steps"] * d["batch_size"] for d in domains.values())
+            * args.ift_tokens * 6 * n,
             "train", ft.get("gpus") or 1,
         ),
         ("generate", gen_jobs, len(evaluated) * bench_prompts * cfg["generation"]["max_new_tokens"],
          "decode", 1),
-        ("heldout_ift_loss", len(evaluated),
-         len(evaluated) * data["ift_heldout_examples"] * args.ift_tokens * 2 * n, "forward", 1),
+        ("heldout_ift_loss", (references + len(arms)) * len(domains),
+         heldout * args.ift_tokens * 2 * n, "forward", 1),
     ]  # fmt: skip
     if guard is not None:
         new = cfg["evaluation"]["guard"]["max_new_tokens"]
@@ -173,7 +184,10 @@ def disk(cfg: dict, model: Model) -> dict:
     n = model.params
     save = cfg["finetune"].get("save_dtype", "base")
     save_dtype = model.checkpoint_dtype if save == "base" else save
-    arms = len(cfg["finetune"]["arms"])
+    # Every arm (the gamma sweep's included) in every domain.
+    arms = (len(cfg["finetune"]["arms"]) + len(gamma_sweep_arms(cfg["finetune"]))) * len(
+        cfg["domains"]
+    )
     base = n * BYTES[model.checkpoint_dtype] / 1e9
     per_arm = n * BYTES[save_dtype] / 1e9
     trainable = n if cfg["finetune"].get("method", "full") == "full" else 0.01 * n

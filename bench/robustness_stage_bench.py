@@ -43,7 +43,7 @@ r = Path(a["workdir"]) / "results"
 score_modules(
     model=r / "model/base", probe_set=r / "data/probe.parquet",
     features=r / "features/features.safetensors", probes=r / "probe/probes.safetensors",
-    proxy=r / "probe/proxy.json", ift_set=r / "data/ift.parquet",
+    proxy=r / "probe/proxy.json", ift_set=r / "data/robustness_ift.parquet",
     outs=[Path(p) for p in a["outs"]], settings=RobustnessSettings.from_params(a["settings"]),
 )
 """

@@ -15,6 +15,7 @@ from securetune.data import (
     ProbeSetSettings,
 )
 from securetune.config import config_in_force, validate_config
+from securetune.domains import domain_finetune, domain_names
 from securetune.hub_sources import is_hub_source
 from securetune.architectures import MODULE_TYPES
 from securetune.method import (
@@ -30,7 +31,7 @@ from securetune.model_sources import (
     gguf_path,
     source_kind,
 )
-from securetune.report.settings import ReportSettings
+from securetune.report.settings import GammaAblationSettings, ReportSettings
 from securetune.settings import (
     AlignSettings,
     FeatureSettings,
@@ -84,6 +85,9 @@ check_at_start(config, DATA_DIR)
 
 wildcard_constraints:
     layer=r"\d+",
+    domain=r"[a-z][a-z0-9_]*",
+    # "" for the reference arms' shared evaluation files, "<domain>/" for a fine-tuned arm's.
+    domain_dir=r"(|[a-z][a-z0-9_]*/)",
     module_type="|".join(MODULE_TYPES),
     arm=r"[a-z][a-z0-9_]*",
     benchmark=r"[a-z][a-z0-9_]*",
@@ -155,8 +159,8 @@ def eval_set_inputs(wildcards):
 
 
 def ift_set_if(needed):
-    """The IFT set as an input only where the job perturbs by IFT steps."""
-    return {"ift_set": "results/data/ift.parquet"} if needed else {}
+    """The robustness IFT set as an input only where the job perturbs by IFT steps."""
+    return {"ift_set": jobs.ROBUSTNESS_IFT_SET} if needed else {}
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------
@@ -164,6 +168,15 @@ def ift_set_if(needed):
 
 def arms():
     return jobs.arms(config)
+
+
+def domains():
+    return domain_names(config)
+
+
+def sweep_arms():
+    """The gamma ablation's ml_lr arms (finetune.gamma_sweep), fine-tuned in every domain."""
+    return list(gamma_sweep_arms(config["finetune"]))
 
 
 def evaluated_arms():
@@ -182,14 +195,16 @@ def finetune_priority(wildcards):
 
 
 def arm_settings(wildcards):
-    """The arm's training config as one JSON string: only this arm's values, so changing one
-    arm (or the sweep) reruns only that arm."""
-    settings = arm_training_settings(config["finetune"], wildcards.arm, config["seed"])
+    """The arm's training config in its domain as one JSON string: only this arm's and this
+    domain's values, so changing one arm (or the sweep, or one domain) reruns only that.
+    """
+    finetune = domain_finetune(config, wildcards.domain)
+    settings = arm_training_settings(finetune, wildcards.arm, config["seed"])
     return json.dumps(settings, sort_keys=True)
 
 
 def finetune_inputs(wildcards):
-    return jobs.finetune_inputs(config, wildcards.arm)
+    return jobs.finetune_inputs(config, wildcards.domain, wildcards.arm)
 
 
 def training_processes():
@@ -221,7 +236,15 @@ def plan_flag(wildcards, input):
 
 
 def model_of_arm(wildcards):
-    return jobs.model_of_arm(wildcards.arm)
+    """The model an evaluation job (its {domain_dir} and {arm}) generates with."""
+    return jobs.model_of_arm(wildcards.arm, wildcards.domain_dir)
+
+
+def model_of_arm_in_domain(wildcards):
+    """The model a domain's job (its {domain} and {arm}) reads: base is shared."""
+    return jobs.model_of_arm(
+        wildcards.arm, jobs.domain_dir(wildcards.domain, wildcards.arm)
+    )
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -240,7 +263,8 @@ def generation_env():
 
 def harmful_generations(wildcards):
     return expand(
-        "results/generations/{arm}/{benchmark}.parquet",
+        "results/{domain_dir}generations/{arm}/{benchmark}.parquet",
+        domain_dir=wildcards.domain_dir,
         arm=wildcards.arm,
         benchmark=jobs.harmful_benchmarks(config),
     )

@@ -14,35 +14,55 @@ rule prepare_probe_set:
 
 
 rule prepare_ift_set:
-    """Benign instruction-tuning examples, disjoint from the probe set."""
+    """A domain's benign instruction-tuning examples, disjoint from the probe set."""
     input:
         probe=PROBE_SET,
     output:
-        "results/data/ift.parquet",
+        "results/{domain}/data/ift.parquet",
     log:
-        "logs/prepare_ift_set.log",
+        "logs/{domain}/prepare_ift_set.log",
     conda:
         "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
-        settings=settings_of(IftSetSettings),
+        settings=lambda wc: settings_of(IftSetSettings, wc.domain),
     script:
         "../workflow_scripts/prepare_ift_set.py"
 
 
 rule prepare_ift_heldout:
-    """Held-out examples of the IFT source (the rows after the training set's): the task metric."""
+    """A domain's held-out examples of its IFT source (the rows after the training set's): the
+    task metric."""
     input:
         probe=PROBE_SET,
     output:
-        "results/data/ift_heldout.parquet",
+        "results/{domain}/data/ift_heldout.parquet",
     log:
-        "logs/prepare_ift_heldout.log",
+        "logs/{domain}/prepare_ift_heldout.log",
     conda:
         "../envs/torch.yaml"
     params:
         data_dir=DATA_DIR,
-        settings=IftSetSettings.heldout_from_config(config).to_params(),
+        settings=lambda wc: IftSetSettings.heldout_from_config(
+            config, wc.domain
+        ).to_params(),
+    script:
+        "../workflow_scripts/prepare_ift_set.py"
+
+
+rule prepare_robustness_ift_set:
+    """The `ift` perturbation's examples (robustness.ift), shared by every domain."""
+    input:
+        probe=PROBE_SET,
+    output:
+        jobs.ROBUSTNESS_IFT_SET,
+    log:
+        "logs/prepare_robustness_ift_set.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        data_dir=DATA_DIR,
+        settings=IftSetSettings.robustness_from_config(config).to_params(),
     script:
         "../workflow_scripts/prepare_ift_set.py"
 

@@ -1,3 +1,6 @@
+# Evaluation files of a fine-tuned arm are under results/<domain>/, those of the reference arms
+# (base, unaligned: no domain's data touched them) once under results/: {domain_dir} is
+# "<domain>/" or "".
 # Completions: one job per (arm, benchmark), the cluster fan-out (generation.jobs:
 # per_benchmark), or one job per arm that loads the model once and writes the same
 # per-benchmark files (per_arm: on one machine a job's start-up - torch import, model load -
@@ -15,12 +18,12 @@ rule generate:
         prompts="results/data/eval/{benchmark}.parquet",
         checked="results/data/prompt_check.json",
     output:
-        generations="results/generations/{arm}/{benchmark}.parquet",
-        settings="results/generations/{arm}/{benchmark}.json",
+        generations="results/{domain_dir}generations/{arm}/{benchmark}.parquet",
+        settings="results/{domain_dir}generations/{arm}/{benchmark}.json",
     log:
-        "logs/generate/{arm}/{benchmark}.log",
+        "logs/{domain_dir}generate/{arm}/{benchmark}.log",
     benchmark:
-        "benchmarks/generate/{arm}/{benchmark}.tsv"
+        "benchmarks/{domain_dir}generate/{arm}/{benchmark}.tsv"
     conda:
         generation_env()
     threads: jobs.generation_threads(config)
@@ -46,15 +49,17 @@ use rule generate as generate_arm with:
         checked="results/data/prompt_check.json",
     output:
         generations=expand(
-            "results/generations/{{arm}}/{benchmark}.parquet", benchmark=benchmarks()
+            "results/{{domain_dir}}generations/{{arm}}/{benchmark}.parquet",
+            benchmark=benchmarks(),
         ),
         settings=expand(
-            "results/generations/{{arm}}/{benchmark}.json", benchmark=benchmarks()
+            "results/{{domain_dir}}generations/{{arm}}/{benchmark}.json",
+            benchmark=benchmarks(),
         ),
     log:
-        "logs/generate/{arm}.log",
+        "logs/{domain_dir}generate/{arm}.log",
     benchmark:
-        "benchmarks/generate/{arm}.tsv"
+        "benchmarks/{domain_dir}generate/{arm}.tsv"
 
 
 if config["generation"].get("jobs", "per_benchmark") == "per_arm":
@@ -70,11 +75,11 @@ rule score_generations:
     """Keyword refusal, exact match and ROUGE-L; separate from generation, so a new scorer
     never regenerates."""
     input:
-        "results/generations/{arm}/{benchmark}.parquet",
+        "results/{domain_dir}generations/{arm}/{benchmark}.parquet",
     output:
-        "results/scores/{arm}/{benchmark}.parquet",
+        "results/{domain_dir}scores/{arm}/{benchmark}.parquet",
     log:
-        "logs/score_generations/{arm}/{benchmark}.log",
+        "logs/{domain_dir}score_generations/{arm}/{benchmark}.log",
     conda:
         "../envs/torch.yaml"
     script:
@@ -82,16 +87,17 @@ rule score_generations:
 
 
 rule heldout_ift_loss:
-    """The arm's loss on held-out examples of the IFT task (response tokens, float32)."""
+    """The arm's loss on held-out examples of the domain's IFT task (response tokens, float32);
+    base's too, once per domain."""
     input:
-        model=model_of_arm,
-        heldout="results/data/ift_heldout.parquet",
+        model=model_of_arm_in_domain,
+        heldout="results/{domain}/data/ift_heldout.parquet",
     output:
-        "results/ift_loss/{arm}.parquet",
+        "results/{domain}/ift_loss/{arm}.parquet",
     log:
-        "logs/heldout_ift_loss/{arm}.log",
+        "logs/{domain}/heldout_ift_loss/{arm}.log",
     benchmark:
-        "benchmarks/heldout_ift_loss/{arm}.tsv"
+        "benchmarks/{domain}/heldout_ift_loss/{arm}.tsv"
     conda:
         "../envs/torch.yaml"
     # One thread: it runs beside the arm's one-thread generation job instead of leaving that
@@ -100,7 +106,7 @@ rule heldout_ift_loss:
     resources:
         gpu=min(1, config["generation"]["gpus"]),
     params:
-        settings=settings_of(HeldoutLossSettings),
+        settings=lambda wc: settings_of(HeldoutLossSettings, wc.domain),
     script:
         "../workflow_scripts/heldout_ift_loss.py"
 
@@ -111,11 +117,11 @@ rule judge_guard:
         generations=harmful_generations,
         model=jobs.guard_model_input(config),
     output:
-        "results/judge/guard/{arm}.parquet",
+        "results/{domain_dir}judge/guard/{arm}.parquet",
     log:
-        "logs/judge_guard/{arm}.log",
+        "logs/{domain_dir}judge_guard/{arm}.log",
     benchmark:
-        "benchmarks/judge_guard/{arm}.tsv"
+        "benchmarks/{domain_dir}judge_guard/{arm}.tsv"
     conda:
         generation_env()
     threads: jobs.generation_threads(config)
@@ -138,9 +144,9 @@ rule judge_llm:
     input:
         generations=harmful_generations,
     output:
-        "results/judge/llm/{arm}.parquet",
+        "results/{domain_dir}judge/llm/{arm}.parquet",
     log:
-        "logs/judge_llm/{arm}.log",
+        "logs/{domain_dir}judge_llm/{arm}.log",
     conda:
         "../envs/torch.yaml"
     params:

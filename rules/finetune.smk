@@ -1,16 +1,16 @@
 rule finetune:
-    """Benign IFT of one arm: python -m securetune.finetune, under torchrun when
+    """Benign IFT of one arm on one domain's data: python -m securetune.finetune, under torchrun when
     finetune.processes > 1 (one process per GPU on a cluster)."""
     input:
         unpack(finetune_inputs),
     output:
         # finetune.keep_weights: false deletes an arm's weights once its scores are written.
-        model=arm_weights_output("results/finetune/{arm}/model"),
-        steps="results/finetune/{arm}/loss.parquet",
+        model=arm_weights_output("results/{domain}/finetune/{arm}/model"),
+        steps="results/{domain}/finetune/{arm}/loss.parquet",
     log:
-        "logs/finetune/{arm}.log",
+        "logs/{domain}/finetune/{arm}.log",
     benchmark:
-        "benchmarks/finetune/{arm}.tsv"
+        "benchmarks/{domain}/finetune/{arm}.tsv"
     priority: finetune_priority
     conda:
         "../envs/torch.yaml"

@@ -1,99 +1,139 @@
 rule report:
-    """The paper's main table (arm x metric, with CIs), the probe table and the figures."""
+    """A domain's report: the main table (arm x metric, with CIs), the probe table, the figures,
+    and the domain's rows of the paper tables."""
     input:
-        scores=expand(
-            "results/scores/{arm}/{benchmark}.parquet",
-            arm=evaluated_arms(),
-            benchmark=benchmarks(),
+        scores=lambda wc: jobs.score_files(config, wc.domain),
+        judged=lambda wc: jobs.judge_files(config, wc.domain),
+        losses=expand("results/{{domain}}/finetune/{arm}/loss.parquet", arm=arms()),
+        ift_losses=expand(
+            "results/{{domain}}/ift_loss/{arm}.parquet", arm=evaluated_arms()
         ),
-        judged=jobs.judge_files(config),
-        losses=expand("results/finetune/{arm}/loss.parquet", arm=arms()),
-        ift_losses=expand("results/ift_loss/{arm}.parquet", arm=evaluated_arms()),
         probe="results/probe/accuracy.parquet",
         robustness="results/robustness.parquet",
         plan="results/search/plan.json",
         trace="results/search/trace.parquet",
     output:
         report=report(
-            "results/report/report.md",
+            "results/{domain}/report/report.md",
             category="Report",
             caption="../report/report_md.rst",
         ),
         main_table=report(
-            "results/report/main_table.csv",
+            "results/{domain}/report/main_table.csv",
             category="Main table",
             caption="../report/main_table.rst",
         ),
         rates=report(
-            "results/report/rates.csv",
+            "results/{domain}/report/rates.csv",
             category="Main table",
             caption="../report/rates.rst",
         ),
         per_benchmark=report(
-            "results/report/per_benchmark.csv",
+            "results/{domain}/report/per_benchmark.csv",
             category="Main table",
             caption="../report/per_benchmark.rst",
         ),
         guard_categories=report(
-            "results/report/guard_categories.csv",
+            "results/{domain}/report/guard_categories.csv",
             category="Judges",
             caption="../report/guard_categories.rst",
         ),
-        paper_tables=report(
-            "results/report/paper_tables.md",
-            category="Main table",
-            caption="../report/paper_tables.rst",
-        ),
-        paper_tables_csv="results/report/paper_tables.csv",
+        paper_tables_csv="results/{domain}/report/paper_tables.csv",
         probe_table=report(
-            "results/report/probe_accuracy.csv",
+            "results/{domain}/report/probe_accuracy.csv",
             category="Safety features",
             caption="../report/probe_accuracy.rst",
         ),
         heatmap=report(
-            "results/report/robustness_heatmap.png",
+            "results/{domain}/report/robustness_heatmap.png",
             category="Safety features",
             caption="../report/robustness_heatmap.rst",
         ),
         heatmap_acc_drop=report(
-            "results/report/robustness_heatmap_acc_drop.png",
+            "results/{domain}/report/robustness_heatmap_acc_drop.png",
             category="Safety features",
         ),
         heatmap_cosine_drift=report(
-            "results/report/robustness_heatmap_cosine_drift.png",
+            "results/{domain}/report/robustness_heatmap_cosine_drift.png",
             category="Safety features",
         ),
         heatmap_direction_shift=report(
-            "results/report/robustness_heatmap_direction_shift.png",
+            "results/{domain}/report/robustness_heatmap_direction_shift.png",
             category="Safety features",
         ),
         by_depth=report(
-            "results/report/robustness_by_depth.png",
+            "results/{domain}/report/robustness_by_depth.png",
             category="Safety features",
         ),
         search_trace=report(
-            "results/report/search_trace.png",
+            "results/{domain}/report/search_trace.png",
             category="Safety features",
         ),
         probe_plot=report(
-            "results/report/probe_accuracy.png",
+            "results/{domain}/report/probe_accuracy.png",
             category="Safety features",
         ),
         frontier=report(
-            "results/report/safety_frontier.png",
+            "results/{domain}/report/safety_frontier.png",
             category="Fine-tuning",
             caption="../report/safety_frontier.rst",
         ),
         loss_curves=report(
-            "results/report/loss_curves.png",
+            "results/{domain}/report/loss_curves.png",
             category="Fine-tuning",
             caption="../report/loss_curves.rst",
         ),
     log:
-        "logs/report.log",
+        "logs/{domain}/report.log",
     conda:
         "../envs/torch.yaml"
     params:
-        settings=settings_of(ReportSettings),
+        settings=lambda wc: settings_of(ReportSettings, wc.domain),
     script:
         "../workflow_scripts/report.py"
+
+
+rule ablation_gamma_table:
+    """A domain's gamma ablation: the finetune.gamma_sweep arms on the headline metrics."""
+    input:
+        scores=lambda wc: jobs.score_files(config, wc.domain, sweep_arms()),
+        judged=lambda wc: jobs.judge_files(config, wc.domain, sweep_arms()),
+        ift_losses=expand("results/{{domain}}/ift_loss/{arm}.parquet", arm=sweep_arms()),
+    output:
+        "results/{domain}/report/ablation_gamma.csv",
+    log:
+        "logs/{domain}/ablation_gamma_table.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        settings=lambda wc: settings_of(GammaAblationSettings, wc.domain),
+    script:
+        "../workflow_scripts/ablation_gamma.py"
+
+
+rule paper_tables:
+    """The paper's tables (results/report/paper_tables.md and .csv): every domain's section, in
+    config order, with its gamma ablation when finetune.gamma_sweep is set, and the probe table
+    they share; `all` builds them too."""
+    input:
+        domains=expand("results/{domain}/report/paper_tables.csv", domain=domains()),
+        gamma=expand(
+            "results/{domain}/report/ablation_gamma.csv",
+            domain=domains() if sweep_arms() else [],
+        ),
+        probe="results/probe/accuracy.parquet",
+    output:
+        md=report(
+            "results/report/paper_tables.md",
+            category="Main table",
+            caption="../report/paper_tables.rst",
+        ),
+        csv="results/report/paper_tables.csv",
+    log:
+        "logs/paper_tables.log",
+    conda:
+        "../envs/torch.yaml"
+    params:
+        settings=settings_of(ReportSettings, domains()[0]),
+    script:
+        "../workflow_scripts/paper_tables.py"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from securetune.architectures import architecture
 from securetune.config import ConfigError
+from securetune.domains import check_domains, ift_rows_by_source
 from securetune.model_sources import check_model_folder, gguf_path, source_kind
 
 
@@ -24,7 +25,7 @@ def check_module_types(model_type: str, module_types: list[str]) -> None:
 
 
 def check_data_sources(
-    data_dir: Path, ift_source: str, benchmarks: list[str], sources: dict[str, str]
+    data_dir: Path, ift_sources: list[str], benchmarks: list[str], sources: dict[str, str]
 ) -> None:
     """Load every bundled source the run uses, and every folder given as a benchmark's full set,
     so a broken file fails before any job; a hub source (hf:<id>) is checked for its form here
@@ -33,7 +34,7 @@ def check_data_sources(
     from securetune.hub_sources import check_hub_source, is_hub_source
 
     loaders = [data.load_advbench, data.load_xstest_safe, data.load_alpaca]
-    loaders.append(data.IFT_SOURCES[ift_source])
+    loaders += [data.IFT_SOURCES[source] for source in ift_sources]
     loaders += [data.BENCHMARKS[b].loader for b in benchmarks if b not in sources]
     for loader in dict.fromkeys(loaders):
         loader(data_dir)
@@ -74,14 +75,7 @@ def check_slice_sizes(config: dict, data_dir: Path) -> None:
         probe = build_probe_set(data_dir, ProbeSetSettings.from_config(config).probe, seed)
     except DataError as err:
         raise ConfigError(f"config section 'data' (probe set): {err}") from None
-    data = config["data"]
-    wanted = data["ift_examples"] + data["ift_heldout_examples"]
-    held = available_after_probe(data_dir, "ift", data["ift_source"], probe, seed)
-    if wanted > held:
-        raise ConfigError(
-            f"config keys 'data.ift_examples' + 'data.ift_heldout_examples' = {wanted}: the IFT "
-            f"source '{data['ift_source']}' holds {held} rows after the probe set's"
-        )
+    check_ift_sizes(config, data_dir, probe)
     sources = config["evaluation"].get("sources", {})
     for benchmark, n in config["evaluation"]["benchmarks"].items():
         if benchmark in sources or benchmark in NOT_BUNDLED:
@@ -97,10 +91,34 @@ def check_slice_sizes(config: dict, data_dir: Path) -> None:
         try:
             build_alignment_set(
                 data_dir, s.harmful, s.benign, s.lookalike, seed, probe, s.eval_sizes,
-                s.ift_source, s.ift_n,
+                s.ift_rows,
             )  # fmt: skip
         except DataError as err:
             raise ConfigError(f"config section 'align': {err}") from None
+
+
+def check_ift_sizes(config: dict, data_dir: Path, probe) -> None:
+    """Each domain's training plus held-out rows, and the robustness set's, must fit in what
+    their IFT source holds after the probe set's rows."""
+    seed = config["seed"]
+    wanted = {
+        f"domains.{name}": (
+            spec["ift_source"],
+            spec["ift_examples"] + spec["ift_heldout_examples"],
+            f"'domains.{name}.ift_examples' + 'domains.{name}.ift_heldout_examples'",
+        )
+        for name, spec in config["domains"].items()
+    }
+    ift = config["robustness"]["ift"]
+    if "ift" in config["robustness"]["perturbations"] or config["search"]["perturbation"] == "ift":
+        wanted["robustness.ift"] = (ift["source"], ift["examples"], "'robustness.ift.examples'")
+    for source, n, keys in wanted.values():
+        held = available_after_probe(data_dir, "ift", source, probe, seed)
+        if n > held:
+            raise ConfigError(
+                f"config key(s) {keys} = {n}: the IFT source '{source}' holds {held} rows "
+                "after the probe set's"
+            )
 
 
 def available_after_probe(
@@ -150,10 +168,11 @@ def check_at_start(config: dict, data_dir: Path) -> None:
     )
     if model_type is not None:
         check_module_types(model_type, config["robustness"]["module_types"])
+    check_domains(config)
     evaluation = config["evaluation"]
     check_data_sources(
         data_dir,
-        config["data"]["ift_source"],
+        sorted(ift_rows_by_source(config)),
         list(evaluation["benchmarks"]),
         evaluation.get("sources", {}),
     )

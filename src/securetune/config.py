@@ -47,8 +47,31 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key '{key}': {error.message}"
 
 
+# Keys of an older layout, with where they went: named in the error instead of "unknown key".
+MOVED_KEYS = {
+    ("data", "ift_source"): "domains.<name>.ift_source",
+    ("data", "ift_examples"): "domains.<name>.ift_examples",
+    ("data", "ift_heldout_examples"): "domains.<name>.ift_heldout_examples",
+}
+
+
+def check_moved_keys(config: dict[str, Any]) -> None:
+    """A config written for the one-domain layout gets told where each key went."""
+    moved = [
+        f"'{section}.{key}' is now '{target}'"
+        for (section, key), target in MOVED_KEYS.items()
+        if key in (config.get(section) or {})
+    ]
+    if moved:
+        raise ConfigError(
+            f"config keys moved: {'; '.join(moved)} (a `domains` section names each IFT "
+            "domain: see config.yaml)"
+        )
+
+
 def validate_config(config: dict[str, Any], schema_path: str | Path) -> None:
     """Validate against the JSON schema (in YAML); raise one ConfigError listing every fault."""
+    check_moved_keys(config)
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))

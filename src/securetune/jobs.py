@@ -15,6 +15,7 @@ from typing import Any
 
 from securetune.config import ConfigError
 from securetune.data import BENCHMARKS
+from securetune.domains import domain_names, domain_spec
 from securetune.hub_sources import is_hub_source
 from securetune.method import REFERENCE_ARMS, arm_spec, needs_plan
 from securetune.model_sources import SMOLLM2_LAYERS
@@ -25,6 +26,8 @@ BASE_MODEL = "results/model/base"
 UNALIGNED_MODEL = "results/model/unaligned"
 ROBUSTNESS_TABLE = "results/robustness/layer{layer}/{module_type}.parquet"
 PROBE_SET = "results/data/probe.parquet"
+# The robustness and search's `ift` perturbation trains on it (robustness.ift.source).
+ROBUSTNESS_IFT_SET = "results/data/robustness_ift.parquet"
 
 
 def number_of_layers(model: Mapping[str, Any]) -> int:
@@ -114,9 +117,22 @@ def evaluated_arms(config: Config) -> list[str]:
     return [REFERENCE_ARMS[0], *unaligned, *arms(config)]
 
 
-def finetune_inputs(config: Config, arm: str) -> dict[str, str]:
+def is_reference_arm(arm: str) -> bool:
+    """`base` and `unaligned`: evaluated, never fine-tuned, so shared by every domain."""
+    return arm in REFERENCE_ARMS
+
+
+def domain_dir(domain: str, arm: str) -> str:
+    """The `{domain_dir}` of an arm's evaluation files (generations, scores, judge verdicts):
+    "" for a reference arm, whose files are shared (results/generations/base/...), "<domain>/"
+    for a fine-tuned one (results/<domain>/generations/vanilla/...)."""
+    return "" if is_reference_arm(arm) else f"{domain}/"
+
+
+def finetune_inputs(config: Config, domain: str, arm: str) -> dict[str, str]:
     """Arms that use Mods_Robust need the search plan; vanilla arms do not (so never wait)."""
-    inputs = {"model": BASE_MODEL, "data": "results/data/ift.parquet"}
+    domain_spec(config, domain)
+    inputs = {"model": BASE_MODEL, "data": f"results/{domain}/data/ift.parquet"}
     if needs_plan(arm_spec(config["finetune"], arm)["kind"]):
         inputs["plan"] = "results/search/plan.json"
     return inputs
@@ -138,14 +154,14 @@ def training_launcher(processes: int, python: str = "python") -> str:
     return f"{python} -m torch.distributed.run --standalone --nproc_per_node={processes}"
 
 
-def remove_finished_checkpoints(finetune_dir: str | Path = "results/finetune") -> list[Path]:
+def remove_finished_checkpoints(results: str | Path = "results") -> list[Path]:
     """Delete the checkpoints of every arm whose fine-tune Snakemake has kept (its model and
     loss log both exist: a failed job's outputs are deleted before this runs, at the end of a
     run). The trainer keeps its last checkpoint (`--keep-checkpoints`) because a job can be
     counted failed after its model is saved (SLURM's time limit reached as it exits), and its
     retry must not start over from step 0."""
     removed = []
-    for checkpoints in sorted(Path(finetune_dir).glob("*/model.checkpoints")):
+    for checkpoints in sorted(Path(results).glob("*/finetune/*/model.checkpoints")):
         arm = checkpoints.parent
         if (arm / "model").is_dir() and (arm / "loss.parquet").is_file():
             shutil.rmtree(checkpoints)
@@ -153,13 +169,19 @@ def remove_finished_checkpoints(finetune_dir: str | Path = "results/finetune") -
     return removed
 
 
-def model_of_arm(arm: str) -> str:
-    """The model folder an arm is evaluated with."""
+def model_of_arm(arm: str, domain_dir: str) -> str:
+    """The model folder an arm is evaluated with; `domain_dir` as `domain_dir()` makes it."""
+    if is_reference_arm(arm) != (domain_dir == ""):
+        where = f"results/{domain_dir}" if domain_dir else "results/"
+        raise ValueError(
+            f"arm '{arm}' has no evaluation under {where}: reference arms (base, unaligned) "
+            "are evaluated once under results/, fine-tuned arms under results/<domain>/"
+        )
     if arm == "base":
         return BASE_MODEL
     if arm == "unaligned":
         return UNALIGNED_MODEL
-    return f"results/finetune/{arm}/model"
+    return f"results/{domain_dir}finetune/{arm}/model"
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -200,15 +222,29 @@ def enabled_judges(config: Config) -> list[str]:
     ]
 
 
-def judge_files(config: Config) -> list[str]:
-    """One judged table per (enabled judge, evaluated arm), when there is a harmful benchmark."""
+def score_files(config: Config, domain: str, arms: list[str] | None = None) -> list[str]:
+    """The arms' scores on every benchmark as the domain's report reads them (every evaluated
+    arm unless `arms` are given, e.g. the gamma sweep's), arm by arm."""
+    return [
+        f"results/{domain_dir(domain, arm)}scores/{arm}/{benchmark}.parquet"
+        for arm in (evaluated_arms(config) if arms is None else arms)
+        for benchmark in benchmarks(config)
+    ]
+
+
+def judge_files(config: Config, domain: str, arms: list[str] | None = None) -> list[str]:
+    """One judged table per (enabled judge, arm), when there is a harmful benchmark."""
     if not harmful_benchmarks(config):
         return []
     return [
-        f"results/judge/{judge}/{arm}.parquet"
+        f"results/{domain_dir(domain, arm)}judge/{judge}/{arm}.parquet"
         for judge in enabled_judges(config)
-        for arm in evaluated_arms(config)
+        for arm in (evaluated_arms(config) if arms is None else arms)
     ]
+
+
+def domain_reports(config: Config) -> list[str]:
+    return [f"results/{domain}/report/report.md" for domain in domain_names(config)]
 
 
 def guard_model(config: Config) -> str:

@@ -350,8 +350,8 @@ def ift_examples(model: Path, ift_set: Path, ift: IftSettings) -> list[Example]:
     df = pd.read_parquet(ift_set)
     if ift.examples > len(df):
         raise ValueError(
-            f"robustness.ift.examples = {ift.examples} is more than the IFT set has "
-            f"(data.ift_examples = {len(df)})"
+            f"robustness.ift.examples = {ift.examples} is more than {ift_set} holds "
+            f"({len(df)} rows)"
         )
     df = df.iloc[: ift.examples]
     tokenizer = load_tokenizer(model)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Self
 
 from securetune.config import ConfigError
+from securetune.domains import domain_finetune
 from securetune.method import (
     ARM_KINDS,
     AUTOCAST,
@@ -228,6 +229,12 @@ class IftSettings:
     examples: int
     max_seq_len: int
 
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> Self:
+        """From `robustness.ift`. Its `source` names the data set (the rule's input file), not
+        a setting of the steps, so it is not here."""
+        return cls(**{key: value for key, value in section.items() if key != "source"})
+
 
 @dataclass(frozen=True)
 class RobustnessSettings(StageSettings):
@@ -266,7 +273,7 @@ class RobustnessSettings(StageSettings):
             perturbations=list(section["perturbations"]),
             alphas=[float(a) for a in section["alphas"]],
             seeds=int(section["seeds"]),
-            ift=IftSettings(**section["ift"]),
+            ift=IftSettings.from_section(section["ift"]),
             score=section["score"],
             score_weights=dict(section["score_weights"]),
             cached_prefix=bool(section["cached_prefix"]),
@@ -341,8 +348,9 @@ class HeldoutLossSettings(StageSettings):
     seed: int
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Self:
-        finetune = config["finetune"]
+    def from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
+        """As the domain's fine-tune reads its examples (its own max_seq_len, say)."""
+        finetune = domain_finetune(config, domain)
         return cls(
             max_seq_len=finetune["max_seq_len"],
             batch_size=finetune.get("micro_batch_size") or finetune["batch_size"],

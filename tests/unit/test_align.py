@@ -45,8 +45,7 @@ def _align_set(**overrides):
         seed=0,
         probe_set=PROBE_SET,
         eval_sizes=EVAL,
-        ift_source="alpaca",
-        ift_n=400,
+        ift_rows={"alpaca": 400},
     )
     args.update(overrides)
     return build_alignment_set(DATA, **args)
@@ -128,8 +127,7 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
         benign=settings["benign"],
         lookalike=settings["lookalike"],
         eval_sizes={"advbench": 8},
-        ift_source="alpaca",
-        ift_n=8,
+        ift_rows={"alpaca": 8},
         seed=0,
     )
     prepare_alignment_set(data_dir=DATA, probe_set=probe_set, out=data, settings=align_set)

@@ -173,6 +173,8 @@ def test_ift_perturbation_keys_are_checked(config, schema, key, value):
 
 
 def test_heldout_ift_examples_must_be_positive(config, schema):
-    config["data"]["ift_heldout_examples"] = 0
-    with pytest.raises(ConfigError, match=r"'data\.ift_heldout_examples': 0 is out of range"):
+    config["domains"]["math"]["ift_heldout_examples"] = 0
+    with pytest.raises(
+        ConfigError, match=r"'domains\.math\.ift_heldout_examples': 0 is out of range"
+    ):
         validate_config(config, schema)

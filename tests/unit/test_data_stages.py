@@ -41,15 +41,15 @@ def test_probe_set_settings_read_the_probe_keys(config):
     rebuilt = _through_params(settings)
     assert rebuilt == settings and isinstance(rebuilt.probe, ProbeSpec)
     # Keys of other sections (and the data section's non-probe keys) are not the stage's.
-    config["data"]["ift_examples"] += 1
+    config["domains"]["general"]["ift_examples"] += 1
     config["evaluation"]["benchmarks"]["advbench"] += 1
     assert ProbeSetSettings.from_config(config) == settings
 
 
 def test_ift_settings_give_the_training_and_the_held_out_slice(config):
-    data = config["data"]
-    train = IftSetSettings.from_config(config)
-    heldout = IftSetSettings.heldout_from_config(config)
+    data = config["domains"]["math"]
+    train = IftSetSettings.from_config(config, "math")
+    heldout = IftSetSettings.heldout_from_config(config, "math")
     assert train == IftSetSettings(data["ift_source"], data["ift_examples"], 0, config["seed"])
     assert heldout == IftSetSettings(
         data["ift_source"], data["ift_heldout_examples"], data["ift_examples"], config["seed"]
@@ -57,7 +57,14 @@ def test_ift_settings_give_the_training_and_the_held_out_slice(config):
     assert _through_params(train) == train and _through_params(heldout) == heldout
     # No probe key: the slices read where the probe set ends from its table.
     config["data"]["probe_per_class"] += 1
-    assert IftSetSettings.from_config(config) == train
+    assert IftSetSettings.from_config(config, "math") == train
+    # Each domain's sets are its own: resizing the other domain changes neither.
+    config["domains"]["general"]["ift_examples"] += 1
+    assert IftSetSettings.heldout_from_config(config, "math") == heldout
+    ift = config["robustness"]["ift"]
+    assert IftSetSettings.robustness_from_config(config) == IftSetSettings(
+        ift["source"], ift["examples"], 0, config["seed"]
+    )
 
 
 def test_eval_settings_hold_only_their_own_benchmark(config):
@@ -74,14 +81,13 @@ def test_eval_settings_hold_only_their_own_benchmark(config):
 def test_alignment_settings_read_the_slices_it_must_miss(config):
     config["align"].update(harmful={"strongreject": 5, "advbench": 3}, lookalike={})
     settings = AlignmentSetSettings.from_config(config)
-    data = config["data"]
     assert settings == AlignmentSetSettings(
         harmful={"advbench": 3, "strongreject": 5},
         benign=config["align"]["benign"],
         lookalike={},
         eval_sizes=config["evaluation"]["benchmarks"],
-        ift_source=data["ift_source"],
-        ift_n=data["ift_examples"] + data["ift_heldout_examples"],
+        # general (alpaca) takes 64 + 16 rows, its 16 robustness rows lie within; math 32 + 16.
+        ift_rows={"alpaca": 80, "gsm8k": 48},
         seed=config["seed"],
     )
     assert _through_params(settings) == settings
@@ -115,8 +121,9 @@ def test_entry_functions_write_the_recorded_tables(config, tmp_path):
     settings = ProbeSetSettings.from_config(config)
     prepare_probe_set(data_dir=DATA, out=probe, settings=_through_params(settings))
     for name, ift in (
-        ("ift", IftSetSettings.from_config(config)),
-        ("ift_heldout", IftSetSettings.heldout_from_config(config)),
+        ("ift", IftSetSettings.from_config(config, "general")),
+        ("ift_heldout", IftSetSettings.heldout_from_config(config, "general")),
+        ("robustness_ift", IftSetSettings.robustness_from_config(config)),
     ):
         out = tmp_path / f"{name}.parquet"
         prepare_ift_set(data_dir=DATA, probe_set=probe, out=out, settings=_through_params(ift))
@@ -139,6 +146,10 @@ def test_entry_functions_write_the_recorded_tables(config, tmp_path):
         df = pd.read_parquet(tmp_path / f"{name}.parquet")
         written[name] = (len(df), _digest(df))
     assert written == RECORDED
+    # The robustness set is the head of the general domain's (same source), as it was when
+    # the robustness jobs read the first rows of the one IFT set.
+    head = pd.read_parquet(tmp_path / "ift.parquet")["example_id"].head(16).tolist()
+    assert pd.read_parquet(tmp_path / "robustness_ift.parquet")["example_id"].tolist() == head
     assert (pd.read_parquet(probe)["seed"] == config["seed"]).all()
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from securetune import jobs
 from securetune.config import ConfigError
+from securetune.data import IftSetSettings
 from securetune.method import (
     arm_gamma,
     arm_kind,
@@ -18,6 +19,7 @@ from securetune.method import (
     needs_plan,
     sweep_arm_name,
 )
+from securetune.report.settings import GammaAblationSettings, ReportSettings
 from securetune.settings import (
     AlignSettings,
     FeatureSettings,
@@ -65,19 +67,21 @@ def test_an_arm_overrides_the_shared_lr_and_leaves_out_the_launchers_keys():
 
 def test_gamma_sweep_arms_are_named_by_their_gamma_and_may_not_clash():
     assert sweep_arm_name(0.05) == "ml_lr_g0p05" and sweep_arm_name(1.0) == "ml_lr_g1"
-    sweep = gamma_sweep_arms(TINY["finetune"])
+    swept = {**TINY["finetune"], "gamma_sweep": [0.0, 0.3, 1.0]}
+    assert gamma_sweep_arms(TINY["finetune"]) == {}  # the tiny config runs no sweep
+    sweep = gamma_sweep_arms(swept)
     assert sweep == {
         "ml_lr_g0": {"kind": "ml_lr", "gamma": 0.0},
         "ml_lr_g0p3": {"kind": "ml_lr", "gamma": 0.3},
         "ml_lr_g1": {"kind": "ml_lr", "gamma": 1.0},
     }
-    clashing = {**TINY["finetune"], "arms": {"ml_lr_g1": {"kind": "vanilla"}}}
+    clashing = {**swept, "arms": {"ml_lr_g1": {"kind": "vanilla"}}}
     with pytest.raises(ConfigError, match="clash with finetune.arms"):
         gamma_sweep_arms(clashing)
-    assert arm_kind(TINY["finetune"], "ml_lr_g0p3") == "ml_lr"
-    assert arm_kind(TINY["finetune"], "base") == "reference"
+    assert arm_kind(swept, "ml_lr_g0p3") == "ml_lr"
+    assert arm_kind(swept, "base") == "reference"
     with pytest.raises(ConfigError, match="arm 'nope' is in neither"):
-        arm_kind(TINY["finetune"], "nope")
+        arm_kind(swept, "nope")
 
 
 def test_layers_and_robustness_tables():
@@ -113,10 +117,19 @@ def test_only_ift_perturbations_read_the_ift_set():
 def test_arms_evaluated_and_what_a_fine_tune_waits_for():
     assert jobs.evaluated_arms(TINY) == ["base", "vanilla", "ml_lr", "freeze", "swat"]
     assert jobs.evaluated_arms(DEMO)[:2] == ["base", "unaligned"]
-    assert "plan" not in jobs.finetune_inputs(TINY, "vanilla")
-    assert jobs.finetune_inputs(TINY, "freeze")["plan"] == "results/search/plan.json"
-    assert jobs.model_of_arm("unaligned") == "results/model/unaligned"
-    assert jobs.model_of_arm("ml_lr") == "results/finetune/ml_lr/model"
+    assert jobs.finetune_inputs(TINY, "math", "vanilla") == {
+        "model": "results/model/base", "data": "results/math/data/ift.parquet"
+    }  # fmt: skip
+    assert jobs.finetune_inputs(TINY, "general", "freeze")["plan"] == "results/search/plan.json"
+    with pytest.raises(ConfigError, match="domain 'poetry' is not in config section 'domains'"):
+        jobs.finetune_inputs(TINY, "poetry", "vanilla")
+    # A fine-tuned arm is evaluated under its domain; the reference arms once, shared.
+    assert jobs.domain_dir("math", "ml_lr") == "math/" and jobs.domain_dir("math", "base") == ""
+    assert jobs.model_of_arm("unaligned", "") == "results/model/unaligned"
+    assert jobs.model_of_arm("ml_lr", "math/") == "results/math/finetune/ml_lr/model"
+    for arm, where in (("base", "math/"), ("ml_lr", "")):
+        with pytest.raises(ValueError, match=f"arm '{arm}' has no evaluation under"):
+            jobs.model_of_arm(arm, where)
     assert jobs.training_launcher(1) == "python"
     assert jobs.training_launcher(4, "/v/bin/python") == (
         "/v/bin/python -m torch.distributed.run --standalone --nproc_per_node=4"
@@ -129,10 +142,19 @@ def test_arms_evaluated_and_what_a_fine_tune_waits_for():
 
 def test_benchmarks_judges_and_sources():
     assert jobs.harmful_benchmarks(TINY) == ["advbench", "strongreject"]
-    assert jobs.judge_files(TINY) == [f"results/judge/guard/{a}.parquet" for a in
-                                      jobs.evaluated_arms(TINY)]  # fmt: skip
+    assert jobs.judge_files(TINY, "math") == [
+        "results/judge/guard/base.parquet",
+        *(f"results/math/judge/guard/{a}.parquet" for a in ("vanilla", "ml_lr", "freeze", "swat")),
+    ]  # fmt: skip
+    scores = jobs.score_files(TINY, "general")
+    assert scores[0] == "results/scores/base/advbench.parquet"
+    assert scores[-1] == "results/general/scores/swat/self_instruct.parquet"
+    assert len(scores) == 5 * len(TINY["evaluation"]["benchmarks"])
     no_harm = {**TINY, "evaluation": {**TINY["evaluation"], "benchmarks": {"gsm8k": 8}}}
-    assert jobs.judge_files(no_harm) == []
+    assert jobs.judge_files(no_harm, "math") == []
+    assert jobs.domain_reports(TINY) == [
+        "results/general/report/report.md", "results/math/report/report.md"
+    ]  # fmt: skip
     hub = {**TINY, "evaluation": {**TINY["evaluation"], "sources": {"advbench": "hf:x/y"}}}
     assert jobs.benchmark_source(hub, "advbench") == "results/data/full/advbench"
     assert jobs.benchmark_source(TINY, "advbench") == ""
@@ -155,11 +177,21 @@ def test_benchmarks_judges_and_sources():
         HeldoutLossSettings,
         GenerationConfig,
         JudgeSettings,
+        IftSetSettings,
+        ReportSettings,
+        GammaAblationSettings,
     ],
 )
 def test_every_stage_settings_survives_the_rule_params(config, kind):
     """What a rule passes (plain JSON) rebuilds the same typed object in the job."""
-    settings = kind.from_config(config)
+    per_domain = kind in (
+        HeldoutLossSettings,
+        IftSetSettings,
+        ReportSettings,
+        GammaAblationSettings,
+    )
+    args = (next(iter(config["domains"])),) if per_domain else ()
+    settings = kind.from_config(config, *args)
     params = json.loads(json.dumps(settings.to_params()))
     assert kind.from_params(params) == settings
 
@@ -176,13 +208,41 @@ def test_job_shaping_keys_are_not_in_any_settings():
 def test_checkpoints_of_finished_arms_only_are_removed(tmp_path):
     from securetune.jobs import remove_finished_checkpoints
 
+    general, math = tmp_path / "general" / "finetune", tmp_path / "math" / "finetune"
     for arm in ("done", "failed", "running"):
-        (tmp_path / arm / "model.checkpoints" / "step_00000100").mkdir(parents=True)
-    (tmp_path / "done" / "model").mkdir()
-    (tmp_path / "done" / "loss.parquet").write_bytes(b"x")
-    (tmp_path / "running" / "model").mkdir()  # no loss log: not finished
+        (general / arm / "model.checkpoints" / "step_00000100").mkdir(parents=True)
+    (math / "done" / "model.checkpoints" / "step_00000005").mkdir(parents=True)
+    for finished in (general / "done", math / "done"):
+        (finished / "model").mkdir()
+        (finished / "loss.parquet").write_bytes(b"x")
+    (general / "running" / "model").mkdir()  # no loss log: not finished
     removed = remove_finished_checkpoints(tmp_path)
-    assert removed == [tmp_path / "done" / "model.checkpoints"]
-    assert not removed[0].exists()
-    assert (tmp_path / "failed" / "model.checkpoints").exists()
-    assert (tmp_path / "running" / "model.checkpoints").exists()
+    assert removed == [general / "done" / "model.checkpoints", math / "done" / "model.checkpoints"]
+    assert not any(path.exists() for path in removed)
+    assert (general / "failed" / "model.checkpoints").exists()
+    assert (general / "running" / "model.checkpoints").exists()
+
+
+def test_a_domain_trains_with_its_own_finetune_values_and_only_those():
+    from securetune.domains import domain_finetune, ift_rows_by_source
+
+    general = arm_training_settings(domain_finetune(TINY, "general"), "ml_lr", 0)
+    math = arm_training_settings(domain_finetune(TINY, "math"), "ml_lr", 0)
+    assert general["steps"] == TINY["finetune"]["steps"]
+    assert (math["steps"], math["max_seq_len"]) == (8, 512)  # domains.math.finetune
+    assert {k: v for k, v in math.items() if k not in ("steps", "max_seq_len")} == {
+        k: v for k, v in general.items() if k not in ("steps", "max_seq_len")
+    }
+    # The alignment slice must miss every domain's IFT rows and the robustness set's.
+    assert ift_rows_by_source(TINY) == {"alpaca": 64 + 16, "gsm8k": 32 + 16}
+
+
+def test_a_config_of_the_one_domain_layout_is_told_where_its_keys_went():
+    from securetune.config import check_moved_keys
+
+    old = {**TINY, "data": {**TINY["data"], "ift_source": "alpaca", "ift_examples": 10}}
+    with pytest.raises(ConfigError) as err:
+        check_moved_keys(old)
+    assert "'data.ift_source' is now 'domains.<name>.ift_source'" in str(err.value)
+    assert "'data.ift_examples' is now 'domains.<name>.ift_examples'" in str(err.value)
+    check_moved_keys(TINY)

@@ -17,18 +17,24 @@ FINE_TUNED = {"vanilla": "vanilla", "ml_lr": "ml_lr", "freeze": "freeze", "swat"
 
 def test_arms_are_base_then_the_fine_tuned_in_config_order(config, schema):
     validate_config(config, schema)
-    settings = ReportSettings.from_config(config)
+    settings = ReportSettings.from_config(config, "general")
     assert settings.arm_order == ("base", "vanilla", "ml_lr", "freeze", "swat")
     assert settings.arm_kinds == {"base": "reference", **FINE_TUNED}
     assert list(settings.arm_kinds) == list(settings.arm_order)
     assert (settings.bootstrap_samples, settings.confidence) == (1000, 0.95)
     assert (settings.score, settings.seed) == ("acc_drop", 0)
+    # The domain's own: its name, IFT source and task metric.
+    assert (settings.domain, settings.ift_source, settings.task_metric) == (
+        "general", "alpaca", "usability"
+    )  # fmt: skip
+    math = ReportSettings.from_config(config, "math")
+    assert (math.domain, math.ift_source, math.task_metric) == ("math", "gsm8k", "accuracy")
 
 
 def test_aligned_base_adds_the_unaligned_reference_second(config, schema):
     config["align"]["enabled"] = True
     validate_config(config, schema)
-    settings = ReportSettings.from_config(config)
+    settings = ReportSettings.from_config(config, "math")
     assert settings.arm_order == ("base", "unaligned", "vanilla", "ml_lr", "freeze", "swat")
     assert settings.arm_kinds == {"base": "reference", "unaligned": "reference", **FINE_TUNED}
     assert list(settings.arm_kinds) == list(settings.arm_order)
@@ -37,7 +43,7 @@ def test_aligned_base_adds_the_unaligned_reference_second(config, schema):
 def test_params_round_trip_keeps_the_arm_order(config):
     # The arms listed against the alphabet, so the sorted JSON keys of `to_params` reorder them.
     config["finetune"]["arms"] = {"zeta": {"kind": "vanilla"}, "alpha": {"kind": "freeze"}}
-    settings = ReportSettings.from_config(config)
+    settings = ReportSettings.from_config(config, "math")
     params = json.loads(json.dumps(settings.to_params()))
     assert list(params["arm_kinds"]) == ["alpha", "base", "zeta"]
     again = ReportSettings.from_params(params)

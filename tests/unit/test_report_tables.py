@@ -142,8 +142,9 @@ def _headline(rows):
     )
 
 
-def test_paper_tables_rows_deltas_and_reported_numbers():
-    from securetune.report.paper_tables import paper_tables
+def _general_domain():
+    """A general-domain (Alpaca) part of the paper tables, with its page."""
+    from securetune.report.paper_tables import domain_tables
 
     headline = _headline([
         ("base", "attack_success", 0.05), ("vanilla", "attack_success", 0.40),
@@ -152,7 +153,6 @@ def test_paper_tables_rows_deltas_and_reported_numbers():
         ("ml_lr", "usability", 0.33), ("freeze", "usability", 0.31),
         ("vanilla", "harmfulness_score", 2.5), ("ml_lr", "harmfulness_score", 1.5),
     ])  # fmt: skip
-    probe = pd.DataFrame({"layer": [0, 1], "test_accuracy": [0.9, 0.95]})
     arms = ["base", "vanilla", "ml_lr", "freeze"]
     kinds = {"base": "reference", "vanilla": "vanilla", "ml_lr": "ml_lr", "freeze": "freeze"}
     paired = {
@@ -160,10 +160,19 @@ def test_paper_tables_rows_deltas_and_reported_numbers():
         "harmfulness_score": (-1.0, -1.4, -0.6),
         "usability": (-0.02, -0.05, 0.01),
     }
-    page, csv = paper_tables(
-        headline, probe, arms, kinds, "alpaca", "meta-llama/Llama-2-7b-chat-hf", 0.95,
-        paired.__getitem__,
+    return domain_tables(
+        headline, arms, kinds, "general", "alpaca", "usability",
+        "meta-llama/Llama-2-7b-chat-hf", paired.__getitem__,
     )  # fmt: skip
+
+
+PROBE = pd.DataFrame({"layer": [0, 1], "test_accuracy": [0.9, 0.95]})
+
+
+def test_paper_tables_rows_deltas_and_reported_numbers():
+    from securetune.report.paper_tables import markdown
+
+    csv = _general_domain()
     ours = csv[csv["source"] == "ours"].set_index(["row", "metric"])
     assert ours.loc[("ML-LR - vanilla", "attack_success"), "value"] == pytest.approx(-0.15)
     assert ours.loc[("ML-LR - vanilla", "attack_success"), "ci_low"] == pytest.approx(-0.2)
@@ -174,6 +183,7 @@ def test_paper_tables_rows_deltas_and_reported_numbers():
     reported = csv[csv["source"] == "Du et al. 2024 (reported)"].set_index("metric")["value"]
     assert reported["attack_success"] == pytest.approx(-0.3791)
     assert (csv["source"] == "Qi et al. 2023 (reported)").any()
+    page = markdown(csv, PROBE, "meta-llama/Llama-2-7b-chat-hf", 0.95)
     # Rows in the paper's order, the task metric of the general domain, the deltas side by side.
     lines = page.splitlines()
     order = [next(i for i, line in enumerate(lines) if line.startswith(f"| {row} "))
@@ -182,21 +192,48 @@ def test_paper_tables_rows_deltas_and_reported_numbers():
     assert "usability (ROUGE-L)" in page and "accuracy (GSM8K" not in page
     assert "| ASR (keyword) | -15.00% [-20.00%, -10.00%] | -37.91% |" in page
     assert "0.250 [0.150, 0.350]" in page
+    assert "Qi et al. 2023, vanilla benign IFT" in page
+
+
+def _math_domain(name="math"):
+    from securetune.report.paper_tables import domain_tables
+
+    headline = _headline([("vanilla", "task_accuracy", 0.2), ("ml_lr", "task_accuracy", 0.18)])
+    return domain_tables(
+        headline, ["base", "vanilla", "ml_lr"],
+        {"base": "reference", "vanilla": "vanilla", "ml_lr": "ml_lr"},
+        name, "gsm8k", "accuracy", "meta-llama/Llama-2-7b-chat-hf",
+        lambda metric: (math.nan,) * 3,
+    )  # fmt: skip
 
 
 def test_paper_tables_of_the_math_domain_use_accuracy_and_show_no_qi_numbers():
-    from securetune.report.paper_tables import paper_tables
+    from securetune.report.paper_tables import markdown
 
-    headline = _headline([("vanilla", "task_accuracy", 0.2), ("ml_lr", "task_accuracy", 0.18)])
-    probe = pd.DataFrame({"layer": [0], "test_accuracy": [0.9]})
-    page, csv = paper_tables(
-        headline, probe, ["base", "vanilla", "ml_lr"],
-        {"base": "reference", "vanilla": "vanilla", "ml_lr": "ml_lr"},
-        "gsm8k", "meta-llama/Llama-2-7b-chat-hf", 0.95, lambda metric: (math.nan,) * 3,
-    )  # fmt: skip
+    page = markdown(_math_domain(), PROBE, "meta-llama/Llama-2-7b-chat-hf", 0.95)
     assert "## Domain: math" in page and "accuracy (GSM8K exact match)" in page
     assert "Qi et al." not in page
     assert "-11.48%" in page
+
+
+def test_paper_tables_put_each_domain_in_config_order_through_their_csv_files(tmp_path):
+    """Each domain's report writes its rows; the paper_tables job reads them back and puts the
+    sections on one page, the reported numbers beside the matching setting only."""
+    from securetune.report.paper_tables import combine_domains, markdown, read_domain_csv
+    from securetune.report.tables import write_csv
+
+    parts = []
+    for name, table in (("general", _general_domain()), ("gsm", _math_domain("gsm"))):
+        write_csv(table, tmp_path / f"{name}.csv")
+        parts.append(read_domain_csv(tmp_path / f"{name}.csv"))
+    csv = combine_domains(parts)
+    assert list(dict.fromkeys(csv["domain"])) == ["general", "gsm"]
+    assert (csv.loc[csv["row"] == "ML-LR - vanilla", "arm"] == "").all()
+    page = markdown(csv, PROBE, "meta-llama/Llama-2-7b-chat-hf", 0.95)
+    general, gsm = page.index("## Domain: general"), page.index("## Domain: gsm")
+    assert general < page.index("Qi et al. 2023, vanilla") < gsm  # Qi: the general setting only
+    assert page.index("-37.91%") < gsm < page.index("-11.48%")  # each beside its own setting
+    assert page.count("## Probe accuracy per layer") == 1
 
 
 def test_paired_difference_resamples_the_two_arms_together():
@@ -223,3 +260,31 @@ def test_paired_difference_resamples_the_two_arms_together():
         paired_difference({"keyword": keyword}, "harmfulness_score", "ml_lr", "vanilla",
                           100, 0.95, 0)[0]
     )  # fmt: skip
+
+
+def test_gamma_ablation_table_orders_gamma_and_goes_under_its_domain():
+    from securetune.report.paper_tables import gamma_table, markdown
+
+    headline = _headline([
+        ("ml_lr_g1", "attack_success", 0.40), ("ml_lr_g0", "attack_success", 0.10),
+        ("ml_lr_g0p1", "attack_success", 0.20), ("ml_lr_g0p1", "heldout_ift_loss", 1.5),
+        ("ml_lr_g0", "task_accuracy", 0.05),
+    ])  # fmt: skip
+    gammas = {"ml_lr_g1": 1.0, "ml_lr_g0": 0.0, "ml_lr_g0p1": 0.1}
+    table = gamma_table(headline, gammas, "gsm", "accuracy")
+    assert list(dict.fromkeys(table["gamma"])) == [0.0, 0.1, 1.0]
+    assert set(table["metric"]) == {
+        "harmfulness_score", "attack_success", "task_accuracy", "heldout_ift_loss"
+    }  # fmt: skip
+    asr = table[table["metric"] == "attack_success"].set_index("gamma")["value"]
+    assert asr.to_dict() == pytest.approx({0.0: 0.10, 0.1: 0.20, 1.0: 0.40})
+    assert table.loc[table["metric"] == "harmfulness_score", "value"].isna().all()
+    page = markdown(_math_domain("gsm"), PROBE, "m", 0.95, table)
+    section = page[page.index("### Gamma ablation") : page.index("## Probe accuracy")]
+    rows = [
+        line for line in section.splitlines() if line.startswith("| 0") or line.startswith("| 1")
+    ]
+    assert [row.split("|")[1].strip() for row in rows] == ["0", "0.1", "1"]
+    assert "0.200 [0.100, 0.300]" in section and "held-out IFT loss" in section
+    # No sweep: no section.
+    assert "Gamma ablation" not in markdown(_math_domain("gsm"), PROBE, "m", 0.95)

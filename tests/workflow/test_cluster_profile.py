@@ -107,8 +107,9 @@ def test_paper_run_submits_only_model_work(paper_plan):
             assert int(asked["gpu"]) >= 1, job
     counts = job_counts(paper_plan)
     local = sum(1 for job in planned if job["local"])
-    # 224 robustness, 1 features, 1 search, 4 fine-tunes, 50 generations, 5 held-out losses,
-    # 5 guard judges, 5 LLM judges, and the base model (counted from the plan's own table).
+    # 224 robustness, 1 features, 1 search, 20 fine-tunes ((4 arms + 6 of the gamma sweep) x 2
+    # domains), 210 generations (base once + 20 arms, x 10 benchmarks), 20 held-out losses of
+    # the arms and 2 of base, 21 guard judges, and the base model (from the plan's own table).
     assert len(submitted) == sum(n for rule, n in counts.items() if rule in MODEL_RULES)
     assert local == sum(n for rule, n in counts.items() if rule not in MODEL_RULES)
     assert local > 0 and counts["score_module"] == 224
@@ -129,7 +130,7 @@ def test_finetune_launch_follows_the_process_count(tmp_path, processes, gpus):
         "-n",
         "--forceall",
         "-p",
-        "results/finetune/vanilla/loss.parquet",
+        "results/math/finetune/vanilla/loss.parquet",
         "--configfile",
         "configs/tiny.yaml",
         str(overlay),

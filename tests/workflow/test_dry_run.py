@@ -18,18 +18,29 @@ from .helpers import (
 def test_tiny_dry_run_counts():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml")
     counts = job_counts(result.stdout)
-    layers, arms, benchmarks = 4, 4, 5
+    layers, arms, benchmarks, domains = 4, 4, 5, 2  # domains: general, math
+    # Everything before the IFT data once, whatever the number of domains.
     assert counts["score_layer"] == layers  # robustness.jobs: per_layer, 7 modules each
     assert "score_module" not in counts
-    assert counts["heldout_ift_loss"] == arms + 1
-    assert counts["finetune"] == arms
-    assert counts["generate_arm"] == arms + 1  # generation.jobs: per_arm
-    assert counts["score_generations"] == (arms + 1) * benchmarks
+    for rule in ("build_base_model", "prepare_probe_set", "check_prompts", "extract_features",
+                 "train_probe", "aggregate_robustness", "search_robust_modules",
+                 "prepare_robustness_ift_set", "paper_tables"):  # fmt: skip
+        assert counts[rule] == 1, rule
+    assert counts["prepare_ift_set"] == counts["prepare_ift_heldout"] == domains
+    # Every arm in every domain; base evaluated once, its held-out loss once per domain.
+    assert counts["heldout_ift_loss"] == domains * (arms + 1)
+    assert counts["finetune"] == domains * arms
+    assert counts["generate_arm"] == domains * arms + 1  # generation.jobs: per_arm
+    assert counts["score_generations"] == (domains * arms + 1) * benchmarks
     # One guard-judge job per arm (one model load for all its harmful benchmarks); the LLM
     # judge is off in the tiny config.
-    assert counts["judge_guard"] == arms + 1
+    assert counts["judge_guard"] == domains * arms + 1
     assert "judge_llm" not in counts
-    assert counts["report"] == 1
+    assert counts["report"] == domains
+    wildcards = planned_wildcards(result.stdout)
+    assert {w.split(",")[0] for w in wildcards if w.startswith("domain=")} == {
+        "domain=general", "domain=math"
+    }  # fmt: skip
 
 
 def test_fine_tunes_go_before_evaluations_and_the_plan_chain_first():
@@ -42,10 +53,12 @@ def test_fine_tunes_go_before_evaluations_and_the_plan_chain_first():
     evaluations = [
         p for (rule, _), p in priority.items() if rule in ("generate_arm", "heldout_ift_loss")
     ]
-    assert finetunes["arm=ml_lr"] == finetunes["arm=freeze"] == finetunes["arm=swat"]
-    assert finetunes["arm=ml_lr"] > finetunes["arm=vanilla"] > max(evaluations)
-    assert priority[("search_robust_modules", "")] == finetunes["arm=ml_lr"]
-    assert len(evaluations) == 2 * 5
+    for domain in ("general", "math"):
+        plan = [finetunes[f"domain={domain}, arm={arm}"] for arm in ("ml_lr", "freeze", "swat")]
+        assert len(set(plan)) == 1
+        assert plan[0] > finetunes[f"domain={domain}, arm=vanilla"] > max(evaluations)
+        assert priority[("search_robust_modules", "")] == plan[0]
+    assert len(evaluations) == (2 * 4 + 1) + 2 * 5
 
 
 def test_one_robustness_job_per_layer_and_module_as_on_a_cluster(tmp_path):
@@ -76,7 +89,7 @@ def test_generation_jobs_per_arm_or_per_benchmark(tmp_path):
     overlay.write_text("generation:\n  jobs: per_benchmark\n")
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
     counts = job_counts(result.stdout)
-    arms, benchmarks = 4, 5
+    arms, benchmarks = 2 * 4, 5  # 4 arms in each of 2 domains
     assert "generate_arm" not in counts and counts["generate"] == (arms + 1) * benchmarks
     assert counts["score_generations"] == (arms + 1) * benchmarks
     overlay.write_text("generation:\n  jobs: per_model\n")
@@ -147,9 +160,13 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/paper.yaml")
     counts = job_counts(result.stdout)
     assert counts["score_module"] == 32 * 7
-    arms, benchmarks = 4, 10  # vanilla, ml_lr, freeze, swat (+ base); configs/paper.yaml
+    # vanilla, ml_lr, freeze, swat and the 6 gamma-sweep arms (for the paper tables' gamma
+    # ablation) in the general and the math domain, + base once
+    arms, benchmarks = 2 * (4 + 6), 10
     assert counts["generate"] == (arms + 1) * benchmarks
     assert counts["judge_guard"] == arms + 1
+    assert counts["finetune"] == arms and counts["report"] == 2 and counts["paper_tables"] == 1
+    assert counts["ablation_gamma_table"] == 2
 
 
 def test_default_dry_run_is_the_demo_aligning_the_base_and_evaluating_the_unaligned_model():
@@ -172,43 +189,67 @@ def test_a_full_config_replaces_the_default_and_a_partial_one_extends_it(tmp_pat
         snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml").stdout
     )
     assert "align_base_model" not in tiny  # nothing of the demo's alignment or arms leaks in
-    assert tiny["finetune"] == 4 and tiny["generate_arm"] == 5
+    assert tiny["finetune"] == 2 * 4 and tiny["generate_arm"] == 2 * 4 + 1
     partial = tmp_path / "partial.yaml"
     partial.write_text("finetune:\n  steps: 3\n")
     plan = snakemake(REPO, "-n", "--forceall", "--configfile", str(partial)).stdout
     assert job_counts(plan)["align_base_model"] == 1 and 'steps": 3' in plan
 
 
-def test_gamma_ablation_is_its_own_target():
+def test_gamma_ablation_is_its_own_target_and_in_the_paper_tables_when_swept(tmp_path):
+    sweep_overlay = tmp_path / "sweep.yaml"
+    sweep_overlay.write_text("finetune:\n  gamma_sweep: [0.0, 0.3, 1.0]\n")
     # The target goes first: --configfile takes every argument after it.
     result = snakemake(
-        REPO, "ablation_gamma", "-n", "--forceall", "--configfile", "configs/tiny.yaml"
-    )
+        REPO, "ablation_gamma", "-n", "--forceall",
+        "--configfile", "configs/tiny.yaml", str(sweep_overlay),
+    )  # fmt: skip
     counts = job_counts(result.stdout)
     sweep = ["ml_lr_g0", "ml_lr_g0p3", "ml_lr_g1"]  # finetune.gamma_sweep: [0.0, 0.3, 1.0]
-    assert counts["finetune"] == len(sweep)
-    assert counts["generate_arm"] == len(sweep)
-    assert counts["score_generations"] == len(sweep) * 5  # the tiny config's 5 benchmarks
+    domains = 2
+    assert counts["finetune"] == domains * len(sweep)
+    assert counts["generate_arm"] == domains * len(sweep)
+    assert counts["score_generations"] == domains * len(sweep) * 5  # the 5 tiny benchmarks
+    assert counts["ablation_gamma_table"] == domains
     assert "report" not in counts
     planned = planned_wildcards(result.stdout)
-    arms_planned = {w.split(",")[0] for w in planned if w.startswith("arm=")}
+    arms_planned = {w.split(", ")[1] for w in planned if w.startswith("domain=") and ", " in w}
     assert arms_planned == {f"arm={arm}" for arm in sweep}
+    # With a sweep, `all` builds it for the paper tables' gamma section; without, not.
+    swept = job_counts(
+        snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml",
+                  str(sweep_overlay)).stdout
+    )  # fmt: skip
+    assert swept["ablation_gamma_table"] == domains and swept["finetune"] == domains * (4 + 3)
+    plain = job_counts(
+        snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml").stdout
+    )
+    assert "ablation_gamma_table" not in plain and plain["finetune"] == domains * 4
 
 
 def test_llm_judge_adds_one_job_per_arm(tmp_path):
     overlay = tmp_path / "judge.yaml"
     overlay.write_text("evaluation:\n  llm_judge:\n    enabled: true\n")
     result = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/tiny.yaml", str(overlay))
-    assert job_counts(result.stdout)["judge_llm"] == 4 + 1  # the tiny config's arms + base
+    assert job_counts(result.stdout)["judge_llm"] == 2 * 4 + 1  # 4 arms x 2 domains + base
 
 
 @pytest.mark.parametrize(
     ("overlay", "message"),
     [
         (
-            "data:\n  ift_examples: 5000\n",
-            r"config keys 'data.ift_examples' \+ 'data.ift_heldout_examples' = 5016: the IFT "
-            r"source 'alpaca' holds \d+ rows after the probe set's",
+            "domains:\n  math:\n    ift_examples: 5000\n",
+            r"config key\(s\) 'domains.math.ift_examples' \+ 'domains.math.ift_heldout_examples' "
+            r"= 5016: the IFT source 'gsm8k' holds \d+ rows after the probe set's",
+        ),
+        (
+            "domains:\n  report:\n    ift_source: alpaca\n    ift_examples: 8\n"
+            "    ift_heldout_examples: 8\n    task_metric: usability\n",
+            r"config section 'domains': name\(s\) \['report'\] are folders of results/",
+        ),
+        (
+            "data:\n  ift_source: alpaca\n",
+            r"config keys moved: 'data.ift_source' is now 'domains.<name>.ift_source'",
         ),
         (
             "evaluation:\n  benchmarks:\n    advbench: 1000\n",
@@ -217,7 +258,7 @@ def test_llm_judge_adds_one_job_per_arm(tmp_path):
         ),
     ],
 )
-def test_a_slice_larger_than_its_source_is_refused_at_start(tmp_path, overlay, message):
+def test_a_too_large_slice_or_a_wrong_domain_is_refused_at_start(tmp_path, overlay, message):
     """Refused when the workflow is parsed, naming the key and what the source holds, not by
     the data job after the model was built."""
     bad = tmp_path / "big.yaml"

@@ -23,6 +23,17 @@ TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
 LAYERS = TINY["model"]["tiny"]["layers"]
 ARMS = list(TINY["finetune"]["arms"])
 BENCHMARKS = TINY["evaluation"]["benchmarks"]
+DOMAINS = list(TINY["domains"])  # general (Alpaca) and math (GSM8K)
+
+
+def evaluated(run: Path, domain: str, arm: str) -> Path:
+    """Where an arm's evaluation files are: base's once, shared; a fine-tuned arm's under its
+    domain."""
+    return run / "results" if arm == "base" else run / "results" / domain
+
+
+def domain_steps(domain: str) -> int:
+    return TINY["domains"][domain].get("finetune", {}).get("steps", TINY["finetune"]["steps"])
 
 
 @pytest.fixture(scope="module")
@@ -70,25 +81,48 @@ def test_plan_and_trace(run):
     assert trace.loc[trace["accepted"], "size"].max() == len(plan["modules"])
 
 
-def test_finetune_outputs(run):
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_finetune_outputs(run, domain):
+    finetune = run / "results" / domain / "finetune"
     for arm in ARMS:
-        steps = pd.read_parquet(run / "results" / "finetune" / arm / "loss.parquet")
-        assert steps["step"].tolist() == list(range(TINY["finetune"]["steps"]))
+        steps = pd.read_parquet(finetune / arm / "loss.parquet")
+        assert steps["step"].tolist() == list(range(domain_steps(domain)))
         assert steps["loss"].between(0, 20).all()
         assert (steps["tokens"] > 0).all()
-        assert (run / "results" / "finetune" / arm / "model" / "model.safetensors").exists()
-    ml_lr = pd.read_parquet(run / "results" / "finetune" / "ml_lr" / "loss.parquet")
+        assert (finetune / arm / "model" / "model.safetensors").exists()
+    ml_lr = pd.read_parquet(finetune / "ml_lr" / "loss.parquet")
     gamma = TINY["finetune"]["arms"]["ml_lr"]["gamma"]
     assert ml_lr["lr_rest"].to_numpy() == pytest.approx(gamma * ml_lr["lr_robust"].to_numpy())
+    # The domain's own data: its IFT source, the trainer's record of what it read.
+    data = pd.read_parquet(run / "results" / domain / "data" / "ift.parquet")
+    assert (data["source"] == TINY["domains"][domain]["ift_source"]).all()
+    assert len(data) == TINY["domains"][domain]["ift_examples"]
 
 
-def test_generations_and_scores(run):
+def test_domains_share_everything_before_the_ift_data(run):
+    """One model, probe, robustness table and search for both domains, and base evaluated
+    once: nothing of them under a domain's folder."""
+    for domain in DOMAINS:
+        folder = run / "results" / domain
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "data", "finetune", "generations", "ift_loss", "judge", "report", "scores"
+        ]  # fmt: skip
+        assert not (folder / "generations" / "base").exists()
+        assert (folder / "ift_loss" / "base.parquet").exists()  # base on this domain's task
+    base = pd.read_parquet(run / "results" / "math" / "ift_loss" / "base.parquet")
+    other = pd.read_parquet(run / "results" / "general" / "ift_loss" / "base.parquet")
+    assert not set(base["example_id"]) & set(other["example_id"])
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_generations_and_scores(run, domain):
     for arm in ["base", *ARMS]:
+        where = evaluated(run, domain, arm)
         for benchmark, n in BENCHMARKS.items():
-            gens = pd.read_parquet(run / "results" / "generations" / arm / f"{benchmark}.parquet")
+            gens = pd.read_parquet(where / "generations" / arm / f"{benchmark}.parquet")
             assert len(gens) == n and gens["prompt_id"].is_unique
             assert (gens["n_tokens"] <= TINY["generation"]["max_new_tokens"]).all()
-            scores = pd.read_parquet(run / "results" / "scores" / arm / f"{benchmark}.parquet")
+            scores = pd.read_parquet(where / "scores" / arm / f"{benchmark}.parquet")
             assert scores["success"].dtype == bool and len(scores) == n
 
 
@@ -96,39 +130,49 @@ def test_every_table_records_its_provenance(run):
     """Seed, library versions and the weights' sha256 of the model each table came from."""
     model_tables = {"robustness", "probe", "search", "finetune", "generations", "scores"}
     revisions = {
-        arm: json.loads((folder / "securetune_model.json").read_text())["revision"]
-        for arm, folder in [
-            ("base", run / "results" / "model" / "base"),
-            *((arm, run / "results" / "finetune" / arm / "model") for arm in ARMS),
-        ]
+        ("", "base"): run / "results" / "model" / "base",
+        **{
+            (domain, arm): run / "results" / domain / "finetune" / arm / "model"
+            for domain in DOMAINS
+            for arm in ARMS
+        },
     }
+    revisions = {
+        key: json.loads((folder / "securetune_model.json").read_text())["revision"]
+        for key, folder in revisions.items()
+    }
+    assert len(set(revisions.values())) == len(revisions)  # every (domain, arm) its own model
     tables = sorted((run / "results").rglob("*.parquet"))
-    assert len(tables) > 50
+    assert len(tables) > 100
     for path in tables:
         record = read_provenance(path)
         assert {"torch", "transformers"} <= set(record["versions"]), path
         assert isinstance(record["seed"], int), path
         assert record["precision"]["device"] in ("cpu", "cuda"), path
-        part = path.relative_to(run / "results").parts[0]
+        parts = path.relative_to(run / "results").parts
+        domain, part = (parts[0], parts[1]) if parts[0] in DOMAINS else ("", parts[0])
         if part in model_tables:
             assert record["model_revision"] in revisions.values(), path
         if part in ("generations", "scores", "ift_loss"):
             arm = path.parent.name if part != "ift_loss" else path.stem
-            assert record["model_revision"] == revisions[arm], path
+            key = ("", "base") if arm == "base" else (domain, arm)
+            assert record["model_revision"] == revisions[key], path
     plan = json.loads((run / "results" / "search" / "plan.json").read_text())
-    assert plan["model_revision"] == revisions["base"] and "native_bf16" in plan["precision"]
+    assert plan["model_revision"] == revisions[("", "base")]
+    assert "native_bf16" in plan["precision"]
     meta = json.loads((run / "results" / "generations" / "base" / "advbench.json").read_text())
-    assert meta["model_revision"] == revisions["base"] and "torch" in meta["versions"]
+    assert meta["model_revision"] == revisions[("", "base")] and "torch" in meta["versions"]
     assert meta["dtype"] == "float32" and "device" in meta["precision"]  # tiny: model.dtype float32
-    for arm in ARMS:
-        policy = json.loads(
-            (run / "results" / "finetune" / arm / "model" / "securetune_model.json").read_text()
-        )
-        assert policy["parent_revision"] == revisions["base"]
+    for domain in DOMAINS:
+        for arm in ARMS:
+            model = run / "results" / domain / "finetune" / arm / "model"
+            policy = json.loads((model / "securetune_model.json").read_text())
+            assert policy["parent_revision"] == revisions[("", "base")]
 
 
-def test_report(run):
-    report = run / "results" / "report"
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_report(run, domain):
+    report = run / "results" / domain / "report"
     table = pd.read_csv(report / "main_table.csv")
     assert table["arm"].tolist() == ["base", *ARMS]
     rates = pd.read_csv(report / "rates.csv")
@@ -147,35 +191,44 @@ def test_report(run):
 
 
 def test_paper_tables(run):
-    """The paper's layout from the run's own rates: the tiny config fine-tunes on Alpaca (the
-    general domain, so its task metric is usability), with no LLM judge (harmfulness is n/a)."""
-    report = run / "results" / "report"
-    page = (report / "paper_tables.md").read_text()
-    assert "## Domain: general" in page and "| before IFT |" in page
-    assert "usability (ROUGE-L)" in page
-    csv = pd.read_csv(report / "paper_tables.csv")
-    ours = csv[(csv["source"] == "ours") & (csv["row"] != "ML-LR - vanilla")]
-    rates = pd.read_csv(report / "rates.csv")
-    asr = rates[rates["metric"] == "attack_success"].drop_duplicates("arm").set_index("arm")
-    for arm, value in ours[ours["metric"] == "attack_success"].set_index("arm")["value"].items():
-        assert value == pytest.approx(asr.loc[arm, "value"])
-    delta = csv[(csv["row"] == "ML-LR - vanilla") & (csv["source"] == "ours")]
-    expected = asr.loc["ml_lr", "value"] - asr.loc["vanilla", "value"]
-    assert delta.set_index("metric").loc["attack_success", "value"] == pytest.approx(expected)
-    assert ours.loc[ours["metric"] == "harmfulness_score", "value"].isna().all()
+    """The paper's layout from each domain's own rates: general (Alpaca, task metric usability)
+    then math (GSM8K, accuracy), with no LLM judge (harmfulness is n/a)."""
+    page = (run / "results" / "report" / "paper_tables.md").read_text()
+    assert page.index("## Domain: general") < page.index("## Domain: math")
+    assert page.count("| before IFT |") == 2
+    assert "usability (ROUGE-L)" in page and "accuracy (GSM8K exact match)" in page
+    csv = pd.read_csv(run / "results" / "report" / "paper_tables.csv")
+    assert list(dict.fromkeys(csv["domain"])) == DOMAINS
+    for domain in DOMAINS:
+        rows = csv[csv["domain"] == domain]
+        ours = rows[(rows["source"] == "ours") & (rows["row"] != "ML-LR - vanilla")]
+        rates = pd.read_csv(run / "results" / domain / "report" / "rates.csv")
+        asr = rates[rates["metric"] == "attack_success"].drop_duplicates("arm").set_index("arm")
+        by_arm = ours[ours["metric"] == "attack_success"].set_index("arm")["value"]
+        for arm, value in by_arm.items():
+            assert value == pytest.approx(asr.loc[arm, "value"])
+        delta = rows[(rows["row"] == "ML-LR - vanilla") & (rows["source"] == "ours")]
+        expected = asr.loc["ml_lr", "value"] - asr.loc["vanilla", "value"]
+        assert delta.set_index("metric").loc["attack_success", "value"] == pytest.approx(expected)
+        assert ours.loc[ours["metric"] == "harmfulness_score", "value"].isna().all()
+    # before IFT is the same model, evaluated once: the same numbers in both domains
+    before = csv[(csv["row"] == "before IFT") & (csv["metric"] == "attack_success")]
+    assert before["value"].nunique() == 1 and len(before) == 2
 
 
-def test_judges_and_main_table(run):
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_judges_and_main_table(run, domain):
     for arm in ["base", *ARMS]:
-        guard = pd.read_parquet(run / "results" / "judge" / "guard" / f"{arm}.parquet")
+        where = evaluated(run, domain, arm)
+        guard = pd.read_parquet(where / "judge" / "guard" / f"{arm}.parquet")
         harmful = [b for b in BENCHMARKS if b in ("advbench", "strongreject")]
         assert len(guard) == sum(BENCHMARKS[b] for b in harmful)
         assert set(guard["verdict"]) <= {"safe", "unsafe", "unparsed"}
         assert guard.loc[guard["verdict"] == "unparsed", "unsafe"].isna().all()
-        meta = run / "results" / "generations" / arm / "advbench.json"
+        meta = where / "generations" / arm / "advbench.json"
         assert '"backend": "transformers"' in meta.read_text()
     table = pd.read_csv(
-        run / "results" / "report" / "main_table.csv", keep_default_na=False
+        run / "results" / domain / "report" / "main_table.csv", keep_default_na=False
     ).set_index("arm")
     for column in (
         "attack_success",
@@ -199,28 +252,55 @@ def test_second_run_has_nothing_to_do(run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def test_changing_one_domain_reruns_only_that_domain(run):
+    """More math examples: the math domain's data, fine-tunes and evaluations (base's held-out
+    loss on its task too) rerun; nothing shared, nothing of the general domain."""
+    changed = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
+    changed["domains"]["math"]["ift_examples"] = 24
+    (run / "configs" / "math.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    plan = snakemake(run, "-n", "--configfile", "configs/math.yaml").stdout
+    arms = len(ARMS)
+    assert job_counts(plan) == {
+        "prepare_ift_set": 1,
+        "prepare_ift_heldout": 1,
+        "finetune": arms,
+        "generate_arm": arms,
+        "score_generations": arms * len(BENCHMARKS),
+        "judge_guard": arms,
+        "heldout_ift_loss": arms + 1,
+        "report": 1,
+        "paper_tables": 1,
+        "all": 1,
+    }
+    wildcards = [w for w in planned_wildcards(plan) if "domain" in w]
+    assert wildcards and all(w.startswith(("domain=math", "domain_dir=math/")) for w in wildcards)
+
+
 def test_changing_one_arm_reruns_only_that_arm(run):
     changed = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
     changed["finetune"]["arms"]["ml_lr"]["gamma"] = 0.3
     (run / "configs" / "changed.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     plan = snakemake(run, "-n", "--configfile", "configs/changed.yaml").stdout
+    domains = len(DOMAINS)
     assert job_counts(plan) == {
-        "finetune": 1,
-        "generate_arm": 1,
-        "score_generations": len(BENCHMARKS),
-        "judge_guard": 1,
-        "heldout_ift_loss": 1,
-        "report": 1,
+        "finetune": domains,
+        "generate_arm": domains,
+        "score_generations": domains * len(BENCHMARKS),
+        "judge_guard": domains,
+        "heldout_ift_loss": domains,
+        "report": domains,
+        "paper_tables": 1,
         "all": 1,
     }
     assert all("arm=ml_lr" in w for w in planned_wildcards(plan) if "arm=" in w)
 
-    vanilla = run / "results" / "finetune" / "vanilla" / "loss.parquet"
+    finetune = run / "results" / "math" / "finetune"
+    vanilla = finetune / "vanilla" / "loss.parquet"
     vanilla_before = (vanilla.stat().st_mtime_ns, vanilla.read_bytes())
-    old_ml_lr = pd.read_parquet(run / "results" / "finetune" / "ml_lr" / "loss.parquet")
+    old_ml_lr = pd.read_parquet(finetune / "ml_lr" / "loss.parquet")
     snakemake(run, "--configfile", "configs/changed.yaml")
     assert (vanilla.stat().st_mtime_ns, vanilla.read_bytes()) == vanilla_before
-    new_ml_lr = pd.read_parquet(run / "results" / "finetune" / "ml_lr" / "loss.parquet")
+    new_ml_lr = pd.read_parquet(finetune / "ml_lr" / "loss.parquet")
     assert new_ml_lr["lr_rest"].to_numpy() == pytest.approx(0.3 * new_ml_lr["lr_robust"])
     assert not new_ml_lr["lr_rest"].equals(old_ml_lr["lr_rest"])
 

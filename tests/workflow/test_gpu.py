@@ -32,11 +32,11 @@ pytestmark = [
 MODEL_TABLES = [
     "results/robustness.parquet",
     "results/search/trace.parquet",
-    "results/finetune/vanilla/loss.parquet",
-    "results/finetune/ml_lr/loss.parquet",
-    "results/generations/vanilla/advbench.parquet",
-    "results/judge/guard/vanilla.parquet",
-    "results/ift_loss/vanilla.parquet",
+    "results/general/finetune/vanilla/loss.parquet",
+    "results/math/finetune/ml_lr/loss.parquet",
+    "results/general/generations/vanilla/advbench.parquet",
+    "results/judge/guard/base.parquet",
+    "results/math/ift_loss/vanilla.parquet",
 ]
 # Their logs (the data and table stages never import torch, so they log the CPU).
 MODEL_LOGS = [
@@ -60,7 +60,8 @@ def gpu_run(tmp_path_factory) -> Path:
 
 
 def test_the_workflow_completes_with_its_report(gpu_run):
-    assert (gpu_run / "results" / "report" / "report.md").exists()
+    assert (gpu_run / "results" / "report" / "paper_tables.md").exists()
+    assert (gpu_run / "results" / "math" / "report" / "report.md").exists()
 
 
 def test_every_model_stage_logged_cuda(gpu_run):
@@ -68,7 +69,8 @@ def test_every_model_stage_logged_cuda(gpu_run):
         log
         for name in MODEL_LOGS
         for log in sorted(
-            (gpu_run / "logs").glob(name if name.endswith(".log") else f"{name}/**/*.log")
+            # logs/<stage>/... or, for a domain's jobs, logs/<domain>/<stage>/...
+            (gpu_run / "logs").glob(f"**/{name}" + ("" if name.endswith(".log") else "/**/*.log"))
         )
     ]
     hardware = [

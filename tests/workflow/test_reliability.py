@@ -25,7 +25,8 @@ from .helpers import REPO, copy_workflow, merged, snakemake
 RECORDS: list[tuple[str, str, str]] = []  # (kind, case, what happened)
 SMALL = {
     "model": {"tiny": {"layers": 2}},
-    "data": {"probe_per_class": 16, "ift_examples": 16},
+    "data": {"probe_per_class": 16},
+    "domains": {"general": {"ift_examples": 16}},
     "robustness": {"module_types": ["q", "v", "down"], "seeds": 1},
     "search": {"max_modules": 3, "seeds": 1},
     "finetune": {"steps": 4},
@@ -38,16 +39,24 @@ REPRODUCED = [
     "results/robustness.parquet",
     "results/search/plan.json",
     "results/search/trace.parquet",
-    "results/finetune/vanilla/loss.parquet",
-    "results/finetune/ml_lr/model/model.safetensors",
-    "results/scores/ml_lr/advbench.parquet",
-    "results/generations/vanilla/xstest_safe.parquet",
+    "results/general/finetune/vanilla/loss.parquet",
+    "results/general/finetune/ml_lr/model/model.safetensors",
+    "results/general/scores/ml_lr/advbench.parquet",
+    "results/general/generations/vanilla/xstest_safe.parquet",
 ]
+
+
+def one_domain(config: dict) -> dict:
+    """The tiny config with its general domain only: these runs test faults, not domains."""
+    return {**config, "domains": {"general": config["domains"]["general"]}}
 
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory) -> Path:
-    return copy_workflow(tmp_path_factory.mktemp("reliability") / "clean", tiny_default=True)
+    workdir = copy_workflow(tmp_path_factory.mktemp("reliability") / "clean", tiny_default=True)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    (workdir / "config.yaml").write_text(yaml.safe_dump(one_domain(config), sort_keys=False))
+    return workdir
 
 
 def _fresh(workflow: Path, tmp_path: Path) -> Path:
@@ -187,7 +196,7 @@ def test_shell_metacharacters_in_paths_run_nothing_and_secrets_stay_out(workflow
         str(Path(sys.executable).parent / "snakemake"),
         "--cores",
         "2",
-        "results/finetune/ml_lr/loss.parquet",
+        "results/general/finetune/ml_lr/loss.parquet",
         "--configfile",
         name,
     ]
@@ -248,7 +257,7 @@ KILLED = {
 
 def test_killed_run_resumes_and_reproduces_a_clean_run_byte_for_byte(workflow, tmp_path):
     tiny = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    config = merged(tiny, KILLED)
+    config = one_domain(merged(tiny, KILLED))
     config["finetune"]["arms"] = KILLED["finetune"]["arms"]
     clean = _fresh(workflow, tmp_path / "a")
     snakemake(clean, "--configfile", _overlay(clean, config))

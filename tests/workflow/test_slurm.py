@@ -42,7 +42,8 @@ SMALL = os.environ.get("SECURETUNE_SLURM_SMALL") == "1"
 def scenario_config() -> dict:
     """configs/tiny.yaml with one SLURM job per (layer, module) and per (arm, benchmark), as on a
     cluster, or its small version
-    (SECURETUNE_SLURM_SMALL=1: 2 layers, 2 module types, 2 arms, 2 benchmarks, no guard judge).
+    (SECURETUNE_SLURM_SMALL=1: 2 layers, 2 module types, 2 arms, 2 benchmarks, no guard judge,
+    the general domain only)
     Written whole, so it replaces config.yaml."""
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     config["robustness"]["jobs"] = "per_module"
@@ -54,6 +55,7 @@ def scenario_config() -> dict:
         config["evaluation"]["guard"]["enabled"] = False
         arms = config["finetune"]["arms"]
         config["finetune"]["arms"] = {"vanilla": arms["vanilla"], "ml_lr": arms["ml_lr"]}
+        config["domains"] = {"general": config["domains"]["general"]}
     return config
 
 
@@ -66,6 +68,9 @@ PLANNED_ARMS = [
     if spec["kind"] in ("ml_lr", "freeze", "swat")
 ]
 GUARD = SCENARIO["evaluation"]["guard"]["enabled"]
+DOMAINS = list(SCENARIO["domains"])
+# A fine-tuned arm's files are under its domain's folder: these tests look at the first's.
+DOMAIN = DOMAINS[0]
 BASE = "configs/slurm_test.yaml"
 
 
@@ -169,15 +174,15 @@ def test_failed_job_is_reported_and_retried_with_more_memory(faulty):
     assert any("mem_mb=2000," in text for text in slurm_logs)
     # Keep-going: every job that does not need the failed one finished.
     assert (workdir / "results" / "robustness" / "layer1" / "k.parquet").exists()
-    assert (workdir / "results" / "finetune" / "vanilla" / "loss.parquet").exists()
-    assert (workdir / "results" / "scores" / "vanilla" / "gsm8k.parquet").exists()
+    assert (workdir / "results" / DOMAIN / "finetune" / "vanilla" / "loss.parquet").exists()
+    assert (workdir / "results" / DOMAIN / "scores" / "vanilla" / "gsm8k.parquet").exists()
     assert not (workdir / "results" / "robustness" / "layer1" / "q.parquet").exists()
     assert not (workdir / "results" / "search" / "plan.json").exists()
 
 
 def test_rerun_completes_only_what_is_missing(resumed):
     workdir, plan, result, before = resumed
-    arms = len(PLANNED_ARMS)
+    arms = len(PLANNED_ARMS) * len(DOMAINS)
     expected = {
         "score_module": 1,
         "aggregate_robustness": 1,
@@ -187,7 +192,8 @@ def test_rerun_completes_only_what_is_missing(resumed):
         "score_generations": arms * len(BENCHMARKS),
         **({"judge_guard": arms} if GUARD else {}),
         "heldout_ift_loss": arms,
-        "report": 1,
+        "report": len(DOMAINS),
+        "paper_tables": 1,
         "all": 1,
     }
     assert job_counts(plan) == expected
@@ -200,7 +206,8 @@ def test_rerun_completes_only_what_is_missing(resumed):
     after = snapshot(workdir)
     changed = [path for path, state in before.items() if after.get(path) != state]
     assert changed == [], f"finished outputs were rewritten: {changed}"
-    assert (workdir / "results" / "report" / "report.md").exists()
+    assert (workdir / "results" / DOMAIN / "report" / "report.md").exists()
+    assert (workdir / "results" / "report" / "paper_tables.md").exists()
 
 
 def result_tables(workdir: Path) -> dict[str, Path]:
@@ -213,13 +220,13 @@ def test_slurm_run_equals_local_run(resumed, local):
     workdir = resumed[0]
     on_cluster, at_home = result_tables(workdir), result_tables(local)
     assert on_cluster.keys() == at_home.keys()
-    for name in ("robustness.parquet", "search/plan.json", "report/main_table.csv"):
+    for name in ("robustness.parquet", "search/plan.json", f"{DOMAIN}/report/main_table.csv"):
         assert name in on_cluster
     for name, path in on_cluster.items():
         if path.suffix == ".parquet":
             # Fine-tuning on another CPU allocation may round differently in the last bits
             # (the step loss differed by 1e-6 once); every other table is exactly equal.
-            exact = not name.startswith("finetune/")
+            exact = "finetune/" not in name
             pd.testing.assert_frame_equal(
                 pd.read_parquet(path),
                 pd.read_parquet(at_home[name]),
@@ -241,7 +248,7 @@ def test_slurm_run_equals_local_run(resumed, local):
     cluster, home = load_file(workdir / features), load_file(local / features)
     assert all(torch.allclose(cluster[k], home[k], rtol=1e-5, atol=1e-6) for k in cluster)
     for weights in ("vanilla", "ml_lr"):
-        model = Path("results") / "finetune" / weights / "model" / "model.safetensors"
+        model = Path("results") / DOMAIN / "finetune" / weights / "model" / "model.safetensors"
         cluster, home = load_file(workdir / model), load_file(local / model)
         assert cluster.keys() == home.keys()
         assert all(torch.allclose(cluster[k], home[k], rtol=1e-4, atol=1e-6) for k in cluster)
@@ -255,21 +262,23 @@ def test_changing_one_arm_resubmits_only_that_arm(resumed):
     before = snapshot(workdir)
     result = on_slurm(workdir, "--configfile", overlay)
     output = result.stdout + result.stderr
+    domains = len(DOMAINS)
     assert job_counts(output) == {
-        "finetune": 1,
-        "generate": len(BENCHMARKS),
-        "score_generations": len(BENCHMARKS),
-        **({"judge_guard": 1} if GUARD else {}),
-        "heldout_ift_loss": 1,
-        "report": 1,
+        "finetune": domains,
+        "generate": domains * len(BENCHMARKS),
+        "score_generations": domains * len(BENCHMARKS),
+        **({"judge_guard": domains} if GUARD else {}),
+        "heldout_ift_loss": domains,
+        "report": domains,
+        "paper_tables": 1,
         "all": 1,
     }
     assert all("arm=ml_lr" in w for w in planned_wildcards(output) if "arm=" in w)
     after = snapshot(workdir)
     rewritten = {path for path in before if after[path] != before[path]}
     assert rewritten, "nothing was rerun"
-    assert all("ml_lr" in path or path.startswith("results/report/") for path in rewritten)
-    steps = pd.read_parquet(workdir / "results" / "finetune" / "ml_lr" / "loss.parquet")
+    assert all("ml_lr" in path or "/report/" in path for path in rewritten), rewritten
+    steps = pd.read_parquet(workdir / "results" / DOMAIN / "finetune" / "ml_lr" / "loss.parquet")
     assert steps["lr_rest"].to_numpy() == pytest.approx(0.3 * steps["lr_robust"].to_numpy())
 
 
@@ -283,4 +292,5 @@ def test_only_model_work_is_submitted(resumed):
     assert submitted <= MODEL_RULES, submitted - MODEL_RULES
     assert not submitted & declared_localrules()
     # ...while the table jobs did run (on the submit node).
-    assert (workdir / "results" / "report" / "report.md").exists()
+    assert (workdir / "results" / DOMAIN / "report" / "report.md").exists()
+    assert (workdir / "results" / "report" / "paper_tables.md").exists()

@@ -26,8 +26,8 @@ from .test_slurm import cluster  # noqa: F401 - skips or fails without a cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-TARGET = "results/finetune/vanilla/loss.parquet"
-MODEL = "results/finetune/vanilla/model/model.safetensors"
+TARGET = "results/general/finetune/vanilla/loss.parquet"
+MODEL = "results/general/finetune/vanilla/model/model.safetensors"
 # About 2 minutes of training on a 2-core CPU alone: the first attempt is killed part way.
 OVERLAY = {"finetune": {"steps": 2500, "checkpoint_every": 100}}
 
@@ -68,7 +68,7 @@ def test_first_attempt_was_killed_by_its_time_limit(runs):
 
 
 def test_retry_resumed_from_a_checkpoint_not_step_0(runs):
-    log = (runs[0] / "logs" / "finetune" / "vanilla.log").read_text()
+    log = (runs[0] / "logs" / "general" / "finetune" / "vanilla.log").read_text()
     resumed = [int(step) for step in re.findall(r"resumed from .* \(step (\d+)\)", log)]
     assert resumed and resumed[-1] >= 250, log[-3000:]
 
@@ -82,4 +82,5 @@ def test_resumed_run_equals_the_uninterrupted_one(runs):
         pd.read_parquet(cluster_dir / TARGET), pd.read_parquet(local_dir / TARGET)
     )
     # Checkpoints are removed once the model is saved.
-    assert not (cluster_dir / "results" / "finetune" / "vanilla" / "model.checkpoints").exists()
+    checkpoints = cluster_dir / "results" / "general" / "finetune" / "vanilla" / "model.checkpoints"
+    assert not checkpoints.exists()

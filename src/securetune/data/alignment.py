@@ -27,6 +27,7 @@ from securetune.data.sources import (
     load_dolly,
     load_xstest_safe,
 )
+from securetune.domains import ift_rows_by_source
 from securetune.io import provenance, stable_seed, write_parquet
 from securetune.settings import StageSettings
 
@@ -51,31 +52,31 @@ class AlignmentSetSettings(StageSettings):
     benign: dict[str, int]
     lookalike: dict[str, int]
     eval_sizes: dict[str, int]
-    ift_source: str
-    ift_n: int
+    # Rows of each IFT source that the domains' IFT sets (training and held-out) and the
+    # robustness set take after the probe's: the alignment slice must miss them all.
+    ift_rows: dict[str, int]
     seed: int
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:
-        """From align.{harmful,benign,lookalike}, evaluation.benchmarks, data.ift_* and seed."""
-        align, data = config["align"], config["data"]
+        """From align.{harmful,benign,lookalike}, evaluation.benchmarks, the domains' IFT sets
+        and seed."""
+        align = config["align"]
         return cls(
             harmful=dict(align["harmful"]),
             benign=dict(align["benign"]),
             lookalike=dict(align["lookalike"]),
             eval_sizes=dict(config["evaluation"]["benchmarks"]),
-            ift_source=data["ift_source"],
-            # the IFT set and its held-out rows: the alignment slice must miss both
-            ift_n=data["ift_examples"] + data["ift_heldout_examples"],
+            ift_rows=ift_rows_by_source(config),
             seed=config["seed"],
         )
 
 
 def head_slice_size(
-    source: str, probe_set: pd.DataFrame, eval_sizes: dict[str, int], ift_source: str, ift_n: int
+    source: str, probe_set: pd.DataFrame, eval_sizes: dict[str, int], ift_rows: dict[str, int]
 ) -> int:
-    """Rows of a shuffled source that the probe set and then the evaluation or IFT set take."""
-    after_probe = max(eval_sizes.get(source, 0), ift_n if source == ift_source else 0)
+    """Rows of a shuffled source that the probe set and then the evaluation or IFT sets take."""
+    after_probe = max(eval_sizes.get(source, 0), ift_rows.get(source, 0))
     return probe_slice_size(probe_set, source) + after_probe
 
 
@@ -137,8 +138,7 @@ def build_alignment_set(
     seed: int,
     probe_set: pd.DataFrame,
     eval_sizes: dict[str, int],
-    ift_source: str,
-    ift_n: int,
+    ift_rows: dict[str, int],
 ) -> pd.DataFrame:
     """Prompts of the safety-alignment step, one row each, with their role:
     `refusal` (harmful: the response is filled in with a refusal), `benign` (with its reference
@@ -154,7 +154,7 @@ def build_alignment_set(
                 raise DataError(
                     f"alignment {role} source '{source}' unknown; allowed: {sorted(loaders)}"
                 )
-            head = head_slice_size(source, probe_set, eval_sizes, ift_source, ift_n)
+            head = head_slice_size(source, probe_set, eval_sizes, ift_rows)
             for rec in alignment_slice(loaders[source](root), source, n, head, seed):
                 rows.append(
                     {
@@ -182,8 +182,7 @@ def prepare_alignment_set(
         s.seed,
         read_probe_set(probe_set, s.seed),
         s.eval_sizes,
-        s.ift_source,
-        s.ift_n,
+        s.ift_rows,
     )
     df = with_refusals(df, s.seed)
     log.info("alignment set: %s", df.groupby(["role", "source"]).size().to_dict())

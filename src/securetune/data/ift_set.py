@@ -18,6 +18,7 @@ from securetune.data.slices import (
     without_probe_prompts,
 )
 from securetune.data.sources import IFT_SOURCES, DataError
+from securetune.domains import domain_spec
 from securetune.io import provenance, write_parquet
 from securetune.settings import StageSettings
 
@@ -32,21 +33,30 @@ class IftSetSettings(StageSettings):
     seed: int
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Self:
-        """The training set: `data.ift_examples` rows of `data.ift_source`, after the probe's."""
-        data = config["data"]
-        return cls(source=data["ift_source"], n=data["ift_examples"], skip=0, seed=config["seed"])
+    def from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
+        """A domain's training set: its `ift_examples` rows of its `ift_source`, after the
+        probe's."""
+        spec = domain_spec(config, domain)
+        return cls(source=spec["ift_source"], n=spec["ift_examples"], skip=0, seed=config["seed"])
 
     @classmethod
-    def heldout_from_config(cls, config: Mapping[str, Any]) -> Self:
-        """The held-out set: `data.ift_heldout_examples` rows after the training set's."""
-        data = config["data"]
+    def heldout_from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
+        """A domain's held-out set: its `ift_heldout_examples` rows after the training set's."""
+        spec = domain_spec(config, domain)
         return cls(
-            source=data["ift_source"],
-            n=data["ift_heldout_examples"],
-            skip=data["ift_examples"],
+            source=spec["ift_source"],
+            n=spec["ift_heldout_examples"],
+            skip=spec["ift_examples"],
             seed=config["seed"],
         )
+
+    @classmethod
+    def robustness_from_config(cls, config: Mapping[str, Any]) -> Self:
+        """The `ift` perturbation's examples: the first `robustness.ift.examples` rows of
+        `robustness.ift.source` after the probe's (the head a domain of that source trains on
+        too), shared by every domain like the search they feed."""
+        ift = config["robustness"]["ift"]
+        return cls(source=ift["source"], n=ift["examples"], skip=0, seed=config["seed"])
 
 
 def build_ift_set(

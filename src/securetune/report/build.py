@@ -14,8 +14,14 @@ import pandas as pd
 from securetune.io import atomic_path, read_provenance
 from securetune.judges import unsafe_rate_per_category
 from securetune.report import figures, tables
-from securetune.report.paper_tables import paper_tables
-from securetune.report.settings import ReportSettings
+from securetune.report.paper_tables import (
+    combine_domains,
+    domain_tables,
+    gamma_table,
+    markdown,
+    read_domain_csv,
+)
+from securetune.report.settings import GammaAblationSettings, ReportSettings
 from securetune.report.stats import (
     frontier_verdicts,
     headline_rates,
@@ -59,6 +65,22 @@ class ReportTables:
     verdicts: pd.DataFrame
 
 
+def read_sources(
+    scores: list[Path], judged: list[Path], ift_losses: list[Path]
+) -> dict[str, pd.DataFrame]:
+    """The tables the headline metrics come from: keyword scores, held-out IFT loss, and each
+    judge's verdicts (split by judge)."""
+    sources = {"keyword": pd.concat([pd.read_parquet(p) for p in scores], ignore_index=True)}
+    if ift_losses:
+        sources["ift_loss"] = pd.concat([pd.read_parquet(p) for p in ift_losses])
+    verdicts = [pd.read_parquet(p) for p in judged]
+    for name in JUDGES:
+        parts = [t for t in verdicts if not t.empty and t["judge"].iloc[0] == name]
+        if parts:
+            sources[name] = pd.concat(parts, ignore_index=True)
+    return sources
+
+
 def read_inputs(
     *,
     scores: list[Path],
@@ -71,16 +93,8 @@ def read_inputs(
     trace: Path,
 ) -> ReportInputs:
     """Read every input table; the judged tables are split by judge (guard, llm)."""
-    sources = {"keyword": pd.concat([pd.read_parquet(p) for p in scores], ignore_index=True)}
-    if ift_losses:
-        sources["ift_loss"] = pd.concat([pd.read_parquet(p) for p in ift_losses])
-    verdicts = [pd.read_parquet(p) for p in judged]
-    for name in JUDGES:
-        parts = [t for t in verdicts if not t.empty and t["judge"].iloc[0] == name]
-        if parts:
-            sources[name] = pd.concat(parts, ignore_index=True)
     return ReportInputs(
-        sources=sources,
+        sources=read_sources(scores, judged, ift_losses),
         losses=pd.concat([pd.read_parquet(p) for p in losses], ignore_index=True),
         probe=pd.read_parquet(probe),
         robustness=pd.read_parquet(robustness),
@@ -201,7 +215,8 @@ def build_report(
 def write_paper_tables(
     inputs: ReportInputs, report: ReportTables, settings: ReportSettings, outputs: dict[str, Path]
 ) -> None:
-    """results/report/paper_tables.md and .csv: the paper's layout (`report.paper_tables`)."""
+    """results/<domain>/report/paper_tables.csv: this domain's rows of the paper tables
+    (`report.paper_tables`); `paper_tables` below puts every domain's on one page."""
 
     def paired(metric: str) -> tuple[float, float, float]:
         return paired_difference(
@@ -209,10 +224,46 @@ def write_paper_tables(
             settings.bootstrap_samples, settings.confidence, settings.seed,
         )  # fmt: skip
 
-    page, csv = paper_tables(
-        report.headline, inputs.probe, list(settings.arm_order), settings.arm_kinds,
-        settings.ift_source, settings.source_model, settings.confidence, paired,
+    csv = domain_tables(
+        report.headline, list(settings.arm_order), settings.arm_kinds, settings.domain,
+        settings.ift_source, settings.task_metric, settings.source_model, paired,
     )  # fmt: skip
     tables.write_csv(csv, outputs["paper_tables_csv"])
-    with atomic_path(outputs["paper_tables"]) as tmp:
+
+
+def gamma_ablation(
+    *,
+    scores: list[Path],
+    judged: list[Path],
+    ift_losses: list[Path],
+    out: Path,
+    settings: GammaAblationSettings,
+) -> None:
+    """results/<domain>/report/ablation_gamma.csv: the gamma sweep's arms on the headline
+    metrics, with their bootstrap CIs, in increasing gamma."""
+    log.info("gamma ablation settings: %s", settings)
+    s = settings
+    headline = headline_rates(
+        read_sources(scores, judged, ift_losses), s.bootstrap_samples, s.confidence, s.seed
+    )
+    tables.write_csv(gamma_table(headline, s.arm_gamma, s.domain, s.task_metric), out)
+
+
+def paper_tables(
+    *,
+    domain_csvs: list[Path],
+    gamma_csvs: list[Path],
+    probe: Path,
+    out_md: Path,
+    out_csv: Path,
+    settings: ReportSettings,
+) -> None:
+    """results/report/paper_tables.md and .csv: every domain's rows (in config order) in the
+    paper's layout with its gamma ablation (when the config has a sweep), and the probe table
+    the domains share. `settings`: any domain's (the model, the confidence level)."""
+    csv = combine_domains([read_domain_csv(p) for p in domain_csvs])
+    tables.write_csv(csv, out_csv)
+    gamma = pd.concat([pd.read_csv(p) for p in gamma_csvs]) if gamma_csvs else None
+    page = markdown(csv, pd.read_parquet(probe), settings.source_model, settings.confidence, gamma)
+    with atomic_path(out_md) as tmp:
         tmp.write_text(page)

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from securetune.report.tables import PROBE_COLUMNS, markdown_table
 
-# The IFT source decides the domain, and the domain its task metric (the paper's "usability"
-# for the general domain, "accuracy" for math).
-DOMAIN_OF_IFT_SOURCE = {"alpaca": "general", "dolly": "general", "gsm8k": "math"}
-TASK_METRIC = {"general": "usability", "math": "task_accuracy"}
+# The IFT source decides which of the paper's settings a domain matches (general: Alpaca or
+# Dolly; math: GSM8K), so which reported deltas stand beside ours; the domain's own
+# `task_metric` decides its task column (the paper's "usability" or "accuracy").
+PAPER_SETTING_OF_IFT_SOURCE = {"alpaca": "general", "dolly": "general", "gsm8k": "math"}
+TASK_METRIC = {"usability": "usability", "accuracy": "task_accuracy"}
 SAFETY_METRICS = ("harmfulness_score", "attack_success")
+CSV_COLUMNS = ["domain", "row", "arm", "metric", "value", "ci_low", "ci_high", "n", "source"]
+OURS = "ours"
+DU_SOURCE = "Du et al. 2024 (reported)"
+QI_SOURCE = "Qi et al. 2023 (reported)"
+DELTA_ROW = "ML-LR - vanilla"
 # metric -> (mean, low, high) of ML-LR minus vanilla, paired over prompts.
 PairedDifference = Callable[[str], tuple[float, float, float]]
 LABELS = {
@@ -26,6 +33,7 @@ LABELS = {
     "attack_success": "ASR (keyword)",
     "usability": "usability (ROUGE-L)",
     "task_accuracy": "accuracy (GSM8K exact match)",
+    "heldout_ift_loss": "held-out IFT loss",
 }
 
 # Du et al. 2024 (arXiv 2410.04524), ML-LR minus vanilla benign IFT, averaged over their models,
@@ -46,9 +54,9 @@ QI_VANILLA = pd.DataFrame(
 )
 
 
-def domain_of(ift_source: str) -> str:
-    """general or math; another IFT source is its own domain, named after it."""
-    return DOMAIN_OF_IFT_SOURCE.get(ift_source, ift_source)
+def paper_setting(ift_source: str) -> str:
+    """general or math; another IFT source matches neither (no reported numbers beside it)."""
+    return PAPER_SETTING_OF_IFT_SOURCE.get(ift_source, "")
 
 
 def row_order(arm_order: list[str], arm_kinds: dict[str, str]) -> list[tuple[str, str]]:
@@ -59,9 +67,11 @@ def row_order(arm_order: list[str], arm_kinds: dict[str, str]) -> list[tuple[str
     return rows + [(a, a) for a in first] + [(f"{a} ({arm_kinds[a]})", a) for a in rest]
 
 
-def ours(headline: pd.DataFrame, rows: list[tuple[str, str]], domain: str) -> pd.DataFrame:
+def ours(
+    headline: pd.DataFrame, rows: list[tuple[str, str]], domain: str, task_metric: str
+) -> pd.DataFrame:
     """Tidy: one row per (table row, metric) with value, CI and n; NaN where not measured."""
-    metrics = [*SAFETY_METRICS, TASK_METRIC.get(domain, "usability")]
+    metrics = [*SAFETY_METRICS, TASK_METRIC[task_metric]]
     index = headline.set_index(["arm", "metric"])
     out = []
     for label, arm in rows:
@@ -73,22 +83,22 @@ def ours(headline: pd.DataFrame, rows: list[tuple[str, str]], domain: str) -> pd
                 "value": float(cell["value"]) if found else math.nan,
                 "ci_low": float(cell["ci_low"]) if found else math.nan,
                 "ci_high": float(cell["ci_high"]) if found else math.nan,
-                "n": int(cell["n"]) if found else 0, "source": "ours",
+                "n": int(cell["n"]) if found else 0, "source": OURS,
             })  # fmt: skip
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=CSV_COLUMNS)
 
 
 def deltas(table: pd.DataFrame, domain: str, paired: PairedDifference) -> pd.DataFrame:
-    """ML-LR minus vanilla per metric, ours with its paired bootstrap CI (`paired(metric)`:
-    mean, low, high), beside the paper's."""
+    """ML-LR minus vanilla per metric with its paired bootstrap CI (`paired(metric)`: mean,
+    low, high), as tidy rows."""
     rows = []
     for metric in table["metric"].unique():
         mean, low, high = paired(metric)
         rows.append({
-            "domain": domain, "metric": metric, "ours": mean, "ci_low": low, "ci_high": high,
-            "paper_reported": PAPER_DELTAS.get(domain, {}).get(metric, math.nan),
+            "domain": domain, "row": DELTA_ROW, "arm": "", "metric": metric, "value": mean,
+            "ci_low": low, "ci_high": high, "n": 0, "source": OURS,
         })  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=table.columns)
 
 
 def _cell(value: float, low: float, high: float) -> str:
@@ -109,16 +119,12 @@ def _signed_ci(value: float, low: float, high: float, percent: bool) -> str:
     return f"{_signed(value, percent)} [{_signed(low, percent)}, {_signed(high, percent)}]"
 
 
-def markdown(
-    table: pd.DataFrame,
-    delta: pd.DataFrame,
-    probe: pd.DataFrame,
-    source_model: str,
-    confidence: float,
-) -> str:
-    """The Markdown page: per domain the arms' table, the deltas, the reported numbers; the
-    probe table."""
-    domain = table["domain"].iloc[0]
+def _domain_markdown(rows: pd.DataFrame, domain: str) -> list[str]:
+    """One domain's section: the arms' table, ML-LR minus vanilla beside Du et al.'s, and Qi et
+    al.'s numbers where they were reported for this model and setting."""
+    table = rows[(rows["source"] == OURS) & (rows["row"] != DELTA_ROW)]
+    delta = rows[(rows["source"] == OURS) & (rows["row"] == DELTA_ROW)]
+    reported = rows[rows["source"] == DU_SOURCE].set_index("metric")["value"]
     wide = table.assign(
         cell=[_cell(v, lo, hi) for v, lo, hi in zip(table["value"], table["ci_low"],
                                                      table["ci_high"], strict=True)]
@@ -129,29 +135,49 @@ def markdown(
         "metric": [LABELS.get(m, m) for m in delta["metric"]],
         "ML-LR - vanilla (ours, paired CI)": [
             _signed_ci(v, lo, hi, m == "attack_success")
-            for v, lo, hi, m in zip(delta["ours"], delta["ci_low"], delta["ci_high"],
+            for v, lo, hi, m in zip(delta["value"], delta["ci_low"], delta["ci_high"],
                                     delta["metric"], strict=True)],
         "Du et al. 2024 (reported)": [
-            _signed(v, m == "attack_success") for v, m in zip(delta["paper_reported"],
-                                                              delta["metric"], strict=True)],
+            _signed(float(reported.get(m, math.nan)), m == "attack_success")
+            for m in delta["metric"]],
     })  # fmt: skip
     parts = [
-        "# The paper's tables",
-        f"Model: `{source_model}`. Mean [{confidence:.0%} bootstrap CI over prompts]; n/a where "
-        "the judge or benchmark is not in this run (the harmfulness score needs "
-        "`evaluation.llm_judge`). Reported numbers are the papers', not ours.",
         f"## Domain: {domain}",
         markdown_table(wide.reset_index()),
         "### ML-LR minus vanilla",
         markdown_table(delta_rows),
     ]
-    if source_model == QI_MODEL and domain == "general":
+    if (rows["source"] == QI_SOURCE).any():
         parts += [
             "### Qi et al. 2023, vanilla benign IFT of the same model (reported)",
             "Alpaca, 1 epoch; HEx-PHI with a GPT-4 judge, AdvBench with keywords: other "
             "benchmarks and judge than ours, for scale only.",
             markdown_table(QI_VANILLA),
         ]
+    return parts
+
+
+def markdown(
+    csv: pd.DataFrame,
+    probe: pd.DataFrame,
+    source_model: str,
+    confidence: float,
+    gamma: pd.DataFrame | None = None,
+) -> str:
+    """The Markdown page from the tidy table of every domain: a section per domain (in the
+    table's order) with its gamma ablation when `gamma` has one, then the probe table they
+    share."""
+    parts = [
+        "# The paper's tables",
+        f"Model: `{source_model}`. Mean [{confidence:.0%} bootstrap CI over prompts]; n/a where "
+        "the judge or benchmark is not in this run (the harmfulness score needs "
+        "`evaluation.llm_judge`). Reported numbers are the papers', not ours. The domains share "
+        "the model, the probe and Mods_Robust; `before IFT` is the same model in each.",
+    ]
+    for domain in dict.fromkeys(csv["domain"]):
+        parts += _domain_markdown(csv[csv["domain"] == domain], domain)
+        if gamma is not None and (gamma["domain"] == domain).any():
+            parts += _gamma_markdown(gamma[gamma["domain"] == domain])
     columns = [c for c in PROBE_COLUMNS if c in probe]
     parts += [
         "## Probe accuracy per layer (in-domain test, out-of-domain test)",
@@ -160,43 +186,98 @@ def markdown(
     return "\n\n".join(parts) + "\n"
 
 
-def reported_rows(domain: str, source_model: str) -> pd.DataFrame:
-    """The reported numbers as tidy CSV rows, labelled by source."""
+def reported_rows(domain: str, setting: str, source_model: str) -> pd.DataFrame:
+    """The reported numbers of the paper's `setting` (general, math or none) as tidy rows,
+    labelled by source."""
     rows = [
-        {"domain": domain, "row": "ML-LR - vanilla", "arm": "", "metric": metric,
+        {"domain": domain, "row": DELTA_ROW, "arm": "", "metric": metric,
          "value": value, "ci_low": math.nan, "ci_high": math.nan, "n": 0,
-         "source": "Du et al. 2024 (reported)"}
-        for metric, value in PAPER_DELTAS.get(domain, {}).items()
+         "source": DU_SOURCE}
+        for metric, value in PAPER_DELTAS.get(setting, {}).items()
     ]  # fmt: skip
-    if source_model == QI_MODEL and domain == "general":
+    if source_model == QI_MODEL and setting == "general":
         for record in QI_VANILLA.to_dict("records"):
             for metric, value in record.items():
                 if metric != "row":
                     rows.append({
                         "domain": domain, "row": record["row"], "arm": "", "metric": metric,
                         "value": value, "ci_low": math.nan, "ci_high": math.nan, "n": 0,
-                        "source": "Qi et al. 2023 (reported)",
+                        "source": QI_SOURCE,
                     })  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
-def paper_tables(
+def domain_tables(
     headline: pd.DataFrame,
-    probe: pd.DataFrame,
     arm_order: list[str],
     arm_kinds: dict[str, str],
+    domain: str,
     ift_source: str,
+    task_metric: str,
     source_model: str,
-    confidence: float,
     paired: PairedDifference,
-) -> tuple[str, pd.DataFrame]:
-    """(the Markdown page, the tidy CSV table: ours, our deltas, the reported numbers).
-    `paired(metric)` is ML-LR minus vanilla on that metric with its paired CI."""
-    domain = domain_of(ift_source)
-    table = ours(headline, row_order(arm_order, arm_kinds), domain)
-    delta = deltas(table, domain, paired)
-    delta_rows = delta.rename(columns={"ours": "value"}).assign(
-        row="ML-LR - vanilla", arm="", n=0, source="ours"
-    )[table.columns]
-    csv = pd.concat([table, delta_rows, reported_rows(domain, source_model)], ignore_index=True)
-    return markdown(table, delta, probe, source_model, confidence), csv
+) -> pd.DataFrame:
+    """One domain's part of the paper tables, tidy: ours, ML-LR minus vanilla (`paired(metric)`:
+    mean, low, high of the paired bootstrap), the reported numbers of the matching setting."""
+    table = ours(headline, row_order(arm_order, arm_kinds), domain, task_metric)
+    parts = [table, deltas(table, domain, paired)]
+    reported = reported_rows(domain, paper_setting(ift_source), source_model)
+    if not reported.empty:
+        parts.append(reported)
+    return pd.concat(parts, ignore_index=True)
+
+
+GAMMA_COLUMNS = ["domain", "gamma", "arm", "metric", "value", "ci_low", "ci_high", "n"]
+
+
+def gamma_table(
+    headline: pd.DataFrame, arm_gamma: dict[str, float], domain: str, task_metric: str
+) -> pd.DataFrame:
+    """The gamma ablation, tidy: one row per (sweep arm, metric) in increasing gamma, the
+    safety metrics, the domain's task metric and the held-out loss; NaN where not measured."""
+    metrics = [*SAFETY_METRICS, TASK_METRIC[task_metric], "heldout_ift_loss"]
+    index = headline.set_index(["arm", "metric"])
+    rows = []
+    for arm, gamma in sorted(arm_gamma.items(), key=lambda item: item[1]):
+        for metric in metrics:
+            cell = index.loc[(arm, metric)] if (arm, metric) in index.index else None
+            rows.append({
+                "domain": domain, "gamma": gamma, "arm": arm, "metric": metric,
+                "value": math.nan if cell is None else float(cell["value"]),
+                "ci_low": math.nan if cell is None else float(cell["ci_low"]),
+                "ci_high": math.nan if cell is None else float(cell["ci_high"]),
+                "n": 0 if cell is None else int(cell["n"]),
+            })  # fmt: skip
+    return pd.DataFrame(rows, columns=GAMMA_COLUMNS)
+
+
+def _gamma_markdown(rows: pd.DataFrame) -> list[str]:
+    """A domain's gamma ablation: ML-LR at each gamma of the sweep, every metric with its CI."""
+    wide = rows.assign(
+        cell=[_cell(v, lo, hi) for v, lo, hi in zip(rows["value"], rows["ci_low"],
+                                                     rows["ci_high"], strict=True)],
+        gamma=[f"{g:g}" for g in rows["gamma"]],
+    ).pivot(index="gamma", columns="metric", values="cell")  # fmt: skip
+    wide = wide.reindex(
+        index=list(dict.fromkeys(f"{g:g}" for g in rows["gamma"])),
+        columns=rows["metric"].unique(),
+    )
+    wide.columns = [LABELS.get(c, c) for c in wide.columns]
+    return [
+        "### Gamma ablation (ML-LR: Mods_Robust at lr, the rest at lr x gamma)",
+        markdown_table(wide.reset_index()),
+    ]
+
+
+def read_domain_csv(path: Path) -> pd.DataFrame:
+    """A domain's tidy rows as written: empty text cells are "" (the delta row's arm), empty
+    numbers NaN."""
+    df = pd.read_csv(path)
+    text = ["domain", "row", "arm", "metric", "source"]
+    df[text] = df[text].fillna("").astype(str)
+    return df
+
+
+def combine_domains(domain_csvs: list[pd.DataFrame]) -> pd.DataFrame:
+    """Every domain's tidy rows in one table, in the given (config) order."""
+    return pd.concat(domain_csvs, ignore_index=True)[CSV_COLUMNS]

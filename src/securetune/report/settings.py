@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from securetune.domains import domain_spec
 from securetune.jobs import evaluated_arms
-from securetune.method import arm_kind
+from securetune.method import arm_kind, gamma_sweep_arms
 from securetune.settings import StageSettings
 
 
@@ -29,9 +30,12 @@ class ReportSettings(StageSettings):
     # The precision keys as configured (auto, or an explicit dtype / autocast), so the report
     # can say what they resolved to on the hardware the completions were generated on.
     precision: dict[str, str] = field(default_factory=dict)
-    # The paper tables' domain comes from the IFT source; the source model decides whether
-    # Qi et al.'s numbers for the same model are shown beside ours.
+    # The domain this report is of, its IFT source (which of the paper's settings it matches:
+    # general or math) and its task metric; the source model decides whether Qi et al.'s
+    # numbers for the same model are shown beside ours.
+    domain: str = ""
     ift_source: str = ""
+    task_metric: str = "usability"
     source_model: str = ""
 
     def __post_init__(self) -> None:
@@ -46,10 +50,11 @@ class ReportSettings(StageSettings):
         object.__setattr__(self, "arm_kinds", {arm: self.arm_kinds[arm] for arm in self.arm_order})
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Self:
-        """The evaluated arms (`base`, `unaligned` when align is enabled, then finetune.arms):
-        the same list, from the same function, as the rule's inputs."""
+    def from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
+        """One domain's report. The evaluated arms (`base`, `unaligned` when align is enabled,
+        then finetune.arms): the same list, from the same function, as the rule's inputs."""
         arms = tuple(evaluated_arms(config))
+        spec = domain_spec(config, domain)
         return cls(
             arm_order=arms,
             arm_kinds={arm: arm_kind(config["finetune"], arm) for arm in arms},
@@ -62,6 +67,33 @@ class ReportSettings(StageSettings):
                 "align.autocast": config["align"]["autocast"],
                 "finetune.autocast": config["finetune"].get("autocast", "none"),
             },
-            ift_source=config["data"]["ift_source"],
+            domain=domain,
+            ift_source=spec["ift_source"],
+            task_metric=spec["task_metric"],
             source_model=config["model"]["source"],
+        )
+
+
+@dataclass(frozen=True)
+class GammaAblationSettings(StageSettings):
+    """The gamma ablation's table of one domain: each sweep arm's gamma (finetune.gamma_sweep:
+    ML-LR with the rest at lr * gamma) and how its intervals are drawn."""
+
+    arm_gamma: dict[str, float]
+    domain: str
+    task_metric: str
+    bootstrap_samples: int
+    confidence: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
+        sweep = gamma_sweep_arms(config["finetune"])
+        return cls(
+            arm_gamma={arm: float(spec["gamma"]) for arm, spec in sweep.items()},
+            domain=domain,
+            task_metric=domain_spec(config, domain)["task_metric"],
+            bootstrap_samples=config["report"]["bootstrap_samples"],
+            confidence=config["report"]["confidence"],
+            seed=config["seed"],
         )

@@ -1,0 +1,15 @@
+from pathlib import Path
+
+from securetune.io import setup_logging
+from securetune.report.build import paper_tables
+from securetune.report.settings import ReportSettings
+
+setup_logging(snakemake.log[0])
+paper_tables(
+    domain_csvs=[Path(f) for f in snakemake.input.domains],
+    gamma_csvs=[Path(f) for f in snakemake.input.gamma],
+    probe=Path(snakemake.input.probe),
+    out_md=Path(snakemake.output.md),
+    out_csv=Path(snakemake.output.csv),
+    settings=ReportSettings.from_params(snakemake.params.settings),
+)
