@@ -16,19 +16,28 @@ from pathlib import Path
 import pandas as pd
 
 
-def rule_of(path: Path, root: Path) -> str:
+def rule_of(path: Path, root: Path, domains: set[str]) -> str:
     """benchmarks/generate/base/advbench.tsv -> generate; benchmarks/train_probe.tsv ->
-    train_probe (the workflow mirrors each rule's outputs under benchmarks/<rule>/...)."""
+    train_probe; benchmarks/math/finetune/vanilla.tsv -> finetune (the workflow mirrors each
+    rule's outputs under benchmarks/[<domain>/]<rule>/...)."""
     parts = path.relative_to(root).parts
-    return parts[0] if len(parts) > 1 else path.stem
+    if parts[0] in domains and len(parts) > 1:
+        parts = parts[1:]
+    return parts[0] if len(parts) > 1 else Path(parts[0]).stem
+
+
+def domains_of(workdir: Path) -> set[str]:
+    """The run's domains: the folders of results/ that hold a domain's fine-tunes."""
+    return {p.parent.name for p in (workdir / "results").glob("*/finetune")}
 
 
 def stage_times(workdir: Path) -> pd.DataFrame:
     root = workdir / "benchmarks"
+    domains = domains_of(workdir)
     rows = []
     for path in sorted(root.rglob("*.tsv")):
         last = pd.read_csv(path, sep="\t").iloc[-1]  # a rerun appends: keep the latest
-        rows.append({"rule": rule_of(path, root), "job": str(path.relative_to(root)),
+        rows.append({"rule": rule_of(path, root, domains), "job": str(path.relative_to(root)),
                      "wall_s": float(last["s"]), "cpu_s": float(last["cpu_time"])})  # fmt: skip
     if not rows:
         raise SystemExit(f"no benchmark files under {root}: run the workflow first")

@@ -15,71 +15,86 @@ rule report:
     output:
         report=report(
             "results/{domain}/report/report.md",
+            subcategory="{domain}",
             category="Report",
             caption="../report/report_md.rst",
         ),
         main_table=report(
             "results/{domain}/report/main_table.csv",
+            subcategory="{domain}",
             category="Main table",
             caption="../report/main_table.rst",
         ),
         rates=report(
             "results/{domain}/report/rates.csv",
+            subcategory="{domain}",
             category="Main table",
             caption="../report/rates.rst",
         ),
         per_benchmark=report(
             "results/{domain}/report/per_benchmark.csv",
+            subcategory="{domain}",
             category="Main table",
             caption="../report/per_benchmark.rst",
         ),
         guard_categories=report(
             "results/{domain}/report/guard_categories.csv",
+            subcategory="{domain}",
             category="Judges",
             caption="../report/guard_categories.rst",
         ),
         paper_tables_csv="results/{domain}/report/paper_tables.csv",
         probe_table=report(
             "results/{domain}/report/probe_accuracy.csv",
+            subcategory="{domain}",
             category="Safety features",
             caption="../report/probe_accuracy.rst",
         ),
         heatmap=report(
             "results/{domain}/report/robustness_heatmap.png",
+            subcategory="{domain}",
             category="Safety features",
             caption="../report/robustness_heatmap.rst",
         ),
         heatmap_acc_drop=report(
             "results/{domain}/report/robustness_heatmap_acc_drop.png",
+            subcategory="{domain}",
             category="Safety features",
         ),
         heatmap_cosine_drift=report(
             "results/{domain}/report/robustness_heatmap_cosine_drift.png",
+            subcategory="{domain}",
             category="Safety features",
         ),
         heatmap_direction_shift=report(
             "results/{domain}/report/robustness_heatmap_direction_shift.png",
+            subcategory="{domain}",
             category="Safety features",
         ),
         by_depth=report(
             "results/{domain}/report/robustness_by_depth.png",
+            subcategory="{domain}",
             category="Safety features",
         ),
         search_trace=report(
             "results/{domain}/report/search_trace.png",
+            subcategory="{domain}",
             category="Safety features",
         ),
         probe_plot=report(
             "results/{domain}/report/probe_accuracy.png",
+            subcategory="{domain}",
             category="Safety features",
         ),
         frontier=report(
             "results/{domain}/report/safety_frontier.png",
+            subcategory="{domain}",
             category="Fine-tuning",
             caption="../report/safety_frontier.rst",
         ),
         loss_curves=report(
             "results/{domain}/report/loss_curves.png",
+            subcategory="{domain}",
             category="Fine-tuning",
             caption="../report/loss_curves.rst",
         ),
@@ -134,6 +149,7 @@ rule paper_tables:
     conda:
         "../envs/torch.yaml"
     params:
-        settings=settings_of(ReportSettings, domains()[0]),
+        source_model=config["model"]["source"],
+        confidence=config["report"]["confidence"],
     script:
         "../workflow_scripts/paper_tables.py"

@@ -2,7 +2,6 @@ from pathlib import Path
 
 from securetune.io import setup_logging
 from securetune.report.build import paper_tables
-from securetune.report.settings import ReportSettings
 
 setup_logging(snakemake.log[0])
 paper_tables(
@@ -11,5 +10,6 @@ paper_tables(
     probe=Path(snakemake.input.probe),
     out_md=Path(snakemake.output.md),
     out_csv=Path(snakemake.output.csv),
-    settings=ReportSettings.from_params(snakemake.params.settings),
+    source_model=snakemake.params.source_model,
+    confidence=snakemake.params.confidence,
 )

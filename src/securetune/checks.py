@@ -9,7 +9,12 @@ from pathlib import Path
 
 from securetune.architectures import architecture
 from securetune.config import ConfigError
-from securetune.domains import check_domains, ift_rows_by_source
+from securetune.domains import (
+    check_domains,
+    domain_finetune,
+    domain_names,
+    ift_rows_by_source,
+)
 from securetune.model_sources import check_model_folder, gguf_path, source_kind
 
 
@@ -91,7 +96,7 @@ def check_slice_sizes(config: dict, data_dir: Path) -> None:
         try:
             build_alignment_set(
                 data_dir, s.harmful, s.benign, s.lookalike, seed, probe, s.eval_sizes,
-                s.ift_rows,
+                ift_rows_by_source(config),
             )  # fmt: skip
         except DataError as err:
             raise ConfigError(f"config section 'align': {err}") from None
@@ -112,12 +117,27 @@ def check_ift_sizes(config: dict, data_dir: Path, probe) -> None:
     ift = config["robustness"]["ift"]
     if "ift" in config["robustness"]["perturbations"] or config["search"]["perturbation"] == "ift":
         wanted["robustness.ift"] = (ift["source"], ift["examples"], "'robustness.ift.examples'")
+        check_robustness_set_within_training_rows(config)
     for source, n, keys in wanted.values():
         held = available_after_probe(data_dir, "ift", source, probe, seed)
         if n > held:
             raise ConfigError(
                 f"config key(s) {keys} = {n}: the IFT source '{source}' holds {held} rows "
                 "after the probe set's"
+            )
+
+
+def check_robustness_set_within_training_rows(config: dict) -> None:
+    """The `ift` perturbation trains on the head of its source, so it must stay within the
+    training rows of every domain of that source: past them it would train the search on a
+    domain's held-out rows, the rows its task metric is measured on."""
+    ift = config["robustness"]["ift"]
+    for name, spec in config["domains"].items():
+        if spec["ift_source"] == ift["source"] and ift["examples"] > spec["ift_examples"]:
+            raise ConfigError(
+                f"config key 'robustness.ift.examples' = {ift['examples']} is more than "
+                f"'domains.{name}.ift_examples' = {spec['ift_examples']}: the robustness "
+                f"steps would train on the domain's held-out '{ift['source']}' rows"
             )
 
 
@@ -178,11 +198,14 @@ def check_at_start(config: dict, data_dir: Path) -> None:
     )
     check_slice_sizes(config, data_dir)
     check_training_layout(config["finetune"])
+    for domain in domain_names(config):
+        check_training_layout(domain_finetune(config, domain), f"domains.{domain}.finetune")
 
 
-def check_training_layout(finetune: dict) -> None:
+def check_training_layout(finetune: dict, section: str = "finetune") -> None:
     """The fine-tuning job's processes, GPUs and batch must fit together: one process per GPU,
-    and the global batch split evenly over the processes."""
+    and the global batch split evenly over the processes. `section`: where the batch size was
+    set (a domain's own `finetune` values are checked with theirs in)."""
     processes = finetune.get("processes", 1)
     gpus = finetune.get("gpus", 0)
     if gpus not in (0, processes):
@@ -192,6 +215,6 @@ def check_training_layout(finetune: dict) -> None:
         )
     if finetune["batch_size"] % processes:
         raise ConfigError(
-            f"config key 'finetune.batch_size': {finetune['batch_size']} does not split evenly "
+            f"config key '{section}.batch_size': {finetune['batch_size']} does not split evenly "
             f"over finetune.processes ({processes})"
         )

@@ -95,7 +95,7 @@ def config_in_force(
     """The config a run uses: config.yaml extended by the --configfile overlays, unless the first
     overlay is a full config (configs/tiny.yaml, configs/paper.yaml), which replaces config.yaml.
 
-    Snakemake merges overlays key by key, which is right for a partial overlay (paper_gsm8k.yaml
+    Snakemake merges overlays key by key, which is right for a partial overlay (a site's own keys
     on paper.yaml) but would let the default's arms and benchmarks leak into another scale.
     `overlays_merged` is Snakemake's own merge of the overlays and --config values.
     """

@@ -155,15 +155,15 @@ def training_launcher(processes: int, python: str = "python") -> str:
 
 
 def remove_finished_checkpoints(results: str | Path = "results") -> list[Path]:
-    """Delete the checkpoints of every arm whose fine-tune Snakemake has kept (its model and
-    loss log both exist: a failed job's outputs are deleted before this runs, at the end of a
-    run). The trainer keeps its last checkpoint (`--keep-checkpoints`) because a job can be
+    """Delete the checkpoints of every arm, in every domain, whose fine-tune Snakemake has kept
+    (its loss log exists: a failed job's outputs are deleted before this runs, at the end of a
+    run; its model may be gone already, deleted once scored under finetune.keep_weights:
+    false). The trainer keeps its last checkpoint (`--keep-checkpoints`) because a job can be
     counted failed after its model is saved (SLURM's time limit reached as it exits), and its
     retry must not start over from step 0."""
     removed = []
     for checkpoints in sorted(Path(results).glob("*/finetune/*/model.checkpoints")):
-        arm = checkpoints.parent
-        if (arm / "model").is_dir() and (arm / "loss.parquet").is_file():
+        if (checkpoints.parent / "loss.parquet").is_file():
             shutil.rmtree(checkpoints)
             removed.append(checkpoints)
     return removed

@@ -127,7 +127,6 @@ def test_alignment_step_trains_and_saves_a_loadable_model(tiny_model_dir, tmp_pa
         benign=settings["benign"],
         lookalike=settings["lookalike"],
         eval_sizes={"advbench": 8},
-        ift_rows={"alpaca": 8},
         seed=0,
     )
     prepare_alignment_set(data_dir=DATA, probe_set=probe_set, out=data, settings=align_set)

@@ -178,3 +178,30 @@ def test_heldout_ift_examples_must_be_positive(config, schema):
         ConfigError, match=r"'domains\.math\.ift_heldout_examples': 0 is out of range"
     ):
         validate_config(config, schema)
+
+
+def _refusal(config: dict) -> str:
+    from securetune.checks import check_at_start
+
+    from ..conftest import DATA
+
+    with pytest.raises(ConfigError) as err:
+        check_at_start(config, DATA)
+    return str(err.value)
+
+
+def test_robustness_steps_may_not_reach_a_domains_held_out_rows(config):
+    """The shared `ift` perturbation trains on the head of its source: past a domain's training
+    rows it would train the search on the rows that domain's task metric is measured on."""
+    config["robustness"]["ift"]["examples"] = 65  # general trains on 64 alpaca rows
+    message = _refusal(config)
+    assert "'robustness.ift.examples' = 65 is more than 'domains.general.ift_examples' = 64" in (
+        message
+    )
+
+
+def test_a_domains_own_batch_is_checked_against_the_processes(config):
+    config["finetune"].update(processes=2, batch_size=4)
+    config["domains"]["math"]["finetune"]["batch_size"] = 3
+    message = _refusal(config)
+    assert "config key 'domains.math.finetune.batch_size': 3 does not split evenly" in message

@@ -86,11 +86,14 @@ def test_alignment_settings_read_the_slices_it_must_miss(config):
         benign=config["align"]["benign"],
         lookalike={},
         eval_sizes=config["evaluation"]["benchmarks"],
-        # general (alpaca) takes 64 + 16 rows, its 16 robustness rows lie within; math 32 + 16.
-        ift_rows={"alpaca": 80, "gsm8k": 48},
         seed=config["seed"],
     )
     assert _through_params(settings) == settings
+    # The set is the tail of each source whatever the domains take of its head (that it misses
+    # them is checked at start): resizing or adding a domain does not rebuild it, nor the base.
+    config["domains"]["math"]["ift_examples"] += 100
+    config["domains"]["poetry"] = {**config["domains"]["general"], "ift_source": "dolly"}
+    assert AlignmentSetSettings.from_config(config).to_params() == settings.to_params()
     # The training recipe of the alignment step is not this stage's: changing it reruns nothing.
     config["align"]["lr"] *= 2
     assert AlignmentSetSettings.from_config(config).to_params() == settings.to_params()

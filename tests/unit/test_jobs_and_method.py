@@ -211,13 +211,20 @@ def test_checkpoints_of_finished_arms_only_are_removed(tmp_path):
     general, math = tmp_path / "general" / "finetune", tmp_path / "math" / "finetune"
     for arm in ("done", "failed", "running"):
         (general / arm / "model.checkpoints" / "step_00000100").mkdir(parents=True)
-    (math / "done" / "model.checkpoints" / "step_00000005").mkdir(parents=True)
-    for finished in (general / "done", math / "done"):
-        (finished / "model").mkdir()
+    for arm in ("done", "dropped"):
+        (math / arm / "model.checkpoints" / "step_00000005").mkdir(parents=True)
+    for finished in (general / "done", math / "done", math / "dropped"):
         (finished / "loss.parquet").write_bytes(b"x")
+    for kept in (general / "done", math / "done"):
+        (kept / "model").mkdir()
+    # math/dropped: finished, its weights deleted once scored (finetune.keep_weights: false)
     (general / "running" / "model").mkdir()  # no loss log: not finished
     removed = remove_finished_checkpoints(tmp_path)
-    assert removed == [general / "done" / "model.checkpoints", math / "done" / "model.checkpoints"]
+    assert removed == [
+        general / "done" / "model.checkpoints",
+        math / "done" / "model.checkpoints",
+        math / "dropped" / "model.checkpoints",
+    ]
     assert not any(path.exists() for path in removed)
     assert (general / "failed" / "model.checkpoints").exists()
     assert (general / "running" / "model.checkpoints").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -303,6 +304,30 @@ def test_changing_one_arm_reruns_only_that_arm(run):
     new_ml_lr = pd.read_parquet(finetune / "ml_lr" / "loss.parquet")
     assert new_ml_lr["lr_rest"].to_numpy() == pytest.approx(0.3 * new_ml_lr["lr_robust"])
     assert not new_ml_lr["lr_rest"].equals(old_ml_lr["lr_rest"])
+
+
+def test_arm_weights_are_dropped_once_scored_when_not_kept(run):
+    """finetune.keep_weights: false (paper scale, to save disk): a fine-tune's weights are
+    temporary, deleted once its generations, judge verdicts and held-out loss are written; its
+    loss log stays, and the run is complete without them (nothing to redo)."""
+    config = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
+    config["finetune"]["keep_weights"] = False
+    (run / "configs" / "drop.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    arm = run / "results" / "math" / "finetune" / "vanilla"
+    shutil.rmtree(arm)
+    # What reads the weights: the arm's completions (scored), judge verdicts, held-out loss.
+    targets = [
+        *(f"results/math/scores/vanilla/{benchmark}.parquet" for benchmark in BENCHMARKS),
+        "results/math/judge/guard/vanilla.parquet",
+        "results/math/ift_loss/vanilla.parquet",
+    ]
+    result = snakemake(run, *targets, "--configfile", "configs/drop.yaml")
+    assert job_counts(result.stdout + result.stderr)["finetune"] == 1
+    assert (arm / "loss.parquet").exists() and not (arm / "model").exists()
+    assert all((run / target).exists() for target in targets)
+    assert (run / "results" / "general" / "finetune" / "vanilla" / "model").exists()  # kept
+    again = snakemake(run, "-n", *targets, "--configfile", "configs/drop.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_one_generation_job_per_benchmark_writes_the_same_completions(run):

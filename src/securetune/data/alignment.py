@@ -27,7 +27,6 @@ from securetune.data.sources import (
     load_dolly,
     load_xstest_safe,
 )
-from securetune.domains import ift_rows_by_source
 from securetune.io import provenance, stable_seed, write_parquet
 from securetune.settings import StageSettings
 
@@ -52,22 +51,20 @@ class AlignmentSetSettings(StageSettings):
     benign: dict[str, int]
     lookalike: dict[str, int]
     eval_sizes: dict[str, int]
-    # Rows of each IFT source that the domains' IFT sets (training and held-out) and the
-    # robustness set take after the probe's: the alignment slice must miss them all.
-    ift_rows: dict[str, int]
     seed: int
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:
-        """From align.{harmful,benign,lookalike}, evaluation.benchmarks, the domains' IFT sets
-        and seed."""
+        """From align.{harmful,benign,lookalike}, evaluation.benchmarks and seed. The domains'
+        IFT rows are not here: the slice is the tail of each source whatever they are, and that
+        it misses them is checked at start (`checks.check_slice_sizes`), so resizing or adding a
+        domain does not rebuild the alignment set (and with it the base model and everything)."""
         align = config["align"]
         return cls(
             harmful=dict(align["harmful"]),
             benign=dict(align["benign"]),
             lookalike=dict(align["lookalike"]),
             eval_sizes=dict(config["evaluation"]["benchmarks"]),
-            ift_rows=ift_rows_by_source(config),
             seed=config["seed"],
         )
 
@@ -138,7 +135,7 @@ def build_alignment_set(
     seed: int,
     probe_set: pd.DataFrame,
     eval_sizes: dict[str, int],
-    ift_rows: dict[str, int],
+    ift_rows: dict[str, int] | None = None,
 ) -> pd.DataFrame:
     """Prompts of the safety-alignment step, one row each, with their role:
     `refusal` (harmful: the response is filled in with a refusal), `benign` (with its reference
@@ -154,7 +151,7 @@ def build_alignment_set(
                 raise DataError(
                     f"alignment {role} source '{source}' unknown; allowed: {sorted(loaders)}"
                 )
-            head = head_slice_size(source, probe_set, eval_sizes, ift_rows)
+            head = head_slice_size(source, probe_set, eval_sizes, ift_rows or {})
             for rec in alignment_slice(loaders[source](root), source, n, head, seed):
                 rows.append(
                     {
@@ -182,7 +179,6 @@ def prepare_alignment_set(
         s.seed,
         read_probe_set(probe_set, s.seed),
         s.eval_sizes,
-        s.ift_rows,
     )
     df = with_refusals(df, s.seed)
     log.info("alignment set: %s", df.groupby(["role", "source"]).size().to_dict())

@@ -164,7 +164,7 @@ def report_markdown(inputs: ReportInputs, report: ReportTables, settings: Report
     """The Markdown report: its sections in reading order, the figures linked by file name."""
     judged = {name: inputs.sources[name] for name in JUDGES if name in inputs.sources}
     sections = [
-        "# securetune report",
+        f"# securetune report: domain {settings.domain} (IFT on {settings.ift_source})",
         tables.precision_section(inputs.hardware, settings.precision),
         tables.main_section(report.main, judged, settings.confidence),
         tables.per_benchmark_section(report.per_benchmark),
@@ -256,14 +256,15 @@ def paper_tables(
     probe: Path,
     out_md: Path,
     out_csv: Path,
-    settings: ReportSettings,
+    source_model: str,
+    confidence: float,
 ) -> None:
     """results/report/paper_tables.md and .csv: every domain's rows (in config order) in the
     paper's layout with its gamma ablation (when the config has a sweep), and the probe table
-    the domains share. `settings`: any domain's (the model, the confidence level)."""
+    the domains share."""
     csv = combine_domains([read_domain_csv(p) for p in domain_csvs])
     tables.write_csv(csv, out_csv)
     gamma = pd.concat([pd.read_csv(p) for p in gamma_csvs]) if gamma_csvs else None
-    page = markdown(csv, pd.read_parquet(probe), settings.source_model, settings.confidence, gamma)
+    page = markdown(csv, pd.read_parquet(probe), source_model, confidence, gamma)
     with atomic_path(out_md) as tmp:
         tmp.write_text(page)
