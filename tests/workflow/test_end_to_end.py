@@ -314,13 +314,18 @@ def test_arm_weights_are_dropped_once_scored_when_not_kept(run):
     config["finetune"]["keep_weights"] = False
     (run / "configs" / "drop.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     arm = run / "results" / "math" / "finetune" / "vanilla"
-    shutil.rmtree(arm)
     # What reads the weights: the arm's completions (scored), judge verdicts, held-out loss.
     targets = [
         *(f"results/math/scores/vanilla/{benchmark}.parquet" for benchmark in BENCHMARKS),
         "results/math/judge/guard/vanilla.parquet",
         "results/math/ift_loss/vanilla.parquet",
     ]
+    # The arm and everything made from it, gone: all of it must be made again (an intermediate
+    # file missing under finished outputs alone is not remade).
+    shutil.rmtree(arm)
+    shutil.rmtree(run / "results" / "math" / "generations" / "vanilla")
+    for target in targets:
+        (run / target).unlink()
     result = snakemake(run, *targets, "--configfile", "configs/drop.yaml")
     assert job_counts(result.stdout + result.stderr)["finetune"] == 1
     assert (arm / "loss.parquet").exists() and not (arm / "model").exists()
