@@ -95,6 +95,12 @@ def merge(base: dict, overlay: dict) -> dict:
     return out
 
 
+def trained_arms(cfg: dict) -> list[str]:
+    """The fine-tuned arms: finetune.arms and the gamma sweep's, which the paper tables (and
+    so `all`) need when the config has a sweep."""
+    return [*cfg["finetune"]["arms"], *gamma_sweep_arms(cfg["finetune"])]
+
+
 def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict]:
     """One row per stage: jobs, tera-FLOPs, GPU-hours (compute + start-up)."""
     gpu = GPUS.get(args.gpu) or {
@@ -110,13 +116,12 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
     runs = len(rob["alphas"]) * rob["seeds"] * ("noise" in rob["perturbations"])
     ift_runs = rob["seeds"] * ("ift" in rob["perturbations"])
     ift = rob["ift"]
-    # The gamma sweep's arms too: with a sweep, the paper tables (and so `all`) need them.
-    arms = [*ft["arms"], *gamma_sweep_arms(ft)]
+    arms = trained_arms(cfg)
     domains = {name: domain_finetune(cfg, name) for name in cfg["domains"]}
     # Every arm fine-tuned in every domain; the reference arms (base, unaligned) evaluated once.
     trained = len(arms) * len(domains)
     references = len(evaluated_arms(cfg)) - len(ft["arms"])
-    evaluated = [None] * (references + trained)
+    models = references + trained
     heldout = sum(
         (references + len(arms)) * spec["ift_heldout_examples"] for spec in cfg["domains"].values()
     )
@@ -126,7 +131,7 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
         if k in ("advbench", "harmbench", "harmbench_contextual", "strongreject", "donotanswer",
                  "xstest_unsafe", "hexphi")
     )  # fmt: skip
-    gen_jobs = len(evaluated) * (
+    gen_jobs = models * (
         len(cfg["evaluation"]["benchmarks"])
         if cfg["generation"].get("jobs", "per_benchmark") == "per_benchmark"
         else 1
@@ -152,15 +157,15 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
             * args.ift_tokens * 6 * n,
             "train", ft.get("gpus") or 1,
         ),
-        ("generate", gen_jobs, len(evaluated) * bench_prompts * cfg["generation"]["max_new_tokens"],
+        ("generate", gen_jobs, models * bench_prompts * cfg["generation"]["max_new_tokens"],
          "decode", 1),
         ("heldout_ift_loss", (references + len(arms)) * len(domains),
          heldout * args.ift_tokens * 2 * n, "forward", 1),
     ]  # fmt: skip
     if guard is not None:
         new = cfg["evaluation"]["guard"]["max_new_tokens"]
-        tokens = len(evaluated) * harmful * (p + cfg["generation"]["max_new_tokens"] + new)
-        rows.append(("judge_guard", len(evaluated), 2 * guard.params * tokens, "forward", 1))
+        tokens = models * harmful * (p + cfg["generation"]["max_new_tokens"] + new)
+        rows.append(("judge_guard", models, 2 * guard.params * tokens, "forward", 1))
     out = []
     for stage, jobs, work, kind, gpus_per_job in rows:
         if kind == "decode":
@@ -184,10 +189,7 @@ def disk(cfg: dict, model: Model) -> dict:
     n = model.params
     save = cfg["finetune"].get("save_dtype", "base")
     save_dtype = model.checkpoint_dtype if save == "base" else save
-    # Every arm (the gamma sweep's included) in every domain.
-    arms = (len(cfg["finetune"]["arms"]) + len(gamma_sweep_arms(cfg["finetune"]))) * len(
-        cfg["domains"]
-    )
+    arms = len(trained_arms(cfg)) * len(cfg["domains"])  # every arm in every domain
     base = n * BYTES[model.checkpoint_dtype] / 1e9
     per_arm = n * BYTES[save_dtype] / 1e9
     trainable = n if cfg["finetune"].get("method", "full") == "full" else 0.01 * n

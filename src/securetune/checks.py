@@ -15,6 +15,7 @@ from securetune.domains import (
     domain_names,
     ift_rows_by_source,
 )
+from securetune.jobs import robustness_reads_ift_set, search_reads_ift_set
 from securetune.model_sources import check_model_folder, gguf_path, source_kind
 
 
@@ -115,7 +116,7 @@ def check_ift_sizes(config: dict, data_dir: Path, probe) -> None:
         for name, spec in config["domains"].items()
     }
     ift = config["robustness"]["ift"]
-    if "ift" in config["robustness"]["perturbations"] or config["search"]["perturbation"] == "ift":
+    if robustness_reads_ift_set(config) or search_reads_ift_set(config):
         wanted["robustness.ift"] = (ift["source"], ift["examples"], "'robustness.ift.examples'")
         check_robustness_set_within_training_rows(config)
     for source, n, keys in wanted.values():

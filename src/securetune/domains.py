@@ -24,8 +24,6 @@ RESERVED_NAMES: frozenset[str] = frozenset(
         "generations", "scores", "judge", "ift_loss", "report",
     }
 )  # fmt: skip
-# The paper's task metric of a domain: usability of the answers (general), or accuracy (math).
-TASK_METRICS: tuple[str, ...] = ("usability", "accuracy")
 
 
 def domain_names(config: Config) -> list[str]:

@@ -67,24 +67,30 @@ def row_order(arm_order: list[str], arm_kinds: dict[str, str]) -> list[tuple[str
     return rows + [(a, a) for a in first] + [(f"{a} ({arm_kinds[a]})", a) for a in rest]
 
 
+def headline_cell(index: pd.DataFrame, arm: str, metric: str) -> dict[str, float | int]:
+    """An arm's value of a metric with its CI and n, from the headline table indexed by (arm,
+    metric); NaN (and n 0) where it was not measured."""
+    if (arm, metric) not in index.index:
+        return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
+    cell = index.loc[(arm, metric)]
+    return {
+        "value": float(cell["value"]), "ci_low": float(cell["ci_low"]),
+        "ci_high": float(cell["ci_high"]), "n": int(cell["n"]),
+    }  # fmt: skip
+
+
 def ours(
     headline: pd.DataFrame, rows: list[tuple[str, str]], domain: str, task_metric: str
 ) -> pd.DataFrame:
     """Tidy: one row per (table row, metric) with value, CI and n; NaN where not measured."""
     metrics = [*SAFETY_METRICS, TASK_METRIC[task_metric]]
     index = headline.set_index(["arm", "metric"])
-    out = []
-    for label, arm in rows:
-        for metric in metrics:
-            found = (arm, metric) in index.index
-            cell = index.loc[(arm, metric)] if found else None
-            out.append({
-                "domain": domain, "row": label, "arm": arm, "metric": metric,
-                "value": float(cell["value"]) if found else math.nan,
-                "ci_low": float(cell["ci_low"]) if found else math.nan,
-                "ci_high": float(cell["ci_high"]) if found else math.nan,
-                "n": int(cell["n"]) if found else 0, "source": OURS,
-            })  # fmt: skip
+    out = [
+        {"domain": domain, "row": label, "arm": arm, "metric": metric,
+         **headline_cell(index, arm, metric), "source": OURS}
+        for label, arm in rows
+        for metric in metrics
+    ]  # fmt: skip
     return pd.DataFrame(out, columns=CSV_COLUMNS)
 
 
@@ -119,18 +125,24 @@ def _signed_ci(value: float, low: float, high: float, percent: bool) -> str:
     return f"{_signed(value, percent)} [{_signed(low, percent)}, {_signed(high, percent)}]"
 
 
+def _wide_cells(rows: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Tidy rows as a table: one line per value of `by` and one column per metric (labelled),
+    both in the order they first appear, each cell the value with its CI."""
+    wide = rows.assign(
+        cell=[_cell(v, lo, hi) for v, lo, hi in zip(rows["value"], rows["ci_low"],
+                                                     rows["ci_high"], strict=True)]
+    ).pivot(index=by, columns="metric", values="cell")  # fmt: skip
+    wide = wide.reindex(index=list(dict.fromkeys(rows[by])), columns=rows["metric"].unique())
+    wide.columns = [LABELS.get(c, c) for c in wide.columns]
+    return wide.reset_index()
+
+
 def _domain_markdown(rows: pd.DataFrame, domain: str) -> list[str]:
     """One domain's section: the arms' table, ML-LR minus vanilla beside Du et al.'s, and Qi et
     al.'s numbers where they were reported for this model and setting."""
     table = rows[(rows["source"] == OURS) & (rows["row"] != DELTA_ROW)]
     delta = rows[(rows["source"] == OURS) & (rows["row"] == DELTA_ROW)]
     reported = rows[rows["source"] == DU_SOURCE].set_index("metric")["value"]
-    wide = table.assign(
-        cell=[_cell(v, lo, hi) for v, lo, hi in zip(table["value"], table["ci_low"],
-                                                     table["ci_high"], strict=True)]
-    ).pivot(index="row", columns="metric", values="cell")  # fmt: skip
-    wide = wide.reindex(index=list(dict.fromkeys(table["row"])), columns=table["metric"].unique())
-    wide.columns = [LABELS.get(c, c) for c in wide.columns]
     delta_rows = pd.DataFrame({
         "metric": [LABELS.get(m, m) for m in delta["metric"]],
         "ML-LR - vanilla (ours, paired CI)": [
@@ -143,7 +155,7 @@ def _domain_markdown(rows: pd.DataFrame, domain: str) -> list[str]:
     })  # fmt: skip
     parts = [
         f"## Domain: {domain}",
-        markdown_table(wide.reset_index()),
+        markdown_table(_wide_cells(table, "row")),
         "### ML-LR minus vanilla",
         markdown_table(delta_rows),
     ]
@@ -237,35 +249,21 @@ def gamma_table(
     safety metrics, the domain's task metric and the held-out loss; NaN where not measured."""
     metrics = [*SAFETY_METRICS, TASK_METRIC[task_metric], "heldout_ift_loss"]
     index = headline.set_index(["arm", "metric"])
-    rows = []
-    for arm, gamma in sorted(arm_gamma.items(), key=lambda item: item[1]):
-        for metric in metrics:
-            cell = index.loc[(arm, metric)] if (arm, metric) in index.index else None
-            rows.append({
-                "domain": domain, "gamma": gamma, "arm": arm, "metric": metric,
-                "value": math.nan if cell is None else float(cell["value"]),
-                "ci_low": math.nan if cell is None else float(cell["ci_low"]),
-                "ci_high": math.nan if cell is None else float(cell["ci_high"]),
-                "n": 0 if cell is None else int(cell["n"]),
-            })  # fmt: skip
+    rows = [
+        {"domain": domain, "gamma": gamma, "arm": arm, "metric": metric,
+         **headline_cell(index, arm, metric)}
+        for arm, gamma in sorted(arm_gamma.items(), key=lambda item: item[1])
+        for metric in metrics
+    ]  # fmt: skip
     return pd.DataFrame(rows, columns=GAMMA_COLUMNS)
 
 
 def _gamma_markdown(rows: pd.DataFrame) -> list[str]:
     """A domain's gamma ablation: ML-LR at each gamma of the sweep, every metric with its CI."""
-    wide = rows.assign(
-        cell=[_cell(v, lo, hi) for v, lo, hi in zip(rows["value"], rows["ci_low"],
-                                                     rows["ci_high"], strict=True)],
-        gamma=[f"{g:g}" for g in rows["gamma"]],
-    ).pivot(index="gamma", columns="metric", values="cell")  # fmt: skip
-    wide = wide.reindex(
-        index=list(dict.fromkeys(f"{g:g}" for g in rows["gamma"])),
-        columns=rows["metric"].unique(),
-    )
-    wide.columns = [LABELS.get(c, c) for c in wide.columns]
+    labelled = rows.assign(gamma=[f"{g:g}" for g in rows["gamma"]])
     return [
         "### Gamma ablation (ML-LR: Mods_Robust at lr, the rest at lr x gamma)",
-        markdown_table(wide.reset_index()),
+        markdown_table(_wide_cells(labelled, "gamma")),
     ]
 
 
