@@ -165,10 +165,35 @@ def test_fault_switch_takes_only_module_names(config, schema):
         validate_config(config, schema)
 
 
-@pytest.mark.parametrize(("key", "value"), [("lr", 0), ("steps", 0), ("examples", 0)])
+@pytest.mark.parametrize(
+    ("key", "value"), [("lr", 0), ("steps", 0), ("examples", 0), ("source", "poems")]
+)
 def test_ift_perturbation_keys_are_checked(config, schema, key, value):
     config["robustness"]["ift"][key] = value
     with pytest.raises(ConfigError, match=rf"'robustness\.ift\.{key}'"):
+        validate_config(config, schema)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(task_metric="bleu"),
+         r"'domains\.math\.task_metric': 'bleu' is not one of \['usability', 'accuracy'\]"),
+        (lambda d: d.update(ift_source="poems"), r"'domains\.math\.ift_source': 'poems'"),
+        (lambda d: d["finetune"].update(arms={}),
+         r"unknown config key\(s\) \['arms'\] under 'domains\.math\.finetune'"),
+        (lambda d: d.pop("task_metric"), r"config section 'domains\.math': 'task_metric'"),
+    ],
+)  # fmt: skip
+def test_wrong_domain_values_are_refused_by_name(config, schema, change, message):
+    change(config["domains"]["math"])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, schema)
+
+
+def test_a_domain_name_that_is_no_folder_name_is_refused(config, schema):
+    config["domains"]["Math Domain"] = config["domains"].pop("math")
+    with pytest.raises(ConfigError, match=r"'domains'.*'Math Domain'"):
         validate_config(config, schema)
 
 
