@@ -40,6 +40,7 @@ localrules:
     check_prompts,
     train_probe,
     aggregate_robustness,
+    select_modules,
     score_generations,
     report,
 

@@ -34,6 +34,7 @@ from securetune.model_sources import (
 from securetune.report.settings import GammaAblationSettings, ReportSettings
 from securetune.settings import (
     AlignSettings,
+    AttributionSettings,
     FeatureSettings,
     GenerationConfig,
     HeldoutLossSettings,
@@ -43,6 +44,7 @@ from securetune.settings import (
     PromptCheckSettings,
     RobustnessSettings,
     SearchSettings,
+    SelectorSettings,
 )
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
@@ -90,6 +92,7 @@ wildcard_constraints:
     domain_dir=r"(|[a-z][a-z0-9_]*/)",
     module_type="|".join(MODULE_TYPES),
     arm=r"[a-z][a-z0-9_]*",
+    selection=r"inverse|attribution|random_d\d+",
     benchmark=r"[a-z][a-z0-9_]*",
 
 
@@ -156,6 +159,13 @@ def eval_set_inputs(wildcards):
 
 
 # --- robustness and search -----------------------------------------------------------------------
+
+
+def selector_inputs(wildcards):
+    """The attribution selector ranks by the attribution table; the others by robustness."""
+    if wildcards.selection == "attribution":
+        return {"attribution": "results/selectors/attribution.parquet"}
+    return {}
 
 
 def ift_set_if(needed):

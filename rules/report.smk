@@ -12,6 +12,7 @@ rule report:
         robustness="results/robustness.parquet",
         plan="results/search/plan.json",
         trace="results/search/trace.parquet",
+        selection_plans=sorted(set(jobs.arm_plans(config).values())),
     output:
         report=report(
             "results/{domain}/report/report.md",

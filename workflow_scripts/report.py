@@ -15,6 +15,7 @@ build_report(
     robustness=Path(i.robustness),
     plan=Path(i.plan),
     trace=Path(i.trace),
+    selection_plans=[Path(f) for f in i.selection_plans],
     outputs={k: Path(v) for k, v in snakemake.output.items()},
     settings=ReportSettings.from_params(snakemake.params.settings),
 )

@@ -17,7 +17,13 @@ from securetune.config import ConfigError
 from securetune.data import BENCHMARKS
 from securetune.domains import domain_names, domain_spec
 from securetune.hub_sources import is_hub_source
-from securetune.method import REFERENCE_ARMS, arm_spec, needs_plan
+from securetune.method import (
+    REFERENCE_ARMS,
+    arm_spec,
+    needs_plan,
+    replicates_of,
+    selection_name,
+)
 from securetune.model_sources import SMOLLM2_LAYERS
 
 Config = Mapping[str, Any]
@@ -26,6 +32,7 @@ BASE_MODEL = "results/model/base"
 UNALIGNED_MODEL = "results/model/unaligned"
 ROBUSTNESS_TABLE = "results/robustness/layer{layer}/{module_type}.parquet"
 PROBE_SET = "results/data/probe.parquet"
+SEARCH_PLAN = "results/search/plan.json"
 # The robustness and search's `ift` perturbation trains on it (robustness.ift.source).
 ROBUSTNESS_IFT_SET = "results/data/robustness_ift.parquet"
 
@@ -107,7 +114,28 @@ def search_reads_ift_set(config: Config) -> bool:
 
 
 def arms(config: Config) -> list[str]:
-    return list(config["finetune"]["arms"])
+    """Every fine-tuned arm, a replicated arm once per replicate (`<arm>_r<k>` after the first)."""
+    return list(replicates_of(config["finetune"]))
+
+
+def plan_file(selection: str) -> str:
+    """The module set a selection names: the search's plan for robust, else a selector's."""
+    return SEARCH_PLAN if selection == "robust" else f"results/selectors/{selection}.json"
+
+
+def arm_plan(config: Config, arm: str) -> str | None:
+    """The plan file an arm trains by, None for a kind that needs none (vanilla)."""
+    spec = arm_spec(config["finetune"], arm)
+    return plan_file(selection_name(spec)) if needs_plan(spec["kind"]) else None
+
+
+def arm_plans(config: Config) -> dict[str, str]:
+    """Each configured arm that trains by a module set -> its plan file (for the report)."""
+    return {
+        arm: plan_file(selection_name(spec))
+        for arm, spec in config["finetune"]["arms"].items()
+        if needs_plan(spec["kind"])
+    }
 
 
 def evaluated_arms(config: Config) -> list[str]:
@@ -133,8 +161,9 @@ def finetune_inputs(config: Config, domain: str, arm: str) -> dict[str, str]:
     """Arms that use Mods_Robust need the search plan; vanilla arms do not (so never wait)."""
     domain_spec(config, domain)
     inputs = {"model": BASE_MODEL, "data": f"results/{domain}/data/ift.parquet"}
-    if needs_plan(arm_spec(config["finetune"], arm)["kind"]):
-        inputs["plan"] = "results/search/plan.json"
+    plan = arm_plan(config, arm)
+    if plan is not None:
+        inputs["plan"] = plan
     return inputs
 
 

@@ -7,6 +7,7 @@ and the parameter groups all import these, so a kind is defined once.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 from securetune.config import ConfigError
@@ -30,6 +31,13 @@ DISTRIBUTED: tuple[str, ...] = ("ddp", "fsdp")
 # training settings: how many processes and GPUs, what dtype the result is saved in (a separate
 # flag, so it never changes the checkpoint fingerprint), whether the weights are kept.
 LAUNCH_KEYS: tuple[str, ...] = ("processes", "gpus", "save_dtype", "keep_weights")
+# Which modules an arm of a plan kind trains at lr (the rest at lr * gamma): robust (the search's
+# Mods_Robust), random (as many modules and about as many parameters, a seeded draw), inverse
+# (the least robust of the same ranking) or attribution (the least safety-critical by the SNIP
+# set difference of Wei et al. 2024). The controls that say whether the robust choice matters.
+SELECTORS: tuple[str, ...] = ("robust", "random", "inverse", "attribution")
+# A replicate's arm name: `<arm>_r<k>` for k >= 1 (replicate 0 keeps the arm's own name).
+REPLICATE_SUFFIX = "_r"
 
 
 def needs_plan(kind: str) -> bool:
@@ -69,12 +77,56 @@ def gamma_sweep_arms(finetune: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return sweep
 
 
+def replicate_name(arm: str, replicate: int) -> str:
+    return arm if replicate == 0 else f"{arm}{REPLICATE_SUFFIX}{replicate}"
+
+
+def replicates_of(finetune: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """Every fine-tuned arm's name -> (the configured arm, replicate): an arm with `replicates: N`
+    is trained N times (replicate 0 under its own name), each with its own data order and seeds."""
+    names: dict[str, tuple[str, int]] = {}
+    for arm, spec in finetune["arms"].items():
+        for replicate in range(spec.get("replicates", 1)):
+            name = replicate_name(arm, replicate)
+            if name in names or (replicate and name in finetune["arms"]):
+                raise ConfigError(
+                    f"config key 'finetune.arms': replicate name '{name}' clashes with an arm"
+                )
+            names[name] = (arm, replicate)
+    return names
+
+
+def replicate_seed(seed: int, replicate: int) -> int:
+    """Replicate 0 trains with the run's seed (the arms share one data order: paired); a later
+    replicate draws its own, stably (crc32)."""
+    if replicate == 0:
+        return seed
+    return zlib.crc32(f"{seed}:replicate:{replicate}".encode()) & 0x7FFFFFFF
+
+
 def arm_spec(finetune: dict[str, Any], arm: str) -> dict[str, Any]:
-    """An arm's own settings, from finetune.arms or the gamma sweep."""
-    known = {**finetune["arms"], **gamma_sweep_arms(finetune)}
-    if arm not in known:
+    """An arm's own settings, from finetune.arms (a replicate's are its arm's) or the sweep."""
+    sweep = gamma_sweep_arms(finetune)
+    if arm in sweep:
+        return sweep[arm]
+    replicates = replicates_of(finetune)
+    if arm not in replicates:
         raise ConfigError(f"arm '{arm}' is in neither finetune.arms nor finetune.gamma_sweep")
-    return known[arm]
+    return finetune["arms"][replicates[arm][0]]
+
+
+def arm_selector(spec: dict[str, Any]) -> str:
+    """The selector of an arm that trains by a module set (robust unless it names another)."""
+    return spec.get("selector", "robust")
+
+
+def selection_name(spec: dict[str, Any]) -> str:
+    """The module set an arm trains by, as its plan file is named: robust, inverse, attribution,
+    or random_d<draw> (random draws are numbered, so two arms naming one draw share it)."""
+    selector = arm_selector(spec)
+    if selector not in SELECTORS:
+        raise ConfigError(f"unknown selector '{selector}'; allowed: {list(SELECTORS)}")
+    return f"random_d{spec.get('draw', 0)}" if selector == "random" else selector
 
 
 def arm_training_settings(finetune: dict[str, Any], arm: str, seed: int) -> dict[str, Any]:
@@ -94,7 +146,7 @@ def arm_training_settings(finetune: dict[str, Any], arm: str, seed: int) -> dict
         "kind": spec["kind"],
         "lr": spec.get("lr", shared["lr"]),
         "gamma": arm_gamma(spec["kind"], spec),
-        "seed": seed,
+        "seed": replicate_seed(seed, replicates_of(finetune).get(arm, (arm, 0))[1]),
     }
     if "switch_at" in spec:
         own["switch_at"] = spec["switch_at"]

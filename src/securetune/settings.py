@@ -305,6 +305,41 @@ class SearchSettings(StageSettings):
         return cls(**config["search"], robustness=RobustnessSettings.from_config(config))
 
 
+@dataclass(frozen=True)
+class SelectorSettings(StageSettings):
+    """A control module set (selectors.select_modules): which selector, which random draw, and
+    how close a random draw's parameter count must come to the robust set's."""
+
+    selection: str
+    seed: int
+    random_param_tolerance: float
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], selection: str) -> Self:
+        return cls(
+            selection=selection,
+            seed=config["seed"],
+            random_param_tolerance=config["selectors"]["random_param_tolerance"],
+        )
+
+
+@dataclass(frozen=True)
+class AttributionSettings(StageSettings):
+    """Wei et al.'s SNIP set difference (config `selectors.attribution`): a weight is
+    safety-critical when it is in the top `p` share of safety importance and not in the top `q`
+    share of utility importance."""
+
+    p: float
+    q: float
+    max_seq_len: int
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        return cls(**config["selectors"]["attribution"], seed=config["seed"])
+
+
 # --- alignment and evaluation --------------------------------------------------------------------
 
 

@@ -75,8 +75,8 @@ def test_gpu_rules_ask_for_gpus_and_memory(paper_plan, rule, gpus):
 # Every rule that loads a model (or, for judge_llm, waits hours on one behind an endpoint).
 MODEL_RULES = {
     "build_base_model", "align_base_model", "extract_features", "score_module", "score_layer",
-    "search_robust_modules", "finetune", "generate", "generate_arm", "heldout_ift_loss",
-    "judge_guard", "judge_llm",
+    "search_robust_modules", "attribute_modules", "finetune", "generate", "generate_arm",
+    "heldout_ift_loss", "judge_guard", "judge_llm",
 }  # fmt: skip
 # The slurm profile's fallback for a rule profiles/default does not list.
 FALLBACK = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())["default-resources"]

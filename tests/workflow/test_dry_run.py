@@ -172,8 +172,11 @@ def test_paper_dry_run_fans_out_every_module_of_llama2_7b():
 def test_default_dry_run_is_the_demo_aligning_the_base_and_evaluating_the_unaligned_model():
     result = snakemake(REPO, "-n", "--forceall")
     counts = job_counts(result.stdout)
-    arms, benchmarks = 5, 5  # vanilla at 3 learning rates, ml_lr, freeze; config.yaml's benchmarks
+    # vanilla at 3 learning rates, ml_lr, its random-module control, freeze; config.yaml's
+    # benchmarks
+    arms, benchmarks = 6, 5
     assert counts["build_base_model"] == counts["align_base_model"] == 1
+    assert counts["select_modules"] == 1  # the random control's draw
     assert counts["prepare_alignment_set"] == 1
     # 30 x 7 modules, one process per layer on one machine (robustness.jobs: per_layer)
     assert counts["score_layer"] == 30 and "score_module" not in counts

@@ -335,6 +335,73 @@ def test_arm_weights_are_dropped_once_scored_when_not_kept(run):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+# --- the controls of the module choice, on the finished run ------------------------------------
+
+# ML-LR by the random, inverse and attribution selectors beside the tiny config's arms, and a
+# second replicate of ml_lr (its first is the run's own, unchanged).
+CONTROL_ARMS = {
+    "ml_lr": {"kind": "ml_lr", "gamma": 0.1, "replicates": 2},
+    "ml_lr_random": {"kind": "ml_lr", "gamma": 0.1, "selector": "random"},
+    "ml_lr_inverse": {"kind": "ml_lr", "gamma": 0.1, "selector": "inverse"},
+    "freeze_attribution": {"kind": "freeze", "selector": "attribution"},
+}
+
+
+@pytest.fixture(scope="module")
+def controls(run):
+    """The general domain's report with the control arms (the guard judge off, to save time),
+    and a second random draw's set."""
+    config = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
+    config["finetune"]["arms"].update(CONTROL_ARMS)
+    config["evaluation"]["guard"]["enabled"] = False
+    (run / "configs" / "controls.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    targets = ["results/general/report/report.md", "results/selectors/random_d1.json"]
+    result = snakemake(run, *targets, "--configfile", "configs/controls.yaml")
+    return job_counts(result.stdout + result.stderr)
+
+
+def test_each_control_and_replicate_is_one_more_fine_tune_only(controls):
+    """Nothing of the run is redone: ml_lr's first replicate is the run's ml_lr."""
+    assert controls["finetune"] == 4  # ml_lr_r1, random, inverse, attribution
+    assert controls["select_modules"] == 4  # random_d0, random_d1, inverse, attribution
+    assert controls["attribute_modules"] == 1
+    assert "search_robust_modules" not in controls
+
+
+def test_control_sets_have_mods_robusts_size(run, controls):
+    def plan(name: str) -> dict:
+        return json.loads((run / "results" / name).read_text())
+
+    robust = plan("search/plan.json")["modules"]
+    sets = {s: plan(f"selectors/{s}.json") for s in
+            ("random_d0", "random_d1", "inverse", "attribution")}  # fmt: skip
+    for selection, chosen in sets.items():
+        assert len(chosen["modules"]) == len(robust), selection
+        assert chosen["robust_params"] > 0
+    assert sets["random_d0"]["modules"] != sets["random_d1"]["modules"]
+    attribution = pd.read_parquet(run / "results" / "selectors" / "attribution.parquet")
+    assert len(attribution) == LAYERS * len(MODULE_TYPES)
+    assert attribution["safety_critical_share"].between(0, 0.05 + 1e-9).all()
+    assert (attribution["safety_importance"] > 0).all()
+
+
+def test_a_replicate_trains_on_its_own_data_order(run, controls):
+    finetune = run / "results" / "general" / "finetune"
+    first = pd.read_parquet(finetune / "ml_lr" / "loss.parquet")
+    second = pd.read_parquet(finetune / "ml_lr_r1" / "loss.parquet")
+    assert len(first) == len(second) and not first["loss"].equals(second["loss"])
+
+
+def test_the_report_has_one_row_per_arm_and_shows_each_set(run, controls):
+    folder = run / "results" / "general" / "report"
+    report = (folder / "report.md").read_text()
+    assert "## Module sets" in report
+    for arm in CONTROL_ARMS:
+        assert f"| {arm} |" in report, arm
+    rates = pd.read_csv(folder / "rates.csv")
+    assert "ml_lr_r1" not in set(rates["arm"]) and "ml_lr" in set(rates["arm"])
+
+
 def test_one_generation_job_per_benchmark_writes_the_same_completions(run):
     """generation.jobs: per_arm (the tiny config's) loads the model once for every benchmark;
     what it writes must be what per-(arm, benchmark) jobs, the cluster's way, write. Last in

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class ReportInputs:
     trace: pd.DataFrame
     # The precision record of the hardware the completions came from (their provenance).
     hardware: dict[str, Any] | None = None
+    # Each arm that trains by a module set -> its plan (the search's or a selector's).
+    arm_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,15 @@ def read_sources(
     return sources
 
 
+def with_replicates(table: pd.DataFrame, replicate_of: dict[str, list]) -> pd.DataFrame:
+    """The table with a `replicate` column, a replicate's rows (arm `<arm>_r<k>`) read as its
+    arm's replicate k: every interval then resamples replicates before prompts."""
+    out = table.copy()
+    out["replicate"] = [replicate_of.get(a, [a, 0])[1] for a in out["arm"]]
+    out["arm"] = [replicate_of.get(a, [a, 0])[0] for a in out["arm"]]
+    return out
+
+
 def read_inputs(
     *,
     scores: list[Path],
@@ -91,16 +102,29 @@ def read_inputs(
     robustness: Path,
     plan: Path,
     trace: Path,
+    selection_plans: list[Path] = (),  # type: ignore[assignment]
+    settings: ReportSettings | None = None,
 ) -> ReportInputs:
-    """Read every input table; the judged tables are split by judge (guard, llm)."""
+    """Read every input table; the judged tables are split by judge (guard, llm), and the
+    replicates of an arm become its rows (with a `replicate` column)."""
+    replicate_of = settings.replicate_of if settings else {}
+    sources = {
+        name: with_replicates(table, replicate_of)
+        for name, table in read_sources(scores, judged, ift_losses).items()
+    }
+    plans = {str(p): json.loads(p.read_text()) for p in [plan, *selection_plans]}
+    arm_plans = settings.arm_plans if settings else {}
     return ReportInputs(
-        sources=read_sources(scores, judged, ift_losses),
-        losses=pd.concat([pd.read_parquet(p) for p in losses], ignore_index=True),
+        sources=sources,
+        losses=with_replicates(
+            pd.concat([pd.read_parquet(p) for p in losses], ignore_index=True), replicate_of
+        ),
         probe=pd.read_parquet(probe),
         robustness=pd.read_parquet(robustness),
-        plan=json.loads(plan.read_text()),
+        plan=plans[str(plan)],
         trace=pd.read_parquet(trace),
         hardware=read_provenance(scores[0]).get("precision") if scores else None,
+        arm_sets={arm: plans[path] for arm, path in arm_plans.items() if path in plans},
     )
 
 
@@ -173,6 +197,7 @@ def report_markdown(inputs: ReportInputs, report: ReportTables, settings: Report
         tables.probe_section(inputs.probe),
         tables.robustness_section(inputs.robustness, settings.score),
         tables.plan_section(inputs.plan, inputs.trace),
+        tables.module_sets_section(inputs.arm_sets),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -189,6 +214,7 @@ def build_report(
     trace: Path,
     outputs: dict[str, Path],
     settings: ReportSettings,
+    selection_plans: list[Path] = (),  # type: ignore[assignment]
 ) -> None:
     """Write the Markdown report, its CSV tables and PNG figures to `outputs` (the rule's named
     outputs) from the stage tables: scores, judge verdicts, training and held-out losses, the
@@ -203,6 +229,8 @@ def build_report(
         robustness=robustness,
         plan=plan,
         trace=trace,
+        selection_plans=selection_plans,
+        settings=settings,
     )
     report = compute_tables(inputs, settings)
     write_tables(report, inputs.probe, outputs)

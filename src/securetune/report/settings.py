@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from securetune.domains import domain_spec
-from securetune.jobs import evaluated_arms
-from securetune.method import arm_kind, gamma_sweep_arms
+from securetune.jobs import arm_plans, evaluated_arms
+from securetune.method import arm_kind, gamma_sweep_arms, replicates_of
 from securetune.settings import StageSettings
 
 
@@ -37,6 +37,10 @@ class ReportSettings(StageSettings):
     ift_source: str = ""
     task_metric: str = "usability"
     source_model: str = ""
+    # A replicate's arm name (`<arm>_r<k>`, k >= 1) -> [its arm, k]: its rows are the arm's.
+    replicate_of: dict[str, list] = field(default_factory=dict)
+    # Each arm that trains by a module set -> its plan file (the report's module table).
+    arm_plans: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Rebuilt from JSON with sorted keys (`to_params`), so the order comes from arm_order:
@@ -52,8 +56,10 @@ class ReportSettings(StageSettings):
     @classmethod
     def from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
         """One domain's report. The evaluated arms (`base`, `unaligned` when align is enabled,
-        then finetune.arms): the same list, from the same function, as the rule's inputs."""
-        arms = tuple(evaluated_arms(config))
+        then finetune.arms): the same list, from the same function, as the rule's inputs, a
+        replicated arm once (its replicates' rows are read as its own)."""
+        replicates = replicates_of(config["finetune"])
+        arms = tuple(a for a in evaluated_arms(config) if replicates.get(a, (a, 0))[1] == 0)
         spec = domain_spec(config, domain)
         return cls(
             arm_order=arms,
@@ -71,6 +77,8 @@ class ReportSettings(StageSettings):
             ift_source=spec["ift_source"],
             task_metric=spec["task_metric"],
             source_model=config["model"]["source"],
+            replicate_of={name: [arm, k] for name, (arm, k) in replicates.items() if k},
+            arm_plans=arm_plans(config),
         )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from securetune.architectures import MODULE_TYPES, parse_module_name
 from securetune.io import atomic_path
 from securetune.precision import Hardware, choose_autocast, choose_dtype
 from securetune.report.stats import (
@@ -231,4 +232,42 @@ def precision_section(hardware: dict[str, Any] | None, requested: dict[str, str]
         choices.append(f"`{key}` {value}" + (f" -> {resolved}" if resolved != value else ""))
     return (
         f"Precision: computed on {machine.device}, bfloat16 {native}; " + ", ".join(choices) + "."
+    )
+
+
+def module_set_by_type(modules: list[str]) -> str:
+    """`q: 1, 5 · gate: 20`: a module set as layers per type, in the model's type order."""
+    layers: dict[str, list[int]] = {}
+    for name in modules:
+        layer, module = parse_module_name(name)
+        layers.setdefault(module, []).append(layer)
+    return " · ".join(
+        f"{m}: {', '.join(str(x) for x in sorted(layers[m]))}" for m in MODULE_TYPES if m in layers
+    )
+
+
+def module_sets_section(arm_sets: dict[str, dict[str, Any]]) -> str:
+    """Which modules each arm trained at lr (type: layers), by which selector, with the share of
+    the modules' parameters and the overlap with Mods_Robust: the controls of the module choice."""
+    if not arm_sets:
+        return "## Module sets\n\nNo arm trains by a module set."
+    robust = next((p["modules"] for p in arm_sets.values() if "selector" not in p), None)
+    rows = [
+        {
+            "arm": arm,
+            "selector": plan.get("selector", "robust"),
+            "modules": len(plan["modules"]),
+            "params_share": plan.get("params_share", float("nan")),
+            "overlap_with_robust": (
+                len(set(plan["modules"]) & set(robust)) if robust is not None else float("nan")
+            ),
+            "set (type: layers)": module_set_by_type(plan["modules"]),
+        }
+        for arm, plan in arm_sets.items()
+    ]
+    return (
+        "## Module sets\n\nThe modules each arm trains at lr (the rest at lr * gamma): Mods_Robust "
+        "(robust), or a control of the same size: random (about as many parameters), inverse "
+        "(least robust), attribution (least safety-critical, Wei et al. 2024).\n\n"
+        + markdown_table(pd.DataFrame(rows))
     )
