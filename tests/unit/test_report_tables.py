@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from securetune.report.stats import bootstrap_ci, frontier_verdicts, headline_rates
+from securetune.report.stats import (
+    bootstrap_ci,
+    frontier_verdicts,
+    headline_rates,
+    wilson_interval,
+)
 from securetune.report.tables import headline_table
 
 
@@ -29,6 +34,64 @@ def test_seed_level_resampling_widens_the_interval_when_seeds_disagree():
     assert (hi2 - lo2) > 3 * (hi1 - lo1)
     # One seed: the same as no groups.
     assert bootstrap_ci(values, 500, 0.95, 1, np.zeros(400)) == bootstrap_ci(values, 500, 0.95, 1)
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "level", "expected"),
+    [
+        # Known values (e.g. Brown, Cai & DasGupta 2001; any Wilson calculator).
+        (0, 20, 0.95, (0.0, 0.16113)),
+        (10, 20, 0.95, (0.29929, 0.70071)),
+        (20, 20, 0.95, (0.83887, 1.0)),
+    ],
+)
+def test_wilson_interval_matches_known_values(successes, n, level, expected):
+    assert wilson_interval(successes, n, level) == pytest.approx(expected, abs=1e-5)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0, 0.95))
+
+
+def test_wilson_bounds_are_where_the_score_test_just_rejects():
+    # The interval's definition: the rates p with |3/10 - p| <= z * sqrt(p (1 - p) / 10).
+    low, high = wilson_interval(3, 10, 0.90)
+    z = 1.6448536269514722
+    for p in (low, high):
+        assert abs(0.3 - p) == pytest.approx(z * math.sqrt(p * (1 - p) / 10))
+
+
+def test_a_rate_of_zero_or_one_gets_an_interval_of_nonzero_width():
+    zeros, ones = np.zeros(20), np.ones(20)
+    # One seed: the Wilson interval (a percentile bootstrap of all-0s is [0, 0]).
+    assert bootstrap_ci(zeros, 500, 0.95, 0, binary=True) == pytest.approx(
+        (0.0, 0.0, 0.16113), abs=1e-5
+    )
+    assert bootstrap_ci(ones, 500, 0.95, 0, binary=True)[1] == pytest.approx(0.83887, abs=1e-5)
+    # Replicates that all agree: the two-level bootstrap alone is [0, 0]; widened to Wilson's.
+    seeds = np.repeat([0, 1], 10)
+    assert bootstrap_ci(zeros, 500, 0.95, 0, seeds, binary=True)[2] == pytest.approx(
+        0.16113, abs=1e-5
+    )
+    # Replicates that disagree keep the bootstrap's wider interval (the union of the two).
+    split = np.concatenate([np.zeros(10), np.ones(10)])
+    _, low, high = bootstrap_ci(split, 500, 0.95, 0, seeds, binary=True)
+    wilson_low, wilson_high = wilson_interval(10, 20, 0.95)
+    assert low <= wilson_low and high >= wilson_high and (low, high) != (wilson_low, wilson_high)
+    # A score that is no rate (harmfulness 1-5, all 1) keeps the percentile bootstrap.
+    assert bootstrap_ci(ones, 500, 0.95, 0) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        bootstrap_ci(np.array([0.0, 0.5]), 10, 0.95, 0, binary=True)
+
+
+def test_headline_rates_of_zero_have_width_and_scores_keep_the_bootstrap():
+    keyword = _keyword()
+    keyword = keyword[keyword["kind"] == "harmful"].assign(success=0.0)
+    llm = keyword.assign(harmfulness=1.0).drop(columns="success")
+    rates = headline_rates({"keyword": keyword, "llm": llm}, 500, 0.95, 0).set_index(
+        ["arm", "metric"]
+    )
+    asr = rates.loc[("base", "attack_success")]
+    assert asr["value"] == 0.0 and asr["ci_high"] == pytest.approx(wilson_interval(0, 8, 0.95)[1])
+    harm = rates.loc[("base", "harmfulness_score")]
+    assert (harm["value"], harm["ci_low"], harm["ci_high"]) == (1.0, 1.0, 1.0)
 
 
 def _keyword():

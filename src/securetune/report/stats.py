@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from securetune.io import stable_seed
 from securetune.method import ARM_KINDS, KINDS_WITH_PLAN, REFERENCE_ARMS, REFERENCE_KIND
@@ -42,10 +43,31 @@ HEADLINE_METRICS: tuple[HeadlineMetric, ...] = (
     HeadlineMetric("task_accuracy", "keyword", "math", "success"),
     HeadlineMetric("heldout_ift_loss", "ift_loss", "ift_heldout", "loss"),
 )
+# The per-row values that are 0/1 outcomes, whose means are rates: their intervals are
+# `rate_interval`'s, never of zero width at a rate of 0 or 1.
+BINARY_COLUMNS = ("success", "unsafe")
 RATE_COLUMNS = ["arm", "benchmark", "metric", "value", "ci_low", "ci_high", "n"]
 
 
 def bootstrap_ci(
+    values: np.ndarray,
+    n_resamples: int,
+    level: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+    binary: bool = False,
+) -> tuple[float, float, float]:
+    """(mean, low, high) of `values`: a percentile bootstrap (`percentile_bootstrap`), or for a
+    rate (`binary`: 0/1 outcomes) an interval that never has zero width (`rate_interval`)."""
+    values = np.asarray(values, dtype=float)
+    keep = ~np.isnan(values)
+    labels = None if groups is None else np.asarray(groups)[keep]
+    if binary:
+        return rate_interval(values[keep], n_resamples, level, seed, labels)
+    return percentile_bootstrap(values[keep], n_resamples, level, seed, labels)
+
+
+def percentile_bootstrap(
     values: np.ndarray,
     n_resamples: int,
     level: float,
@@ -66,7 +88,7 @@ def bootstrap_ci(
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     labels = None if groups is None else np.asarray(groups)[keep]
-    if labels is None or len(np.unique(labels)) < 2:
+    if not _replicated(labels):
         means = rng.choice(values, size=(n_resamples, len(values)), replace=True).mean(axis=1)
     else:
         per_seed = [values[labels == g] for g in np.unique(labels)]
@@ -76,9 +98,54 @@ def bootstrap_ci(
             means[i] = np.concatenate(
                 [rng.choice(per_seed[d], size=len(per_seed[d]), replace=True) for d in drawn]
             ).mean()
+    low, high = _percentiles(means, level)
+    return float(values.mean()), low, high
+
+
+def _replicated(labels: np.ndarray | None) -> bool:
+    return labels is not None and len(np.unique(labels)) >= 2
+
+
+def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` interval of `samples`."""
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return float(values.mean()), float(low), float(high)
+    low, high = np.quantile(samples, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def wilson_interval(successes: int, n: int, level: float) -> tuple[float, float]:
+    """(low, high): the Wilson score interval of a binomial rate. Unlike a bootstrap it has
+    width at 0/n and n/n (0/20 at 95%: up to 0.161), where resampling only ever draws 0s."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(0.5 + level / 2.0))
+    rate = successes / n
+    shrink = 1.0 + z**2 / n
+    centre = (rate + z**2 / (2 * n)) / shrink
+    half = z * np.sqrt(rate * (1.0 - rate) / n + z**2 / (4 * n**2)) / shrink
+    # Clipped: at 0/n and n/n the bound is 0 or 1 up to rounding.
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def rate_interval(
+    values: np.ndarray,
+    n_resamples: int,
+    level: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+) -> tuple[float, float, float]:
+    """(rate, low, high) of 0/1 outcomes (no NaN). One seed: the Wilson interval. Several: the
+    two-level bootstrap (seed-to-seed spread) widened to at least the Wilson interval, so a
+    rate of 0 or 1 on every seed still gets an interval of the prompts' sampling error."""
+    if not np.isin(values, (0.0, 1.0)).all():
+        raise ValueError("rate_interval: values must be 0 or 1 (a rate's outcomes)")
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    wilson_low, wilson_high = wilson_interval(int(values.sum()), len(values), level)
+    if not _replicated(groups):
+        return float(values.mean()), wilson_low, wilson_high
+    mean, low, high = percentile_bootstrap(values, n_resamples, level, seed, groups)
+    return mean, min(low, wilson_low), max(high, wilson_high)
 
 
 def _rate(
@@ -95,7 +162,11 @@ def summarise_scores(
     rows = []
     for (arm, benchmark, kind), group in scores.groupby(["arm", "benchmark", "kind"], sort=True):
         ci = bootstrap_ci(
-            group["success"].to_numpy(), n_resamples, level, stable_seed(seed, arm, benchmark)
+            group["success"].to_numpy(),
+            n_resamples,
+            level,
+            stable_seed(seed, arm, benchmark),
+            binary=True,
         )
         rows.append(_rate(arm, benchmark, METRIC_OF_KIND[kind], ci, len(group)))
         if "rouge_l" in group and group["rouge_l"].notna().any():
@@ -124,9 +195,9 @@ def headline_rates(
         for arm, group in table.groupby("arm", sort=True):
             values = group[metric.column].astype(float).to_numpy()
             groups = group["replicate"].to_numpy() if "replicate" in group else None
-            ci = bootstrap_ci(
-                values, n_resamples, level, stable_seed(seed, arm, metric.name), groups
-            )
+            seed_of_metric = stable_seed(seed, arm, metric.name)
+            binary = metric.column in BINARY_COLUMNS
+            ci = bootstrap_ci(values, n_resamples, level, seed_of_metric, groups, binary)
             benchmark = "+".join(sorted(set(group["benchmark"])))
             n = int(np.sum(~np.isnan(values)))
             rows.append(_rate(arm, benchmark, metric.name, ci, n))
@@ -205,7 +276,8 @@ def paired_difference(
         return float("nan"), float("nan"), float("nan")
     differences = (wide[arm] - wide[reference]).to_numpy(dtype=float)
     seed = stable_seed(seed, "paired", arm, reference, metric_name)
-    return bootstrap_ci(differences, n_resamples, level, seed)
+    # A difference of two rates is no rate (-1, 0 or 1 per prompt): the plain bootstrap.
+    return percentile_bootstrap(differences, n_resamples, level, seed)
 
 
 def compared_arms(arm_kinds: dict[str, str]) -> list[str]:
