@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.interpolate import PchipInterpolator
 
 from securetune.report.stats import (
     bootstrap_ci,
@@ -157,6 +158,10 @@ def _frontier_tables(arms: dict[str, tuple[float, float]], n_prompts=400, n_exam
     return keyword, ift_loss
 
 
+def _pooled(verdicts: pd.DataFrame) -> pd.DataFrame:
+    return verdicts[verdicts["benchmark"] == "pooled"].set_index("arm")
+
+
 def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     # Vanilla at three learning rates: lower lr, higher loss, lower attack success.
     arms = {"v_hi": (1.0, 0.4), "v_mid": (1.1, 0.3), "v_lo": (1.3, 0.1)}
@@ -166,35 +171,44 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     kinds |= {"ml_lr": "ml_lr", "worse": "ml_lr", "same": "ml_lr", "off": "freeze"}
     kinds |= {"frozen": "freeze"}
     keyword, ift_loss = _frontier_tables(arms)
-    verdicts = frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0).set_index("arm")
+    verdicts = _pooled(frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0))
     assert list(verdicts.index) == ["ml_lr", "worse", "same", "off", "frozen"]
     asr = keyword.groupby("arm")["success"].mean()
+    loss = ift_loss.groupby("arm")["loss"].mean()
+    # The verdict's gap is to the PCHIP curve through the (here already monotone) points.
+    frontier = ["v_hi", "v_mid", "v_lo", "base"]
+    curve = PchipInterpolator(loss[frontier], asr[frontier])
+    for arm in ("ml_lr", "worse", "frozen"):
+        assert verdicts.loc[arm, "gap"] == pytest.approx(asr[arm] - curve(loss[arm]))
     ml_lr = verdicts.loc["ml_lr"]
-    # Halfway between v_hi (loss 1.0) and v_mid (1.1): the frontier is their mean.
-    assert ml_lr["gap"] == pytest.approx(asr["ml_lr"] - (asr["v_hi"] + asr["v_mid"]) / 2)
+    # Halfway between v_hi (loss 1.0) and v_mid (1.1): the straight line is their mean.
+    assert ml_lr["gap_linear"] == pytest.approx(asr["ml_lr"] - (asr["v_hi"] + asr["v_mid"]) / 2)
     assert ml_lr["gap_ci_low"] <= ml_lr["gap"] <= ml_lr["gap_ci_high"] < 0
+    assert ml_lr["gap_linear_ci_low"] <= ml_lr["gap_linear"] <= ml_lr["gap_linear_ci_high"] < 0
     assert ml_lr["verdict"].startswith("below")
-    assert verdicts.loc["worse", "gap"] == pytest.approx(
+    assert verdicts.loc["worse", "gap_linear"] == pytest.approx(
         asr["worse"] - (asr["v_mid"] + asr["v_lo"]) / 2
     )
     assert verdicts.loc["worse", "verdict"].startswith("above")
     # On the line: a point estimate of 0 is no evidence either way.
     same = verdicts.loc["same"]
+    assert same["gap"] == pytest.approx(0.0) and same["gap_linear"] == pytest.approx(0.0)
     assert same["gap_ci_low"] <= 0 <= same["gap_ci_high"]
     assert same["verdict"].startswith("on the frontier")
     assert verdicts.loc["off", "verdict"] == "outside the frontier's loss range"
     # Past the lowest vanilla lr the line runs on to the base model, vanilla at lr 0.
-    assert verdicts.loc["frozen", "gap"] == pytest.approx(
+    assert verdicts.loc["frozen", "gap_linear"] == pytest.approx(
         asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2
     )
     assert np.isnan(verdicts.loc["off", "gap"]) and verdicts.loc["off", "resamples_in_range"] == 0
     one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
     lone = frontier_verdicts(keyword, ift_loss, one_vanilla, 50, 0.95, 0)
     assert lone["verdict"][0].startswith("no frontier")
-    # One vanilla arm and the base (lr 0) are a frontier of two points.
+    # One vanilla arm and the base (lr 0) are a frontier of two points: PCHIP is the line.
     with_base = {"base": "reference", "v_lo": "vanilla", "frozen": "freeze"}
     paired = frontier_verdicts(keyword, ift_loss, with_base, 50, 0.95, 0)
     assert paired["gap"][0] == pytest.approx(asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2)
+    assert paired["gap_linear"][0] == pytest.approx(paired["gap"][0])
     assert not paired["verdict"][0].startswith("no frontier")
 
 
