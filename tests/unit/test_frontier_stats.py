@@ -1,5 +1,5 @@
 """The vanilla frontier's statistics: the monotone (isotonic + PCHIP) curve of the verdict beside
-the straight lines, the gaps per harmful benchmark."""
+the straight lines, the gaps per harmful benchmark, the paired difference of two arms' gaps."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from securetune.report.stats import (
     frontier_gaps,
     frontier_verdicts,
     monotone_frontier,
+    paired_gap_difference,
 )
 from securetune.report.tables import frontier_section
 
@@ -119,6 +120,36 @@ def test_verdicts_per_benchmark_follow_the_pooled_row_of_each_arm():
     pooled_table, per_benchmark = section.split("Per harmful benchmark:")
     assert "| arm | heldout_ift_loss |" in pooled_table and "strongreject" not in pooled_table
     assert per_benchmark.count("| ml_lr | advbench |") == 1 and "pooled" not in per_benchmark
+
+
+def test_paired_gap_difference_compares_two_arms_on_the_same_resamples():
+    arms = dict(SPLIT_ARMS)
+    # Two selectors at the same loss: "safer" answers fewer harmful prompts than "plain".
+    arms["plain"] = (1.1, _same_on_both(0.35))
+    arms["safer"] = (1.1, _same_on_both(0.25))
+    arms["twin"] = arms["plain"]
+    kinds = SPLIT_KINDS | {"plain": "ml_lr", "safer": "ml_lr", "twin": "ml_lr"}
+    keyword, ift_loss = _tables(arms)
+    mean, low, high = paired_gap_difference(
+        keyword, ift_loss, kinds, "safer", "plain", 300, 0.95, 0
+    )
+    # At the same loss the frontier is the same: the gaps differ by the attack successes.
+    asr = keyword.groupby("arm")["success"].mean()
+    assert mean == pytest.approx(asr["safer"] - asr["plain"]) and mean < -0.05
+    assert low <= mean <= high < 0
+    verdicts = frontier_verdicts(keyword, ift_loss, kinds, 10, 0.95, 0)
+    pooled = verdicts[verdicts["benchmark"] == "pooled"].set_index("arm")["gap"]
+    assert mean == pytest.approx(pooled["safer"] - pooled["plain"])
+    # The same arm's data twice: every resample's difference is exactly 0.
+    assert paired_gap_difference(keyword, ift_loss, kinds, "twin", "plain", 100, 0.95, 0) == (
+        0.0,
+        0.0,
+        0.0,
+    )
+    # A vanilla arm has no gap to its own frontier: nothing to compare.
+    assert np.isnan(
+        paired_gap_difference(keyword, ift_loss, kinds, "v_hi", "plain", 20, 0.95, 0)[0]
+    )
 
 
 def test_no_harmful_prompts_or_held_out_loss_gives_no_frontier_rather_than_an_error():

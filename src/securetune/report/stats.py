@@ -483,6 +483,31 @@ def _verdict_row(
             linear_high, in_range, verdict]  # fmt: skip
 
 
+def paired_gap_difference(
+    keyword: pd.DataFrame,
+    ift_loss: pd.DataFrame,
+    arm_kinds: dict[str, str],
+    arm: str,
+    other: str,
+    n_resamples: int,
+    level: float,
+    seed: int,
+) -> tuple[float, float, float]:
+    """(mean, low, high) of `arm`'s monotone frontier gap (pooled) minus `other`'s, with a
+    paired bootstrap CI: the same resampled prompts and held-out examples for both arms and the
+    frontier, so two selectors at the same budget and gamma are compared directly (below 0:
+    `arm` is the safer at its loss). NaN where either gap is undefined."""
+    items = FrontierItems.from_tables(keyword, ift_loss)
+
+    def difference(attack: pd.DataFrame, loss: pd.Series) -> float:
+        gaps = frontier_gaps(attack.loc[POOLED], loss, arm_kinds)
+        return gaps.get(arm, NO_GAP).monotone - gaps.get(other, NO_GAP).monotone
+
+    rng = np.random.default_rng(stable_seed(seed, "frontier_pair", arm, other))
+    samples = np.array([difference(*items.means(rng)) for _ in range(n_resamples)])
+    return (difference(*items.means()), *_defined_percentiles(samples, level))
+
+
 def _verdict(gap: float, low: float, high: float, has_frontier: bool) -> str:
     if not has_frontier:
         return "no frontier to compare with (needs 2+ points: vanilla arms, the base)"
