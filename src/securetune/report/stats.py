@@ -310,7 +310,7 @@ NO_GAP = FrontierGap(float("nan"), float("nan"))
 
 
 def monotone_frontier(loss: np.ndarray, attack: np.ndarray) -> PchipInterpolator:
-    """The frontier as a curve through points (`loss`, `attack`) sorted by loss, at least two
+    """The frontier as a curve through points (`loss`, `attack`), in any order, with two or more
     distinct losses: attack success made non-increasing in loss, then PCHIP through it.
 
     Non-increasing: a lower held-out loss means more task fit, the weights further from the
