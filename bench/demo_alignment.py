@@ -71,6 +71,7 @@ def evaluate(model_dir: Path, arm: str, cfg: dict, eval_sets: dict[str, pd.DataF
             cfg["report"]["bootstrap_samples"],
             cfg["report"]["confidence"],
             cfg["seed"],
+            binary=True,
         )
         kind = df["kind"].iloc[0]
         rows.append(

@@ -7,8 +7,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.interpolate import PchipInterpolator
 
-from securetune.report.stats import bootstrap_ci, frontier_verdicts, headline_rates
+from securetune.report.stats import (
+    bootstrap_ci,
+    frontier_verdicts,
+    headline_rates,
+    wilson_interval,
+)
 from securetune.report.tables import headline_table
 
 
@@ -29,6 +35,64 @@ def test_seed_level_resampling_widens_the_interval_when_seeds_disagree():
     assert (hi2 - lo2) > 3 * (hi1 - lo1)
     # One seed: the same as no groups.
     assert bootstrap_ci(values, 500, 0.95, 1, np.zeros(400)) == bootstrap_ci(values, 500, 0.95, 1)
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "level", "expected"),
+    [
+        # Known values (e.g. Brown, Cai & DasGupta 2001; any Wilson calculator).
+        (0, 20, 0.95, (0.0, 0.16113)),
+        (10, 20, 0.95, (0.29929, 0.70071)),
+        (20, 20, 0.95, (0.83887, 1.0)),
+    ],
+)
+def test_wilson_interval_matches_known_values(successes, n, level, expected):
+    assert wilson_interval(successes, n, level) == pytest.approx(expected, abs=1e-5)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0, 0.95))
+
+
+def test_wilson_bounds_are_where_the_score_test_just_rejects():
+    # The interval's definition: the rates p with |3/10 - p| <= z * sqrt(p (1 - p) / 10).
+    low, high = wilson_interval(3, 10, 0.90)
+    z = 1.6448536269514722
+    for p in (low, high):
+        assert abs(0.3 - p) == pytest.approx(z * math.sqrt(p * (1 - p) / 10))
+
+
+def test_a_rate_of_zero_or_one_gets_an_interval_of_nonzero_width():
+    zeros, ones = np.zeros(20), np.ones(20)
+    # One seed: the Wilson interval (a percentile bootstrap of all-0s is [0, 0]).
+    assert bootstrap_ci(zeros, 500, 0.95, 0, binary=True) == pytest.approx(
+        (0.0, 0.0, 0.16113), abs=1e-5
+    )
+    assert bootstrap_ci(ones, 500, 0.95, 0, binary=True)[1] == pytest.approx(0.83887, abs=1e-5)
+    # Replicates that all agree: the two-level bootstrap alone is [0, 0]; widened to Wilson's.
+    seeds = np.repeat([0, 1], 10)
+    assert bootstrap_ci(zeros, 500, 0.95, 0, seeds, binary=True)[2] == pytest.approx(
+        0.16113, abs=1e-5
+    )
+    # Replicates that disagree keep the bootstrap's wider interval (the union of the two).
+    split = np.concatenate([np.zeros(10), np.ones(10)])
+    _, low, high = bootstrap_ci(split, 500, 0.95, 0, seeds, binary=True)
+    wilson_low, wilson_high = wilson_interval(10, 20, 0.95)
+    assert low <= wilson_low and high >= wilson_high and (low, high) != (wilson_low, wilson_high)
+    # A score that is no rate (harmfulness 1-5, all 1) keeps the percentile bootstrap.
+    assert bootstrap_ci(ones, 500, 0.95, 0) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        bootstrap_ci(np.array([0.0, 0.5]), 10, 0.95, 0, binary=True)
+
+
+def test_headline_rates_of_zero_have_width_and_scores_keep_the_bootstrap():
+    keyword = _keyword()
+    keyword = keyword[keyword["kind"] == "harmful"].assign(success=0.0)
+    llm = keyword.assign(harmfulness=1.0).drop(columns="success")
+    rates = headline_rates({"keyword": keyword, "llm": llm}, 500, 0.95, 0).set_index(
+        ["arm", "metric"]
+    )
+    asr = rates.loc[("base", "attack_success")]
+    assert asr["value"] == 0.0 and asr["ci_high"] == pytest.approx(wilson_interval(0, 8, 0.95)[1])
+    harm = rates.loc[("base", "harmfulness_score")]
+    assert (harm["value"], harm["ci_low"], harm["ci_high"]) == (1.0, 1.0, 1.0)
 
 
 def _keyword():
@@ -94,6 +158,10 @@ def _frontier_tables(arms: dict[str, tuple[float, float]], n_prompts=400, n_exam
     return keyword, ift_loss
 
 
+def _pooled(verdicts: pd.DataFrame) -> pd.DataFrame:
+    return verdicts[verdicts["benchmark"] == "pooled"].set_index("arm")
+
+
 def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     # Vanilla at three learning rates: lower lr, higher loss, lower attack success.
     arms = {"v_hi": (1.0, 0.4), "v_mid": (1.1, 0.3), "v_lo": (1.3, 0.1)}
@@ -103,35 +171,44 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     kinds |= {"ml_lr": "ml_lr", "worse": "ml_lr", "same": "ml_lr", "off": "freeze"}
     kinds |= {"frozen": "freeze"}
     keyword, ift_loss = _frontier_tables(arms)
-    verdicts = frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0).set_index("arm")
+    verdicts = _pooled(frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0))
     assert list(verdicts.index) == ["ml_lr", "worse", "same", "off", "frozen"]
     asr = keyword.groupby("arm")["success"].mean()
+    loss = ift_loss.groupby("arm")["loss"].mean()
+    # The verdict's gap is to the PCHIP curve through the (here already monotone) points.
+    frontier = ["v_hi", "v_mid", "v_lo", "base"]
+    curve = PchipInterpolator(loss[frontier], asr[frontier])
+    for arm in ("ml_lr", "worse", "frozen"):
+        assert verdicts.loc[arm, "gap"] == pytest.approx(asr[arm] - curve(loss[arm]))
     ml_lr = verdicts.loc["ml_lr"]
-    # Halfway between v_hi (loss 1.0) and v_mid (1.1): the frontier is their mean.
-    assert ml_lr["gap"] == pytest.approx(asr["ml_lr"] - (asr["v_hi"] + asr["v_mid"]) / 2)
+    # Halfway between v_hi (loss 1.0) and v_mid (1.1): the straight line is their mean.
+    assert ml_lr["gap_linear"] == pytest.approx(asr["ml_lr"] - (asr["v_hi"] + asr["v_mid"]) / 2)
     assert ml_lr["gap_ci_low"] <= ml_lr["gap"] <= ml_lr["gap_ci_high"] < 0
+    assert ml_lr["gap_linear_ci_low"] <= ml_lr["gap_linear"] <= ml_lr["gap_linear_ci_high"] < 0
     assert ml_lr["verdict"].startswith("below")
-    assert verdicts.loc["worse", "gap"] == pytest.approx(
+    assert verdicts.loc["worse", "gap_linear"] == pytest.approx(
         asr["worse"] - (asr["v_mid"] + asr["v_lo"]) / 2
     )
     assert verdicts.loc["worse", "verdict"].startswith("above")
     # On the line: a point estimate of 0 is no evidence either way.
     same = verdicts.loc["same"]
+    assert same["gap"] == pytest.approx(0.0) and same["gap_linear"] == pytest.approx(0.0)
     assert same["gap_ci_low"] <= 0 <= same["gap_ci_high"]
     assert same["verdict"].startswith("on the frontier")
     assert verdicts.loc["off", "verdict"] == "outside the frontier's loss range"
     # Past the lowest vanilla lr the line runs on to the base model, vanilla at lr 0.
-    assert verdicts.loc["frozen", "gap"] == pytest.approx(
+    assert verdicts.loc["frozen", "gap_linear"] == pytest.approx(
         asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2
     )
     assert np.isnan(verdicts.loc["off", "gap"]) and verdicts.loc["off", "resamples_in_range"] == 0
     one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
     lone = frontier_verdicts(keyword, ift_loss, one_vanilla, 50, 0.95, 0)
     assert lone["verdict"][0].startswith("no frontier")
-    # One vanilla arm and the base (lr 0) are a frontier of two points.
+    # One vanilla arm and the base (lr 0) are a frontier of two points: PCHIP is the line.
     with_base = {"base": "reference", "v_lo": "vanilla", "frozen": "freeze"}
     paired = frontier_verdicts(keyword, ift_loss, with_base, 50, 0.95, 0)
     assert paired["gap"][0] == pytest.approx(asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2)
+    assert paired["gap_linear"][0] == pytest.approx(paired["gap"][0])
     assert not paired["verdict"][0].startswith("no frontier")
 
 

@@ -16,7 +16,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from securetune.architectures import MODULE_TYPES  # noqa: E402
 from securetune.io import atomic_path  # noqa: E402
 from securetune.method import REFERENCE_KIND  # noqa: E402
-from securetune.report.stats import VANILLA_KIND, headline_point, vanilla_frontier  # noqa: E402
+from securetune.report.stats import (  # noqa: E402
+    VANILLA_KIND,
+    headline_point,
+    monotone_frontier,
+    vanilla_frontier,
+)
 
 METRIC_LABELS = {
     "acc_drop": "probe accuracy drop",
@@ -153,12 +158,10 @@ def plot_loss_curves(losses: pd.DataFrame, path: Path) -> None:
 
 
 def plot_safety_frontier(headline: pd.DataFrame, arm_kinds: dict[str, str], path: Path) -> None:
-    """Attack success against held-out IFT loss per arm, with CIs; the vanilla arms joined."""
+    """Attack success against held-out IFT loss per arm, with CIs; the vanilla arms joined by
+    the verdict's monotone curve (and, fainter, by the straight lines of `gap_linear`)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    frontier = vanilla_frontier(headline, arm_kinds)
-    if len(frontier) >= 2:
-        ax.plot(frontier["loss"], frontier["attack_success"], color="0.6", linestyle="--",
-                zorder=1, label="vanilla frontier (uniform lr; base = lr 0)")  # fmt: skip
+    _draw_frontier(ax, vanilla_frontier(headline, arm_kinds))
     for arm, kind in arm_kinds.items():
         x, x_low, x_high = headline_point(headline, arm, "heldout_ift_loss")
         y, y_low, y_high = headline_point(headline, arm, "attack_success")
@@ -180,6 +183,19 @@ def plot_safety_frontier(headline: pd.DataFrame, arm_kinds: dict[str, str], path
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     _save(fig, path)
+
+
+def _draw_frontier(ax: plt.Axes, frontier: pd.DataFrame) -> None:
+    """The frontier the verdicts use (`stats.monotone_frontier`) over its loss range, with the
+    straight lines between its points: where they part, an arm between points is judged
+    differently by the two gaps."""
+    if frontier["loss"].nunique() < 2:
+        return
+    x, y = frontier["loss"].to_numpy(), frontier["attack_success"].to_numpy()
+    grid = np.linspace(x[0], x[-1], 200)
+    ax.plot(grid, monotone_frontier(x, y)(grid), color="0.4", linestyle="--", zorder=1,
+            label="vanilla frontier, monotone (uniform lr; base = lr 0)")  # fmt: skip
+    ax.plot(x, y, color="0.75", linestyle=":", zorder=1, label="straight lines (gap_linear)")
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

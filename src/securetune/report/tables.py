@@ -14,6 +14,7 @@ from securetune.io import atomic_path
 from securetune.precision import Hardware, choose_autocast, choose_dtype
 from securetune.report.stats import (
     HEADLINE_METRICS,
+    POOLED,
     final_train_loss,
     most_robust_modules,
     robustness_spread,
@@ -37,11 +38,17 @@ FRONTIER_LEGEND = (
     "Lowering every learning rate also erodes safety less, while fitting the task less. The "
     "vanilla arms (one learning rate each; the base model is learning rate 0) trace that "
     "trade-off; an ML-LR arm helps only if it "
-    "lies below their line: lower attack success at the same held-out IFT loss. gap: the arm's "
-    "attack success minus the frontier's at the arm's loss (negative: safer), with a paired "
-    "bootstrap CI (the same resampled prompts and held-out examples for every arm); "
+    "lies below their line: lower attack success at the same held-out IFT loss. The line is "
+    "monotone: attack success made non-increasing in loss (isotonic; more task fit, less "
+    "safety), then a PCHIP curve through the points, which follows a bending frontier where "
+    "straight lines between the points would cut above it and favour an arm between them. "
+    "gap: the arm's attack success minus the curve's at the arm's loss (negative: safer), with "
+    "a paired bootstrap CI (the same resampled prompts and held-out examples for every arm); "
+    "gap_linear: the same against straight lines between the points, for comparison; "
     "resamples_in_range: share of resamples in which the arm's loss stays inside the "
-    "frontier's range. Only a CI wholly below 0 says ML-LR beats lowering every learning rate."
+    "frontier's range. Only a CI of gap wholly below 0 says ML-LR beats lowering every "
+    "learning rate. The first table pools every harmful benchmark's prompts; the second "
+    "computes attack success (frontier included) on each benchmark's prompts alone."
 )
 
 PROBE_LEGEND = (
@@ -161,12 +168,16 @@ def per_benchmark_section(per_benchmark: pd.DataFrame) -> str:
 
 
 def frontier_section(verdicts: pd.DataFrame) -> str:
-    """The safety frontier figure and each ML-LR arm's verdict against it."""
+    """The safety frontier figure and each ML-LR arm's verdict against it: pooled over the
+    harmful benchmarks, then per benchmark."""
+    pooled = verdicts["benchmark"] == POOLED
     return (
         "## Safety vs task fit: the uniform-learning-rate control\n\n"
         + FRONTIER_LEGEND
         + "\n\n![safety frontier](safety_frontier.png)\n\n"
-        + markdown_table(verdicts)
+        + markdown_table(verdicts[pooled].drop(columns="benchmark"))
+        + "\n\nPer harmful benchmark:\n\n"
+        + markdown_table(verdicts[~pooled])
     )
 
 
