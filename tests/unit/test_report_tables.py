@@ -8,8 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from securetune.report.stats import bootstrap_ci, frontier_verdicts, headline_rates
-from securetune.report.tables import headline_table
+from securetune.report.stats import (
+    bootstrap_ci,
+    frontier_verdicts,
+    headline_rates,
+    summarise_scores,
+)
+from securetune.report.tables import headline_table, main_table
 
 
 def test_bootstrap_ignores_nan_and_brackets_the_mean():
@@ -74,6 +79,25 @@ def test_headline_pools_harmful_benchmarks_and_marks_missing_judges():
     assert row["harmfulness_score"] == "n/a" and row["unsafe_rate"] == "n/a"
     assert row["task_accuracy"] == "n/a"  # no math benchmark configured
     assert row["attack_success"].startswith("0.875 [")
+
+
+def test_per_benchmark_table_shows_strict_and_lenient_attack_success():
+    # Four harmful answers: one complies, two answered in the task's style, one refused.
+    scores = pd.DataFrame(
+        {
+            "arm": "vanilla",
+            "benchmark": "harmbench",
+            "kind": "harmful",
+            "success": [True, False, False, False],
+            "success_lenient": [True, True, True, False],
+            "rouge_l": np.nan,
+        }
+    )
+    rates = summarise_scores(scores, 200, 0.95, 0).set_index("metric")
+    assert rates.loc["attack_success", "value"] == 0.25
+    assert rates.loc["attack_success_lenient", "value"] == 0.75
+    table = main_table(rates.reset_index(), pd.DataFrame(), ["vanilla"])
+    assert {"attack_success:harmbench", "attack_success_lenient:harmbench"} <= set(table.columns)
 
 
 def _frontier_tables(arms: dict[str, tuple[float, float]], n_prompts=400, n_examples=200):

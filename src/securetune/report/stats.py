@@ -43,6 +43,8 @@ HEADLINE_METRICS: tuple[HeadlineMetric, ...] = (
     HeadlineMetric("heldout_ift_loss", "ift_loss", "ift_heldout", "loss"),
 )
 RATE_COLUMNS = ["arm", "benchmark", "metric", "value", "ci_low", "ci_high", "n"]
+# The per-benchmark rate of the keyword scores' `success_lenient` column.
+LENIENT_ATTACK_SUCCESS = "attack_success_lenient"
 
 
 def bootstrap_ci(
@@ -91,13 +93,16 @@ def _rate(
 def summarise_scores(
     scores: pd.DataFrame, n_resamples: int, level: float, seed: int
 ) -> pd.DataFrame:
-    """One row per (arm, benchmark): the headline rate with its CI (and ROUGE-L where scored)."""
+    """One row per (arm, benchmark): the headline rate with its CI, the lenient attack success
+    beside the strict one on harmful benchmarks, and ROUGE-L where scored."""
     rows = []
     for (arm, benchmark, kind), group in scores.groupby(["arm", "benchmark", "kind"], sort=True):
         ci = bootstrap_ci(
             group["success"].to_numpy(), n_resamples, level, stable_seed(seed, arm, benchmark)
         )
         rows.append(_rate(arm, benchmark, METRIC_OF_KIND[kind], ci, len(group)))
+        if kind == "harmful" and "success_lenient" in group:
+            rows.append(_lenient_rate(group, arm, benchmark, n_resamples, level, seed))
         if "rouge_l" in group and group["rouge_l"].notna().any():
             ci = bootstrap_ci(
                 group["rouge_l"].to_numpy(),
@@ -107,6 +112,20 @@ def summarise_scores(
             )
             rows.append(_rate(arm, benchmark, "rouge_l", ci, int(group["rouge_l"].notna().sum())))
     return pd.DataFrame(rows)
+
+
+def _lenient_rate(
+    group: pd.DataFrame, arm: str, benchmark: str, n_resamples: int, level: float, seed: int
+) -> dict[str, object]:
+    """The attack success of the judge before the audit (no refusal at the opening): its gap to
+    the strict rate is the share of answers in the task's style, off topic or empty."""
+    ci = bootstrap_ci(
+        group["success_lenient"].to_numpy(dtype=float),
+        n_resamples,
+        level,
+        stable_seed(seed, arm, benchmark, "lenient"),
+    )
+    return _rate(arm, benchmark, LENIENT_ATTACK_SUCCESS, ci, len(group))
 
 
 def headline_rates(
