@@ -30,13 +30,20 @@ class HeadlineMetric(NamedTuple):
     kind: str
     # The per-row value averaged.
     column: str
+    # Which benchmarks of the kind are pooled: `all`; `held_out`, those the alignment set took
+    # no rows of; `in_alignment`, those it did (see `pooled_rows`).
+    pool: str = "all"
 
 
-# The paper's main-table columns, in its order.
+# The paper's main-table columns, in its order. The harmful metrics pool only the benchmarks the
+# alignment did not train on: its refusals were taught on other rows of the same source (AdvBench
+# in the demo), so those prompts measure recall of the training distribution rather than safety
+# on new requests, and are shown apart (attack_success_in_alignment).
 HEADLINE_METRICS: tuple[HeadlineMetric, ...] = (
-    HeadlineMetric("harmfulness_score", "llm", "harmful", "harmfulness"),
-    HeadlineMetric("unsafe_rate", "guard", "harmful", "unsafe"),
-    HeadlineMetric("attack_success", "keyword", "harmful", "success"),
+    HeadlineMetric("harmfulness_score", "llm", "harmful", "harmfulness", "held_out"),
+    HeadlineMetric("unsafe_rate", "guard", "harmful", "unsafe", "held_out"),
+    HeadlineMetric("attack_success", "keyword", "harmful", "success", "held_out"),
+    HeadlineMetric("attack_success_in_alignment", "keyword", "harmful", "success", "in_alignment"),
     HeadlineMetric("over_refusal", "keyword", "over_refusal", "success"),
     HeadlineMetric("usability", "keyword", "usability", "rouge_l"),
     HeadlineMetric("task_accuracy", "keyword", "math", "success"),
@@ -128,18 +135,42 @@ def _lenient_rate(
     return _rate(arm, benchmark, LENIENT_ATTACK_SUCCESS, ci, len(group))
 
 
-def headline_rates(
-    tables: dict[str, pd.DataFrame], n_resamples: int, level: float, seed: int
+def headline_metric(name: str) -> HeadlineMetric:
+    """The headline metric of this name."""
+    return next(m for m in HEADLINE_METRICS if m.name == name)
+
+
+def pooled_rows(
+    table: pd.DataFrame, metric: HeadlineMetric, alignment_benchmarks: tuple[str, ...]
 ) -> pd.DataFrame:
-    """One row per (arm, headline metric), pooling the prompts of every benchmark of the kind
-    (e.g. all harmful benchmarks for attack success), with its bootstrap CI. A metric whose
-    judge is off, or with no benchmark of its kind, is absent (shown as n/a)."""
+    """The rows a headline metric pools: its kind, then its `pool` of benchmarks, where
+    `alignment_benchmarks` are those the alignment set took rows of (none when align is off,
+    so `held_out` is then every benchmark of the kind)."""
+    rows = table[table["kind"] == metric.kind]
+    in_alignment = rows["benchmark"].isin(alignment_benchmarks)
+    if metric.pool == "held_out":
+        return rows[~in_alignment]
+    if metric.pool == "in_alignment":
+        return rows[in_alignment]
+    return rows
+
+
+def headline_rates(
+    tables: dict[str, pd.DataFrame],
+    n_resamples: int,
+    level: float,
+    seed: int,
+    alignment_benchmarks: tuple[str, ...],
+) -> pd.DataFrame:
+    """One row per (arm, headline metric), pooling the prompts of the metric's benchmarks (e.g.
+    the harmful ones not in the alignment set, for attack success), with its bootstrap CI. A
+    metric whose judge is off, or with no benchmark to pool, is absent (shown as n/a)."""
     rows = []
     for metric in HEADLINE_METRICS:
         table = tables.get(metric.source)
         if table is None or table.empty or metric.column not in table:
             continue
-        table = table[table["kind"] == metric.kind]
+        table = pooled_rows(table, metric, alignment_benchmarks)
         for arm, group in table.groupby("arm", sort=True):
             values = group[metric.column].astype(float).to_numpy()
             groups = group["replicate"].to_numpy() if "replicate" in group else None
@@ -193,10 +224,9 @@ def frontier_points(attack: pd.Series, loss: pd.Series, arm_kinds: dict[str, str
     return frame.sort_values("loss", ignore_index=True)
 
 
-def per_item(table: pd.DataFrame, kind: str, column: str) -> pd.DataFrame:
+def per_item(rows: pd.DataFrame, column: str) -> pd.DataFrame:
     """Item (benchmark, prompt or example id) x arm: one value per item (the mean over
     replicates), keeping only items every arm has, so arms can be resampled in pairs."""
-    rows = table[table["kind"] == kind]
     item = "prompt_id" if "prompt_id" in rows else "example_id"
     wide = rows.pivot_table(index=["benchmark", item], columns="arm", values=column, aggfunc="mean")
     return wide.dropna()
@@ -210,16 +240,17 @@ def paired_difference(
     n_resamples: int,
     level: float,
     seed: int,
+    alignment_benchmarks: tuple[str, ...],
 ) -> tuple[float, float, float]:
-    """(mean, low, high) of `arm` minus `reference` on a headline metric, item by item: the two
-    arms' values on the same prompts are resampled together, so the interval is the
-    difference's own (narrower than two separate intervals suggest). NaN where either arm or
-    the metric's table is missing."""
-    metric = next(m for m in HEADLINE_METRICS if m.name == metric_name)
+    """(mean, low, high) of `arm` minus `reference` on a headline metric (over the same
+    benchmarks as its headline rate), item by item: the two arms' values on the same prompts
+    are resampled together, so the interval is the difference's own (narrower than two
+    separate intervals suggest). NaN where either arm or the metric's table is missing."""
+    metric = headline_metric(metric_name)
     table = tables.get(metric.source)
     if table is None or table.empty or metric.column not in table:
         return float("nan"), float("nan"), float("nan")
-    wide = per_item(table, metric.kind, metric.column)
+    wide = per_item(pooled_rows(table, metric, alignment_benchmarks), metric.column)
     if arm not in wide or reference not in wide:
         return float("nan"), float("nan"), float("nan")
     differences = (wide[arm] - wide[reference]).to_numpy(dtype=float)
@@ -258,14 +289,17 @@ def frontier_verdicts(
     n_resamples: int,
     level: float,
     seed: int,
+    alignment_benchmarks: tuple[str, ...],
 ) -> pd.DataFrame:
     """Where each non-vanilla fine-tuned arm lies against the vanilla frontier: its attack
-    success minus the frontier's at the same held-out IFT loss, with a paired bootstrap CI
-    (harmful prompts and held-out examples resampled together for every arm, frontier
-    included). Below the frontier only when the whole CI is below 0: a point estimate a little
-    under the line is not evidence that ML-LR beats lowering every learning rate."""
-    attack = per_item(keyword, "harmful", "success")
-    loss = per_item(ift_loss, "ift_heldout", "loss")
+    success (the headline's: harmful benchmarks not in the alignment set) minus the frontier's
+    at the same held-out IFT loss, with a paired bootstrap CI (harmful prompts and held-out
+    examples resampled together for every arm, frontier included). Below the frontier only when
+    the whole CI is below 0: a point estimate a little under the line is not evidence that
+    ML-LR beats lowering every learning rate."""
+    harmful = pooled_rows(keyword, headline_metric("attack_success"), alignment_benchmarks)
+    attack = per_item(harmful, "success")
+    loss = per_item(ift_loss[ift_loss["kind"] == "ift_heldout"], "loss")
     mean_attack, mean_loss = attack.mean(), loss.mean()
     point = frontier_gaps(mean_attack, mean_loss, arm_kinds)
     has_frontier = len(frontier_points(mean_attack, mean_loss, arm_kinds)) >= 2
