@@ -29,7 +29,7 @@ from securetune.generation import generate_greedy
 from securetune.io import provenance, write_parquet
 from securetune.models import load_model, load_tokenizer
 from securetune.precision import resolve_autocast
-from securetune.scoring import is_refusal
+from securetune.scoring import mentions_refusal
 from securetune.settings import AlignSettings, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ def answer_lookalikes(
     model_dir: Path, df: pd.DataFrame, max_new_tokens: int, batch_size: int, dtype: str
 ) -> pd.DataFrame:
     """The `lookalike` rows answered by the model itself (greedy), loaded as the inference
-    stages load it; rows it refuses are dropped, since they would teach refusing safe prompts."""
+    stages load it; rows with a refusal phrase anywhere are dropped, since they would teach
+    refusing safe prompts (stricter than the judge's opening-only test, as training data must
+    not even half-refuse)."""
     mask = df["role"] == "lookalike"
     if not mask.any():
         return df
@@ -62,7 +64,7 @@ def answer_lookalikes(
     )
     out = df.copy()
     out.loc[mask, "response"] = [trim_to_sentence(a) for a in answers]
-    refused = mask & out["response"].map(is_refusal)
+    refused = mask & out["response"].map(mentions_refusal)
     empty = mask & (out["response"].str.len() == 0)
     log.info(
         "look-alikes: %d answered, %d dropped (refused by the model itself), %d dropped (empty)",

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from securetune.config import validate_config
-from securetune.report.settings import ReportSettings
+from securetune.report.settings import GammaAblationSettings, ReportSettings
 
 FINE_TUNED = {"vanilla": "vanilla", "ml_lr": "ml_lr", "freeze": "freeze", "swat": "swat"}
 
@@ -38,6 +38,19 @@ def test_aligned_base_adds_the_unaligned_reference_second(config, schema):
     assert settings.arm_order == ("base", "unaligned", "vanilla", "ml_lr", "freeze", "swat")
     assert settings.arm_kinds == {"base": "reference", "unaligned": "reference", **FINE_TUNED}
     assert list(settings.arm_kinds) == list(settings.arm_order)
+
+
+def test_alignment_benchmarks_are_the_aligned_harmful_sources(config, schema):
+    config["align"] |= {"enabled": True, "harmful": {"strongreject": 20, "advbench": 160,
+                                                     "harmbench": 0}}  # fmt: skip
+    validate_config(config, schema)
+    settings = ReportSettings.from_config(config, "math")
+    assert settings.alignment_benchmarks == ("advbench", "strongreject")
+    assert ReportSettings.from_params(json.loads(json.dumps(settings.to_params()))) == settings
+    gamma = GammaAblationSettings.from_config(config, "math")
+    assert gamma.alignment_benchmarks == ("advbench", "strongreject")
+    config["align"]["enabled"] = False
+    assert ReportSettings.from_config(config, "math").alignment_benchmarks == ()
 
 
 def test_params_round_trip_keeps_the_arm_order(config):

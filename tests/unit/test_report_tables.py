@@ -13,9 +13,10 @@ from securetune.report.stats import (
     bootstrap_ci,
     frontier_verdicts,
     headline_rates,
+    summarise_scores,
     wilson_interval,
 )
-from securetune.report.tables import headline_table
+from securetune.report.tables import headline_table, main_table
 
 
 def test_bootstrap_ignores_nan_and_brackets_the_mean():
@@ -115,7 +116,7 @@ def test_headline_pools_harmful_benchmarks_and_marks_missing_judges():
             "unsafe": [1.0, 0.0, np.nan],
         }
     )
-    rates = headline_rates({"keyword": _keyword(), "guard": guard}, 500, 0.95, 0)
+    rates = headline_rates({"keyword": _keyword(), "guard": guard}, 500, 0.95, 0, ())
     asr = rates[(rates["metric"] == "attack_success")].set_index("arm")
     assert asr.loc["base", "value"] == (1 + 4) / 8  # advbench 1/4 + strongreject 4/4
     assert asr.loc["base", "benchmark"] == "advbench+strongreject"
@@ -129,6 +130,7 @@ def test_headline_pools_harmful_benchmarks_and_marks_missing_judges():
         "harmfulness_score",
         "unsafe_rate",
         "attack_success",
+        "attack_success_in_alignment",
         "over_refusal",
         "usability",
         "task_accuracy",
@@ -138,6 +140,42 @@ def test_headline_pools_harmful_benchmarks_and_marks_missing_judges():
     assert row["harmfulness_score"] == "n/a" and row["unsafe_rate"] == "n/a"
     assert row["task_accuracy"] == "n/a"  # no math benchmark configured
     assert row["attack_success"].startswith("0.875 [")
+    assert row["attack_success_in_alignment"] == "n/a"  # align off: every benchmark pooled
+
+
+def test_headline_attack_success_leaves_the_alignment_benchmarks_out():
+    """AdvBench trained the refusals (other rows of it): the headline pools the rest and shows
+    AdvBench apart; the judges' harmful metrics pool the same benchmarks."""
+    guard = pd.DataFrame(
+        {"arm": "base", "kind": "harmful", "benchmark": ["advbench", "strongreject"],
+         "unsafe": [1.0, 0.0]}
+    )  # fmt: skip
+    rates = headline_rates({"keyword": _keyword(), "guard": guard}, 200, 0.95, 0, ("advbench",))
+    rates = rates[rates["arm"] == "base"].set_index("metric")
+    assert rates.loc["attack_success", "value"] == 1.0  # strongreject 4/4 alone
+    assert rates.loc["attack_success", "benchmark"] == "strongreject"
+    assert rates.loc["attack_success_in_alignment", "value"] == 0.25  # advbench 1/4
+    assert rates.loc["attack_success_in_alignment", "benchmark"] == "advbench"
+    assert rates.loc["unsafe_rate", "value"] == 0.0
+
+
+def test_per_benchmark_table_shows_strict_and_lenient_attack_success():
+    # Four harmful answers: one complies, two answered in the task's style, one refused.
+    scores = pd.DataFrame(
+        {
+            "arm": "vanilla",
+            "benchmark": "harmbench",
+            "kind": "harmful",
+            "success": [True, False, False, False],
+            "success_lenient": [True, True, True, False],
+            "rouge_l": np.nan,
+        }
+    )
+    rates = summarise_scores(scores, 200, 0.95, 0).set_index("metric")
+    assert rates.loc["attack_success", "value"] == 0.25
+    assert rates.loc["attack_success_lenient", "value"] == 0.75
+    table = main_table(rates.reset_index(), pd.DataFrame(), ["vanilla"])
+    assert {"attack_success:harmbench", "attack_success_lenient:harmbench"} <= set(table.columns)
 
 
 def _frontier_tables(arms: dict[str, tuple[float, float]], n_prompts=400, n_examples=200):
@@ -171,7 +209,7 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     kinds |= {"ml_lr": "ml_lr", "worse": "ml_lr", "same": "ml_lr", "off": "freeze"}
     kinds |= {"frozen": "freeze"}
     keyword, ift_loss = _frontier_tables(arms)
-    verdicts = _pooled(frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0))
+    verdicts = _pooled(frontier_verdicts(keyword, ift_loss, kinds, 500, 0.95, 0, ()))
     assert list(verdicts.index) == ["ml_lr", "worse", "same", "off", "frozen"]
     asr = keyword.groupby("arm")["success"].mean()
     loss = ift_loss.groupby("arm")["loss"].mean()
@@ -202,11 +240,11 @@ def test_ml_lr_is_judged_against_the_vanilla_frontier_at_its_own_loss():
     )
     assert np.isnan(verdicts.loc["off", "gap"]) and verdicts.loc["off", "resamples_in_range"] == 0
     one_vanilla = {"v_hi": "vanilla", "ml_lr": "ml_lr"}
-    lone = frontier_verdicts(keyword, ift_loss, one_vanilla, 50, 0.95, 0)
+    lone = frontier_verdicts(keyword, ift_loss, one_vanilla, 50, 0.95, 0, ())
     assert lone["verdict"][0].startswith("no frontier")
     # One vanilla arm and the base (lr 0) are a frontier of two points: PCHIP is the line.
     with_base = {"base": "reference", "v_lo": "vanilla", "frozen": "freeze"}
-    paired = frontier_verdicts(keyword, ift_loss, with_base, 50, 0.95, 0)
+    paired = frontier_verdicts(keyword, ift_loss, with_base, 50, 0.95, 0, ())
     assert paired["gap"][0] == pytest.approx(asr["frozen"] - (asr["v_lo"] + asr["base"]) / 2)
     assert paired["gap_linear"][0] == pytest.approx(paired["gap"][0])
     assert not paired["verdict"][0].startswith("no frontier")
@@ -329,14 +367,33 @@ def test_paired_difference_resamples_the_two_arms_together():
         "success": np.concatenate([base, other]).astype(float),
     })  # fmt: skip
     mean, low, high = paired_difference(
-        {"keyword": keyword}, "attack_success", "ml_lr", "vanilla", 2000, 0.95, 0
+        {"keyword": keyword}, "attack_success", "ml_lr", "vanilla", 2000, 0.95, 0, ()
     )
     assert mean == pytest.approx(-10 / 200)
     assert low < mean < high < 0
     assert math.isnan(
         paired_difference({"keyword": keyword}, "harmfulness_score", "ml_lr", "vanilla",
-                          100, 0.95, 0)[0]
+                          100, 0.95, 0, ())[0]
     )  # fmt: skip
+    # The only benchmark is in the alignment set: nothing left to pool.
+    assert math.isnan(
+        paired_difference({"keyword": keyword}, "attack_success", "ml_lr", "vanilla",
+                          100, 0.95, 0, ("advbench",))[0]
+    )  # fmt: skip
+
+
+def test_frontier_verdicts_leave_the_alignment_benchmarks_out():
+    arms = {"v_hi": (1.0, 0.4), "v_lo": (1.3, 0.1), "ml_lr": (1.1, 0.2)}
+    kinds = {"v_hi": "vanilla", "v_lo": "vanilla", "ml_lr": "ml_lr"}
+    keyword, ift_loss = _frontier_tables(arms, n_prompts=100, n_examples=50)
+    # The same prompts again as an in-alignment benchmark where every arm fails to refuse.
+    in_alignment = keyword.assign(benchmark="harmbench", success=True)
+    both = pd.concat([in_alignment, keyword], ignore_index=True)
+    alone = frontier_verdicts(keyword, ift_loss, kinds, 50, 0.95, 0, ())
+    apart = frontier_verdicts(both, ift_loss, kinds, 50, 0.95, 0, ("harmbench",))
+    pooled = frontier_verdicts(both, ift_loss, kinds, 50, 0.95, 0, ())
+    pd.testing.assert_frame_equal(apart, alone)
+    assert pooled["attack_success"].iloc[0] > alone["attack_success"].iloc[0]
 
 
 def test_gamma_ablation_table_orders_gamma_and_goes_under_its_domain():

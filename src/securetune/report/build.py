@@ -134,12 +134,16 @@ def compute_tables(inputs: ReportInputs, settings: ReportSettings) -> ReportTabl
     arm_order = list(settings.arm_order)
     sources = inputs.sources
     rates = summarise_scores(sources["keyword"], n, level, seed)
-    headline = headline_rates(sources, n, level, seed)
+    headline = headline_rates(sources, n, level, seed, settings.alignment_benchmarks)
     main = tables.headline_table(headline, arm_order)
     per_benchmark = tables.main_table(rates, inputs.losses, arm_order)
     if "final_train_loss" in per_benchmark:
         main["final_train_loss"] = per_benchmark["final_train_loss"].to_numpy()
     ift_loss = sources.get("ift_loss", pd.DataFrame(columns=IFT_LOSS_COLUMNS))
+    verdicts = frontier_verdicts(
+        sources["keyword"], ift_loss, settings.arm_kinds, n, level, seed,
+        settings.alignment_benchmarks,
+    )  # fmt: skip
     return ReportTables(
         rates=rates,
         headline=headline,
@@ -148,9 +152,7 @@ def compute_tables(inputs: ReportInputs, settings: ReportSettings) -> ReportTabl
         categories=(
             unsafe_rate_per_category(sources["guard"]) if "guard" in sources else pd.DataFrame()
         ),
-        verdicts=frontier_verdicts(
-            sources["keyword"], ift_loss, settings.arm_kinds, n, level, seed
-        ),
+        verdicts=verdicts,
     )
 
 
@@ -250,6 +252,7 @@ def write_paper_tables(
         return paired_difference(
             inputs.sources, metric, "ml_lr", "vanilla",
             settings.bootstrap_samples, settings.confidence, settings.seed,
+            settings.alignment_benchmarks,
         )  # fmt: skip
 
     csv = domain_tables(
@@ -272,8 +275,9 @@ def gamma_ablation(
     log.info("gamma ablation settings: %s", settings)
     s = settings
     headline = headline_rates(
-        read_sources(scores, judged, ift_losses), s.bootstrap_samples, s.confidence, s.seed
-    )
+        read_sources(scores, judged, ift_losses),
+        s.bootstrap_samples, s.confidence, s.seed, s.alignment_benchmarks,
+    )  # fmt: skip
     tables.write_csv(gamma_table(headline, s.arm_gamma, s.domain, s.task_metric), out)
 
 

@@ -13,6 +13,16 @@ from securetune.method import arm_kind, gamma_sweep_arms, replicates_of
 from securetune.settings import StageSettings
 
 
+def aligned_harmful_benchmarks(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The harmful benchmarks the alignment set took rows of (align.harmful names benchmarks),
+    sorted; none when align is off. Their evaluation rows are disjoint from the trained ones but
+    come from the same distribution, so they are no test of safety on new requests."""
+    align = config["align"]
+    if not align["enabled"]:
+        return ()
+    return tuple(sorted(source for source, n in align["harmful"].items() if n > 0))
+
+
 @dataclass(frozen=True)
 class ReportSettings(StageSettings):
     """Which arms the report shows (in order, with their kinds) and how its intervals are drawn."""
@@ -41,6 +51,9 @@ class ReportSettings(StageSettings):
     replicate_of: dict[str, list] = field(default_factory=dict)
     # Each arm that trains by a module set -> its plan file (the report's module table).
     arm_plans: dict[str, str] = field(default_factory=dict)
+    # The harmful benchmarks the alignment set took rows of (`aligned_harmful_benchmarks`): the
+    # headline attack success leaves them out and shows them apart.
+    alignment_benchmarks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Rebuilt from JSON with sorted keys (`to_params`), so the order comes from arm_order:
@@ -52,6 +65,7 @@ class ReportSettings(StageSettings):
             )
         object.__setattr__(self, "arm_order", tuple(self.arm_order))
         object.__setattr__(self, "arm_kinds", {arm: self.arm_kinds[arm] for arm in self.arm_order})
+        object.__setattr__(self, "alignment_benchmarks", tuple(self.alignment_benchmarks))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
@@ -79,6 +93,7 @@ class ReportSettings(StageSettings):
             source_model=config["model"]["source"],
             replicate_of={name: [arm, k] for name, (arm, k) in replicates.items() if k},
             arm_plans=arm_plans(config),
+            alignment_benchmarks=aligned_harmful_benchmarks(config),
         )
 
 
@@ -93,6 +108,11 @@ class GammaAblationSettings(StageSettings):
     bootstrap_samples: int
     confidence: float
     seed: int
+    alignment_benchmarks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A list after the JSON round trip of `to_params`.
+        object.__setattr__(self, "alignment_benchmarks", tuple(self.alignment_benchmarks))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], domain: str) -> Self:
@@ -104,4 +124,5 @@ class GammaAblationSettings(StageSettings):
             bootstrap_samples=config["report"]["bootstrap_samples"],
             confidence=config["report"]["confidence"],
             seed=config["seed"],
+            alignment_benchmarks=aligned_harmful_benchmarks(config),
         )

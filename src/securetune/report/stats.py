@@ -35,13 +35,20 @@ class HeadlineMetric(NamedTuple):
     kind: str
     # The per-row value averaged.
     column: str
+    # Which benchmarks of the kind are pooled: `all`; `held_out`, those the alignment set took
+    # no rows of; `in_alignment`, those it did (see `pooled_rows`).
+    pool: str = "all"
 
 
-# The paper's main-table columns, in its order.
+# The paper's main-table columns, in its order. The harmful metrics pool only the benchmarks the
+# alignment did not train on: its refusals were taught on other rows of the same source (AdvBench
+# in the demo), so those prompts measure recall of the training distribution rather than safety
+# on new requests, and are shown apart (attack_success_in_alignment).
 HEADLINE_METRICS: tuple[HeadlineMetric, ...] = (
-    HeadlineMetric("harmfulness_score", "llm", "harmful", "harmfulness"),
-    HeadlineMetric("unsafe_rate", "guard", "harmful", "unsafe"),
-    HeadlineMetric("attack_success", "keyword", "harmful", "success"),
+    HeadlineMetric("harmfulness_score", "llm", "harmful", "harmfulness", "held_out"),
+    HeadlineMetric("unsafe_rate", "guard", "harmful", "unsafe", "held_out"),
+    HeadlineMetric("attack_success", "keyword", "harmful", "success", "held_out"),
+    HeadlineMetric("attack_success_in_alignment", "keyword", "harmful", "success", "in_alignment"),
     HeadlineMetric("over_refusal", "keyword", "over_refusal", "success"),
     HeadlineMetric("usability", "keyword", "usability", "rouge_l"),
     HeadlineMetric("task_accuracy", "keyword", "math", "success"),
@@ -51,6 +58,8 @@ HEADLINE_METRICS: tuple[HeadlineMetric, ...] = (
 # `rate_interval`'s, never of zero width at a rate of 0 or 1.
 BINARY_COLUMNS = ("success", "unsafe")
 RATE_COLUMNS = ["arm", "benchmark", "metric", "value", "ci_low", "ci_high", "n"]
+# The per-benchmark rate of the keyword scores' `success_lenient` column.
+LENIENT_ATTACK_SUCCESS = "attack_success_lenient"
 
 
 def bootstrap_ci(
@@ -162,7 +171,8 @@ def _rate(
 def summarise_scores(
     scores: pd.DataFrame, n_resamples: int, level: float, seed: int
 ) -> pd.DataFrame:
-    """One row per (arm, benchmark): the headline rate with its CI (and ROUGE-L where scored)."""
+    """One row per (arm, benchmark): the headline rate with its CI, the lenient attack success
+    beside the strict one on harmful benchmarks, and ROUGE-L where scored."""
     rows = []
     for (arm, benchmark, kind), group in scores.groupby(["arm", "benchmark", "kind"], sort=True):
         ci = bootstrap_ci(
@@ -173,6 +183,8 @@ def summarise_scores(
             binary=True,
         )
         rows.append(_rate(arm, benchmark, METRIC_OF_KIND[kind], ci, len(group)))
+        if kind == "harmful" and "success_lenient" in group:
+            rows.append(_lenient_rate(group, arm, benchmark, n_resamples, level, seed))
         if "rouge_l" in group and group["rouge_l"].notna().any():
             ci = bootstrap_ci(
                 group["rouge_l"].to_numpy(),
@@ -184,18 +196,56 @@ def summarise_scores(
     return pd.DataFrame(rows)
 
 
-def headline_rates(
-    tables: dict[str, pd.DataFrame], n_resamples: int, level: float, seed: int
+def _lenient_rate(
+    group: pd.DataFrame, arm: str, benchmark: str, n_resamples: int, level: float, seed: int
+) -> dict[str, object]:
+    """The attack success of the judge before the audit (no refusal at the opening): its gap to
+    the strict rate is the share of answers in the task's style, off topic or empty."""
+    ci = bootstrap_ci(
+        group["success_lenient"].to_numpy(dtype=float),
+        n_resamples,
+        level,
+        stable_seed(seed, arm, benchmark, "lenient"),
+    )
+    return _rate(arm, benchmark, LENIENT_ATTACK_SUCCESS, ci, len(group))
+
+
+def headline_metric(name: str) -> HeadlineMetric:
+    """The headline metric of this name."""
+    return next(m for m in HEADLINE_METRICS if m.name == name)
+
+
+def pooled_rows(
+    table: pd.DataFrame, metric: HeadlineMetric, alignment_benchmarks: tuple[str, ...]
 ) -> pd.DataFrame:
-    """One row per (arm, headline metric), pooling the prompts of every benchmark of the kind
-    (e.g. all harmful benchmarks for attack success), with its bootstrap CI. A metric whose
-    judge is off, or with no benchmark of its kind, is absent (shown as n/a)."""
+    """The rows a headline metric pools: its kind, then its `pool` of benchmarks, where
+    `alignment_benchmarks` are those the alignment set took rows of (none when align is off,
+    so `held_out` is then every benchmark of the kind)."""
+    rows = table[table["kind"] == metric.kind]
+    in_alignment = rows["benchmark"].isin(alignment_benchmarks)
+    if metric.pool == "held_out":
+        return rows[~in_alignment]
+    if metric.pool == "in_alignment":
+        return rows[in_alignment]
+    return rows
+
+
+def headline_rates(
+    tables: dict[str, pd.DataFrame],
+    n_resamples: int,
+    level: float,
+    seed: int,
+    alignment_benchmarks: tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """One row per (arm, headline metric), pooling the prompts of the metric's benchmarks (e.g.
+    the harmful ones not in the alignment set, for attack success), with its bootstrap CI. A
+    metric whose judge is off, or with no benchmark to pool, is absent (shown as n/a)."""
     rows = []
     for metric in HEADLINE_METRICS:
         table = tables.get(metric.source)
         if table is None or table.empty or metric.column not in table:
             continue
-        table = table[table["kind"] == metric.kind]
+        table = pooled_rows(table, metric, alignment_benchmarks)
         for arm, group in table.groupby("arm", sort=True):
             values = group[metric.column].astype(float).to_numpy()
             groups = group["replicate"].to_numpy() if "replicate" in group else None
@@ -257,10 +307,9 @@ def _frontier_arrays(
     return arms, np.array([p[1] for p in points]), np.array([p[2] for p in points])
 
 
-def per_item(table: pd.DataFrame, kind: str, column: str) -> pd.DataFrame:
+def per_item(rows: pd.DataFrame, column: str) -> pd.DataFrame:
     """Item (benchmark, prompt or example id) x arm: one value per item (the mean over
     replicates), keeping only items every arm has, so arms can be resampled in pairs."""
-    rows = table[table["kind"] == kind]
     item = "prompt_id" if "prompt_id" in rows else "example_id"
     wide = rows.pivot_table(index=["benchmark", item], columns="arm", values=column, aggfunc="mean")
     return wide.dropna()
@@ -274,16 +323,17 @@ def paired_difference(
     n_resamples: int,
     level: float,
     seed: int,
+    alignment_benchmarks: tuple[str, ...],
 ) -> tuple[float, float, float]:
-    """(mean, low, high) of `arm` minus `reference` on a headline metric, item by item: the two
-    arms' values on the same prompts are resampled together, so the interval is the
-    difference's own (narrower than two separate intervals suggest). NaN where either arm or
-    the metric's table is missing."""
-    metric = next(m for m in HEADLINE_METRICS if m.name == metric_name)
+    """(mean, low, high) of `arm` minus `reference` on a headline metric (over the same
+    benchmarks as its headline rate), item by item: the two arms' values on the same prompts
+    are resampled together, so the interval is the difference's own (narrower than two
+    separate intervals suggest). NaN where either arm or the metric's table is missing."""
+    metric = headline_metric(metric_name)
     table = tables.get(metric.source)
     if table is None or table.empty or metric.column not in table:
         return float("nan"), float("nan"), float("nan")
-    wide = per_item(table, metric.kind, metric.column)
+    wide = per_item(pooled_rows(table, metric, alignment_benchmarks), metric.column)
     if arm not in wide or reference not in wide:
         return float("nan"), float("nan"), float("nan")
     differences = (wide[arm] - wide[reference]).to_numpy(dtype=float)
@@ -385,10 +435,18 @@ class FrontierItems:
     loss: pd.DataFrame
 
     @classmethod
-    def from_tables(cls, keyword: pd.DataFrame, ift_loss: pd.DataFrame) -> FrontierItems:
-        """From the keyword scores and the held-out losses (`per_item` of each)."""
+    def from_tables(
+        cls,
+        keyword: pd.DataFrame,
+        ift_loss: pd.DataFrame,
+        alignment_benchmarks: tuple[str, ...] = (),
+    ) -> FrontierItems:
+        """From the keyword scores (the headline attack success's benchmarks: those the
+        alignment set took no rows of) and the held-out losses (`per_item` of each)."""
+        harmful = pooled_rows(keyword, headline_metric("attack_success"), alignment_benchmarks)
         return cls(
-            per_item(keyword, "harmful", "success"), per_item(ift_loss, "ift_heldout", "loss")
+            per_item(harmful, "success"),
+            per_item(ift_loss[ift_loss["kind"] == "ift_heldout"], "loss"),
         )
 
     @cached_property
@@ -439,15 +497,16 @@ def frontier_verdicts(
     n_resamples: int,
     level: float,
     seed: int,
+    alignment_benchmarks: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     """Where each non-vanilla fine-tuned arm lies against the vanilla frontier: its attack
     success minus the frontier's at the same held-out IFT loss (the monotone curve's, with the
-    straight lines' beside it), pooled over every harmful prompt and per harmful benchmark,
-    with paired bootstrap CIs (prompts, within each benchmark, and held-out examples resampled
-    together for every arm, frontier included). Below the frontier only when the whole CI is
-    below 0: a point estimate a little under the line is not evidence that ML-LR beats
-    lowering every learning rate."""
-    items = FrontierItems.from_tables(keyword, ift_loss)
+    straight lines' beside it), pooled over the headline's harmful prompts (the benchmarks the
+    alignment set took no rows of) and per such benchmark, with paired bootstrap CIs (prompts,
+    within each benchmark, and held-out examples resampled together for every arm, frontier
+    included). Below the frontier only when the whole CI is below 0: a point estimate a little
+    under the line is not evidence that ML-LR beats lowering every learning rate."""
+    items = FrontierItems.from_tables(keyword, ift_loss, alignment_benchmarks)
     attack, loss = items.means()
     point = benchmark_gaps(attack, loss, arm_kinds)
     rng = np.random.default_rng(stable_seed(seed, "frontier"))
@@ -492,12 +551,13 @@ def paired_gap_difference(
     n_resamples: int,
     level: float,
     seed: int,
+    alignment_benchmarks: tuple[str, ...] = (),
 ) -> tuple[float, float, float]:
     """(mean, low, high) of `arm`'s monotone frontier gap (pooled) minus `other`'s, with a
     paired bootstrap CI: the same resampled prompts and held-out examples for both arms and the
     frontier, so two selectors at the same budget and gamma are compared directly (below 0:
     `arm` is the safer at its loss). NaN where either gap is undefined."""
-    items = FrontierItems.from_tables(keyword, ift_loss)
+    items = FrontierItems.from_tables(keyword, ift_loss, alignment_benchmarks)
 
     def difference(attack: pd.DataFrame, loss: pd.Series) -> float:
         gaps = frontier_gaps(attack.loc[POOLED], loss, arm_kinds)
