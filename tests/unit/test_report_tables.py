@@ -422,3 +422,28 @@ def test_gamma_ablation_table_orders_gamma_and_goes_under_its_domain():
     assert "0.200 [0.100, 0.300]" in section and "held-out IFT loss" in section
     # No sweep: no section.
     assert "Gamma ablation" not in markdown(_math_domain("gsm"), PROBE, "m", 0.95)
+
+
+def test_the_frontier_gap_resamples_replicates_before_prompts():
+    """Two replicates of ml_lr far apart: the gap's interval covers the seed-to-seed spread,
+    which the mean of the replicates alone (one replicate of their average) does not show."""
+    arms = {"v_hi": (1.0, 0.4), "v_lo": (1.3, 0.1), "rep0": (1.15, 0.05), "rep1": (1.15, 0.45)}
+    keyword, ift_loss = _frontier_tables(arms)
+    kinds = {"v_hi": "vanilla", "v_lo": "vanilla", "ml_lr": "ml_lr"}
+
+    def as_replicates(table: pd.DataFrame) -> pd.DataFrame:
+        out = table.assign(replicate=table["arm"].map({"rep1": 1}).fillna(0).astype(int))
+        return out.assign(arm=out["arm"].replace({"rep0": "ml_lr", "rep1": "ml_lr"}))
+
+    replicated = _pooled(
+        frontier_verdicts(as_replicates(keyword), as_replicates(ift_loss), kinds, 400, 0.95, 0)
+    ).loc["ml_lr"]
+    averaged_keyword = as_replicates(keyword).assign(replicate=0)
+    averaged_loss = as_replicates(ift_loss).assign(replicate=0)
+    averaged = _pooled(frontier_verdicts(averaged_keyword, averaged_loss, kinds, 400, 0.95, 0)).loc[
+        "ml_lr"
+    ]
+    assert replicated["gap"] == pytest.approx(averaged["gap"])  # same point estimate
+    width = replicated["gap_ci_high"] - replicated["gap_ci_low"]
+    assert width > 2 * (averaged["gap_ci_high"] - averaged["gap_ci_low"])
+    assert replicated["gap_ci_low"] < -0.1 and replicated["gap_ci_high"] > 0.1

@@ -428,8 +428,9 @@ def _mean_of_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class FrontierItems:
     """The frontier's per-item values, paired across arms: harmful prompts (benchmark,
-    prompt) x arm and held-out IFT examples x arm. A resample draws the same items for every
-    arm, within each benchmark, so that every benchmark keeps its size."""
+    prompt) x (arm, replicate) and held-out IFT examples x (arm, replicate). A resample first
+    draws each arm's replicates (with replacement; training seeds vary the arm too), then the
+    same items for every arm, within each benchmark, so that every benchmark keeps its size."""
 
     attack: pd.DataFrame
     loss: pd.DataFrame
@@ -442,11 +443,11 @@ class FrontierItems:
         alignment_benchmarks: tuple[str, ...] = (),
     ) -> FrontierItems:
         """From the keyword scores (the headline attack success's benchmarks: those the
-        alignment set took no rows of) and the held-out losses (`per_item` of each)."""
+        alignment set took no rows of) and the held-out losses (`per_item_replicates` of each)."""
         harmful = pooled_rows(keyword, headline_metric("attack_success"), alignment_benchmarks)
         return cls(
-            per_item(harmful, "success"),
-            per_item(ift_loss[ift_loss["kind"] == "ift_heldout"], "loss"),
+            per_item_replicates(harmful, "success"),
+            per_item_replicates(ift_loss[ift_loss["kind"] == "ift_heldout"], "loss"),
         )
 
     @cached_property
@@ -459,20 +460,48 @@ class FrontierItems:
 
     def means(self, rng: np.random.Generator | None = None) -> tuple[pd.DataFrame, pd.Series]:
         """(attack success, benchmark x arm with the pooled row first; held-out loss per arm)
-        over every item or, given `rng`, over one resample of them."""
+        over every item and replicate or, given `rng`, over one resample of them."""
         strata = self._attack_strata
         if rng is not None:
             strata = [rng.choice(rows, size=len(rows)) for rows in strata]
-        values = self.attack.to_numpy(dtype=float)
+        arms, values = _replicate_means(self.attack, rng)
         pooled = _mean_of_rows(values, np.concatenate([np.empty(0, dtype=int), *strata]))
         attack = pd.DataFrame(
             np.vstack([pooled, *(_mean_of_rows(values, rows) for rows in strata)]),
             index=[POOLED, *self.attack.index.unique("benchmark")],
-            columns=self.attack.columns,
+            columns=arms,
         )
         rows = self._loss_rows if rng is None else rng.choice(self._loss_rows, len(self._loss_rows))
-        loss = pd.Series(_mean_of_rows(self.loss.to_numpy(dtype=float), rows), self.loss.columns)
-        return attack, loss
+        loss_arms, loss_values = _replicate_means(self.loss, rng)
+        return attack, pd.Series(_mean_of_rows(loss_values, rows), loss_arms)
+
+
+def per_item_replicates(rows: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Item (benchmark, prompt or example id) x (arm, replicate), keeping only items every
+    replicate of every arm has (a table without replicates is replicate 0 throughout)."""
+    item = "prompt_id" if "prompt_id" in rows else "example_id"
+    rows = rows if "replicate" in rows else rows.assign(replicate=0)
+    wide = rows.pivot_table(
+        index=["benchmark", item], columns=["arm", "replicate"], values=column, aggfunc="mean"
+    )
+    return wide.dropna()
+
+
+def _replicate_means(
+    wide: pd.DataFrame, rng: np.random.Generator | None
+) -> tuple[pd.Index, np.ndarray]:
+    """(arms, item x arm values): each arm's mean over its replicates or, given `rng`, over a
+    draw of as many of them with replacement."""
+    arms = wide.columns.unique("arm")
+    values = wide.to_numpy(dtype=float)
+    position = wide.columns.get_level_values("arm")
+    columns = []
+    for arm in arms:
+        own = np.flatnonzero(position == arm)
+        if rng is not None and len(own) > 1:
+            own = rng.choice(own, size=len(own))
+        columns.append(values[:, own].mean(axis=1))
+    return arms, np.column_stack(columns) if columns else np.empty((len(wide), 0))
 
 
 def benchmark_gaps(
