@@ -45,6 +45,18 @@ rule report:
             caption="../report/guard_categories.rst",
         ),
         paper_tables_csv="results/{domain}/report/paper_tables.csv",
+        frontier_verdicts=report(
+            "results/{domain}/report/frontier_verdicts.csv",
+            subcategory="{domain}",
+            category="Fine-tuning",
+            caption="../report/frontier_verdicts.rst",
+        ),
+        selector_comparison=report(
+            "results/{domain}/report/selector_comparison.csv",
+            subcategory="{domain}",
+            category="Fine-tuning",
+            caption="../report/selector_comparison.rst",
+        ),
         probe_table=report(
             "results/{domain}/report/probe_accuracy.csv",
             subcategory="{domain}",

@@ -129,6 +129,27 @@ def selection_name(spec: dict[str, Any]) -> str:
     return f"random_d{spec.get('draw', 0)}" if selector == "random" else selector
 
 
+def control_pairs(finetune: dict[str, Any]) -> list[tuple[str, str]]:
+    """(control arm, robust arm) for each arm of another selector than robust and the robust arm
+    of the same kind, gamma, lr and switch step: the same budget's comparison of module choices
+    (a control without such an arm has none)."""
+
+    def training(spec: dict[str, Any]) -> tuple:
+        return (spec["kind"], arm_gamma(spec["kind"], spec), spec.get("lr"), spec.get("switch_at"))
+
+    arms = finetune["arms"]
+    robust = {
+        training(spec): arm
+        for arm, spec in reversed(arms.items())
+        if needs_plan(spec["kind"]) and arm_selector(spec) == "robust"
+    }
+    return [
+        (arm, robust[training(spec)])
+        for arm, spec in arms.items()
+        if needs_plan(spec["kind"]) and arm_selector(spec) != "robust" and training(spec) in robust
+    ]
+
+
 def arm_training_settings(finetune: dict[str, Any], arm: str, seed: int) -> dict[str, Any]:
     """The arm's whole training config (the fields of `TrainConfig`): the shared finetune keys,
     then the arm's own kind, lr override, gamma and switch step.

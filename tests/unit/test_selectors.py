@@ -217,3 +217,23 @@ def test_the_module_table_shows_each_arms_set_by_type():
         }  # fmt: skip
     )
     assert "| ml_lr_random | random | 2 | 0.020 | 1 | q: 2 · down: 5 |" in section
+
+
+def test_controls_are_paired_with_the_robust_arm_of_their_kind_gamma_and_lr(config):
+    from securetune.method import control_pairs
+
+    arms = config["finetune"]["arms"]
+    arms.clear()
+    arms |= {
+        "vanilla": {"kind": "vanilla"},
+        "ml_lr": {"kind": "ml_lr", "gamma": 0.1},
+        "ml_lr_g3": {"kind": "ml_lr", "gamma": 0.3},
+        "rand": {"kind": "ml_lr", "gamma": 0.1, "selector": "random"},
+        "rand_g3": {"kind": "ml_lr", "gamma": 0.3, "selector": "random", "draw": 1},
+        "inv_lr": {"kind": "ml_lr", "gamma": 0.1, "lr": 1e-5, "selector": "inverse"},
+        "freeze": {"kind": "freeze"},
+        "freeze_attr": {"kind": "freeze", "selector": "attribution"},
+    }
+    assert control_pairs(config["finetune"]) == [
+        ("rand", "ml_lr"), ("rand_g3", "ml_lr_g3"), ("freeze_attr", "freeze"),
+    ]  # fmt: skip

@@ -26,6 +26,7 @@ from securetune.report.stats import (
     frontier_verdicts,
     headline_rates,
     paired_difference,
+    selector_comparison,
     summarise_scores,
 )
 from securetune.robustness_table import METRICS
@@ -65,6 +66,8 @@ class ReportTables:
     per_benchmark: pd.DataFrame
     categories: pd.DataFrame
     verdicts: pd.DataFrame
+    # Each control arm against the robust arm of its budget and gamma (`selector_comparison`).
+    selectors: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def read_sources(
@@ -153,6 +156,16 @@ def compute_tables(inputs: ReportInputs, settings: ReportSettings) -> ReportTabl
             unsafe_rate_per_category(sources["guard"]) if "guard" in sources else pd.DataFrame()
         ),
         verdicts=verdicts,
+        selectors=selector_comparison(
+            sources["keyword"],
+            ift_loss,
+            settings.arm_kinds,
+            settings.selector_pairs,
+            n,
+            level,
+            seed,
+            settings.alignment_benchmarks,
+        ),  # fmt: skip
     )
 
 
@@ -166,6 +179,8 @@ def write_tables(report: ReportTables, probe: pd.DataFrame, outputs: dict[str, P
     tables.write_csv(report.per_benchmark, outputs["per_benchmark"])
     tables.write_csv(report.categories, outputs["guard_categories"])
     tables.write_csv(probe, outputs["probe_table"])
+    tables.write_csv(report.verdicts, outputs["frontier_verdicts"])
+    tables.write_csv(report.selectors, outputs["selector_comparison"])
 
 
 def draw_figures(
@@ -200,6 +215,7 @@ def report_markdown(inputs: ReportInputs, report: ReportTables, settings: Report
         tables.robustness_section(inputs.robustness, settings.score),
         tables.plan_section(inputs.plan, inputs.trace),
         tables.module_sets_section(inputs.arm_sets),
+        tables.selector_section(report.selectors, settings.confidence),
     ]
     return "\n\n".join(sections) + "\n"
 

@@ -9,7 +9,7 @@ from typing import Any, Self
 
 from securetune.domains import domain_spec
 from securetune.jobs import arm_plans, evaluated_arms
-from securetune.method import arm_kind, gamma_sweep_arms, replicates_of
+from securetune.method import arm_kind, control_pairs, gamma_sweep_arms, replicates_of
 from securetune.settings import StageSettings
 
 
@@ -51,6 +51,8 @@ class ReportSettings(StageSettings):
     replicate_of: dict[str, list] = field(default_factory=dict)
     # Each arm that trains by a module set -> its plan file (the report's module table).
     arm_plans: dict[str, str] = field(default_factory=dict)
+    # [control arm, robust arm] pairs of one kind, gamma and lr: the selectors compared.
+    selector_pairs: list[list[str]] = field(default_factory=list)
     # The harmful benchmarks the alignment set took rows of (`aligned_harmful_benchmarks`): the
     # headline attack success leaves them out and shows them apart.
     alignment_benchmarks: tuple[str, ...] = ()
@@ -93,6 +95,7 @@ class ReportSettings(StageSettings):
             source_model=config["model"]["source"],
             replicate_of={name: [arm, k] for name, (arm, k) in replicates.items() if k},
             arm_plans=arm_plans(config),
+            selector_pairs=[list(pair) for pair in control_pairs(config["finetune"])],
             alignment_benchmarks=aligned_harmful_benchmarks(config),
         )
 

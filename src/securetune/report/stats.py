@@ -597,6 +597,38 @@ def paired_gap_difference(
     return (difference(*items.means()), *_defined_percentiles(samples, level))
 
 
+def selector_comparison(
+    keyword: pd.DataFrame,
+    ift_loss: pd.DataFrame,
+    arm_kinds: dict[str, str],
+    pairs: list[list[str]],
+    n_resamples: int,
+    level: float,
+    seed: int,
+    alignment_benchmarks: tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """For each (control, robust) pair of one budget and gamma: the robust arm's frontier gap
+    minus the control's, paired over replicates and prompts (below 0: the robust modules are
+    the safer choice at their loss; only a CI wholly below 0 says so)."""
+    rows = []
+    for control, robust in pairs:
+        mean, low, high = paired_gap_difference(
+            keyword, ift_loss, arm_kinds, robust, control, n_resamples, level, seed,
+            alignment_benchmarks,
+        )  # fmt: skip
+        if np.isnan(mean):
+            verdict = "undefined (an arm outside the frontier's loss range)"
+        elif high < 0:
+            verdict = "robust safer (the CI excludes 0)"
+        elif low > 0:
+            verdict = "control safer (the CI excludes 0)"
+        else:
+            verdict = "no difference shown (the CI spans 0)"
+        rows.append([robust, control, mean, low, high, verdict])
+    columns = ["robust_arm", "control_arm", "gap_difference", "ci_low", "ci_high", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _verdict(gap: float, low: float, high: float, has_frontier: bool) -> str:
     if not has_frontier:
         return "no frontier to compare with (needs 2+ points: vanilla arms, the base)"

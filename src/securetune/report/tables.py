@@ -286,3 +286,20 @@ def module_sets_section(arm_sets: dict[str, dict[str, Any]]) -> str:
         "(least robust), attribution (least safety-critical, Wei et al. 2024).\n\n"
         + markdown_table(pd.DataFrame(rows))
     )
+
+
+def selector_section(comparison: pd.DataFrame, confidence: float) -> str:
+    """Does the module choice matter: each control against the robust arm of its budget and
+    gamma, as the difference of their frontier gaps."""
+    if comparison.empty:
+        return (
+            "## Does the module choice matter?\n\nNo control arm (a random, inverse or "
+            "attribution selector beside a robust arm of the same kind, gamma and lr) to compare."
+        )
+    return (
+        "## Does the module choice matter?\n\nThe robust arm's frontier gap minus the "
+        f"control's, with a paired {confidence:.0%} bootstrap interval (replicates, then "
+        "prompts and held-out examples, drawn alike for both arms and the frontier). Below 0: "
+        "the robust modules leave the model safer at its task loss than the control's.\n\n"
+        + markdown_table(comparison)
+    )
