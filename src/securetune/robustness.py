@@ -59,8 +59,13 @@ def _linear(model: PreTrainedModel, layer: int, module: str) -> torch.nn.Linear:
     return model.get_submodule(module_path(model.config.model_type, layer, module))
 
 
+def linear_weight(model: PreTrainedModel, layer: int, module: str) -> torch.nn.Parameter:
+    """The weight matrix of one module (layer, type)."""
+    return _linear(model, layer, module).weight
+
+
 def _weights(model: PreTrainedModel, modules: list[tuple[int, str]]) -> list[torch.nn.Parameter]:
-    return [_linear(model, layer, module).weight for layer, module in modules]
+    return [linear_weight(model, layer, module) for layer, module in modules]
 
 
 @contextmanager

@@ -68,7 +68,7 @@ PROBE_COLUMNS = (
     "n_test",
     "n_ood",
 )
-TRACE_COLUMNS = ["step", "size", "added", "probe_accuracy", "accepted"]
+TRACE_COLUMNS = ["step", "size", "params", "added", "probe_accuracy", "accepted"]
 
 
 def headline_table(headline: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
@@ -212,9 +212,34 @@ def plan_section(plan: dict[str, Any], trace: pd.DataFrame) -> str:
         f"{plan['max_modules']}, ranked by {plan.get('score', 'score')}, perturbation "
         f"{plan.get('perturbation', 'noise')}, proxy layers {plan['proxy_layers']}): {modules}"
     )
+    columns = [c for c in TRACE_COLUMNS if c in trace.columns]  # params: newer traces only
     return (
-        summary + "\n\n![search trace](search_trace.png)\n\n" + markdown_table(trace[TRACE_COLUMNS])
+        summary
+        + search_limits_note(plan)
+        + "\n\n![search trace](search_trace.png)\n\n"
+        + markdown_table(trace[columns])
     )
+
+
+def search_limits_note(plan: dict[str, Any]) -> str:
+    """The floor and budgets the sets were held to and Mods_Robust's parameter share; empty
+    for a plan written before they were recorded."""
+    if "accuracy_floor" not in plan:
+        return ""
+    skipped = plan["skipped"]
+    return (
+        f"\n\nA set was kept while its probe accuracy was >= {plan['accuracy_floor']:.3f} "
+        f"(max of tau {plan['tau']} and the clean {plan['clean_accuracy']:.3f} less tau_drop "
+        f"{plan['tau_drop']}); a set below it {_ON_REJECT[plan['on_reject']]}"
+        + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+        + f". Budget: {plan['module_budget']} modules"
+        + (f", {plan['param_budget']} parameters" if plan["param_budget"] is not None else "")
+        + f". Mods_Robust holds {plan['n_params']} parameters: {plan['param_share']:.1%} of the "
+        f"scored modules' and {plan['model_param_share']:.1%} of the model's."
+    )
+
+
+_ON_REJECT = {"stop": "stopped the search", "skip": "was skipped and the search went on"}
 
 
 def precision_section(hardware: dict[str, Any] | None, requested: dict[str, str]) -> str:
