@@ -192,6 +192,33 @@ def drift_metrics(
     }
 
 
+def half_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint halves of the test prompts, each class alternated between them, so both
+    halves hold both classes (the harmful direction needs both) whatever the prompts' order."""
+    half = torch.zeros_like(labels, dtype=torch.bool)
+    for value in labels.unique():
+        where = (labels == value).nonzero().flatten()
+        half[where[1::2]] = True
+    return ~half, half
+
+
+def half_scores(
+    clean: torch.Tensor,
+    perturbed: torch.Tensor,
+    labels: torch.Tensor,
+    probes: LayerProbes,
+    layers: list[int],
+    settings: RobustnessSettings,
+) -> dict[str, float]:
+    """The score on each half of the test prompts: two estimates from disjoint prompts, whose
+    rank agreement over modules says how much the ranking owes to the particular prompts."""
+    scores = {}
+    for i, mask in enumerate(half_masks(labels)):
+        metrics = drift_metrics(clean[:, mask], perturbed[:, mask], labels[mask], probes, layers)
+        scores[f"score_half{i}"] = combined_score(metrics, settings.score, settings.score_weights)
+    return scores
+
+
 @dataclass
 class ProbeView:
     """The frozen probe's test prompts and clean features: what scoring a perturbation needs."""
@@ -316,6 +343,9 @@ def score_module(
                 "seed": seed,
                 **metrics,
                 "score": combined_score(metrics, settings.score, settings.score_weights),
+                **half_scores(
+                    view.clean, features, view.labels, view.probes, view.layers, settings
+                ),
                 "weight_change": info["weight_change"],
                 "ift_loss": info.get("ift_loss", math.nan),
                 "n_test": len(view.labels),

@@ -28,6 +28,9 @@ ROBUSTNESS_COLUMNS = {
     "cosine_drift": "float64",
     "direction_shift": "float64",
     "score": "float64",
+    # The score on each of two disjoint halves of the test prompts (the ranking's split-half check).
+    "score_half0": "float64",
+    "score_half1": "float64",
     "weight_change": "float64",
     "ift_loss": "float64",
     "n_test": "int64",

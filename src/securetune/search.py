@@ -29,6 +29,7 @@ from securetune.io import (
 )
 from securetune.precision import detect
 from securetune.progress import Progress
+from securetune.ranking import rank_modules
 from securetune.robustness import (
     ProbeView,
     ift_examples,
@@ -39,14 +40,6 @@ from securetune.robustness import (
 from securetune.settings import SearchSettings
 
 log = logging.getLogger(__name__)
-
-
-def rank_modules(robustness: pd.DataFrame) -> list[str]:
-    """Module names, most robust (lowest mean score) first; ties by layer, then type order."""
-    mean = robustness.groupby(["layer", "module"], as_index=False)["score"].mean()
-    mean["type_order"] = mean["module"].map(MODULE_TYPES.index)
-    mean = mean.sort_values(["score", "layer", "type_order"], kind="mergesort")
-    return [module_name(int(r.layer), r.module) for r in mean.itertuples()]
 
 
 def group_name(module: str, first: int, last: int) -> str:

@@ -167,6 +167,9 @@ def test_score_module_rows_for_both_perturbations(tiny, cached):
     assert (df.loc[df.perturbation == "ift", "steps"] == 1).all()
     assert df.loc[df.perturbation == "noise", "lr"].isna().all()
     assert (df["cached_prefix"] == cached).all()
+    # The halves hold 3 and 2 of the 5 prompts, disjoint: their means recompose the score.
+    recomposed = (3 * df["score_half0"] + 2 * df["score_half1"]) / 5
+    assert df["score"].to_numpy() == pytest.approx(recomposed.to_numpy(), rel=1e-5)
     # Same seed, same numbers: a rerun is identical.
     again = score_module(view, 1, "o", settings, 0, _ift_examples(tokenizer))
     assert again.equals(df)

@@ -173,6 +173,7 @@ def report_markdown(inputs: ReportInputs, report: ReportTables, settings: Report
         tables.loss_section(),
         tables.probe_section(inputs.probe),
         tables.robustness_section(inputs.robustness, settings.score),
+        tables.ranking_stability_section(inputs.robustness, inputs.plan),
         tables.plan_section(inputs.plan, inputs.trace),
     ]
     return "\n\n".join(sections) + "\n"

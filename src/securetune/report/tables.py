@@ -11,6 +11,7 @@ import pandas as pd
 
 from securetune.io import atomic_path
 from securetune.precision import Hardware, choose_autocast, choose_dtype
+from securetune.ranking import UNSTABLE_OVERLAP, half_stability, is_unstable, seed_stability
 from securetune.report.stats import (
     HEADLINE_METRICS,
     final_train_loss,
@@ -198,6 +199,74 @@ def robustness_section(robustness: pd.DataFrame, score: str) -> str:
         + markdown_table(robustness_spread(robustness), ".4f")
         + "\n\nMost robust modules (mean over perturbations, alphas and seeds):\n\n"
         + markdown_table(most_robust_modules(robustness), ".4f")
+    )
+
+
+STABILITY_LEGEND = (
+    "A ranking is worth acting on only if another draw would give about the same one. Between "
+    "seeds: each pair of noise seeds (replicates) ranks the modules by their mean score; "
+    "spearman is the rank correlation of the scores, top_k_overlap the share of the k most "
+    "robust modules (k = the size of Mods_Robust) the two have in common. Between halves: the "
+    "same for the score computed on two disjoint halves of the probe's test prompts. Equal "
+    "scores (acc_drop moves in steps of one prompt) are ordered by layer, then type."
+)
+
+
+def ranking_stability_section(robustness: pd.DataFrame, plan: dict[str, Any]) -> str:
+    """How stable the robustness ranking is between seeds and between halves of the probe's test
+    prompts, with a plain verdict on the top k (k = the size of Mods_Robust)."""
+    k = len(plan["modules"])
+    return "\n\n".join(
+        [
+            f"## Ranking stability (k = {k}, the size of Mods_Robust)",
+            STABILITY_LEGEND,
+            seed_stability_text(robustness, k),
+            half_stability_text(robustness, k),
+        ]
+    )
+
+
+def seed_stability_text(robustness: pd.DataFrame, k: int) -> str:
+    """The seed pairs' table and the verdict, or why there is none."""
+    pairs = seed_stability(robustness, k)
+    if pairs.empty:
+        return (
+            "Between seeds: stability cannot be measured with one seed; raise "
+            "`robustness.seeds` to 2 or more."
+        )
+    mean_overlap = pairs["top_k_overlap"].mean()
+    summary = (
+        f"Between seeds ({len(pairs)} pair(s)): mean Spearman "
+        f"{pairs['spearman'].mean():.3f}, mean top-k overlap {mean_overlap:.3f}."
+    )
+    if k == 0:
+        summary += " Mods_Robust is empty, so there is no top-k to compare."
+    elif is_unstable(pairs):
+        summary += (
+            f" **The top-k is unstable**: the mean overlap is below {UNSTABLE_OVERLAP}, so "
+            "which modules form Mods_Robust depends on the seed more than on the modules."
+        )
+    else:
+        summary += f" The top-k is stable by this test (mean overlap >= {UNSTABLE_OVERLAP})."
+    return summary + "\n\n" + markdown_table(pairs)
+
+
+def half_stability_text(robustness: pd.DataFrame, k: int) -> str:
+    """Spearman and top-k overlap between the halves of the probe's test prompts."""
+    halves = half_stability(robustness, k)
+    if halves is None:
+        return (
+            "Between halves of the probe's test prompts: not recorded in this robustness table "
+            "(written before the per-half scores); rerun the robustness stage."
+        )
+    verdict = (
+        f" **The top-k is unstable between halves** (overlap below {UNSTABLE_OVERLAP})."
+        if k and halves["top_k_overlap"] < UNSTABLE_OVERLAP
+        else ""
+    )
+    return (
+        f"Between halves of the probe's test prompts: Spearman {halves['spearman']:.3f}, "
+        f"top-k overlap {halves['top_k_overlap']:.3f}.{verdict}"
     )
 
 
