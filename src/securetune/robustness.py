@@ -51,7 +51,8 @@ def combined_score(metrics: dict[str, float], score: str, weights: dict[str, flo
     if score in METRICS:
         return metrics[score]
     if score == "combined":
-        return float(sum(weights.get(m, 0.0) * metrics[m] for m in METRICS))
+        # A metric of weight 0 is left out, so a table's NaN in it cannot spoil the score.
+        return float(sum(weights[m] * metrics[m] for m in METRICS if weights.get(m, 0.0)))
     raise ValueError(f"robustness.score: '{score}' is not one of {[*METRICS, 'combined']}")
 
 
@@ -171,7 +172,8 @@ def drift_metrics(
     probes: LayerProbes,
     layers: list[int],
 ) -> dict[str, float]:
-    """Probe accuracy before/after, cosine drift and projection shift, averaged over `layers`.
+    """Probe accuracy before/after, cosine drift, projection shift and margin drop, averaged
+    over `layers`.
 
     `clean` and `perturbed` are features [len(layers), N, H] at the proxy layers.
     """
@@ -189,7 +191,23 @@ def drift_metrics(
         "acc_drop": acc_before - acc_after,
         "cosine_drift": (1.0 - cosine).mean().item(),
         "direction_shift": (proj_shift / spread).mean().item(),
+        "margin_drop": (
+            true_class_margin(clean, labels, probes, layers)
+            - true_class_margin(perturbed, labels, probes, layers)
+        )
+        .mean()
+        .item(),
     }
+
+
+def true_class_margin(
+    features: torch.Tensor, labels: torch.Tensor, probes: LayerProbes, layers: list[int]
+) -> torch.Tensor:
+    """The probe's log-odds toward each prompt's true class, [len(layers), N]: a continuous
+    accuracy, so a perturbation that weakens every prediction without flipping one still
+    shows (acc_drop moves only in steps of one prompt)."""
+    sign = labels[None].float() * 2 - 1
+    return probes.logits(features, layers) * sign
 
 
 def half_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,7 +56,9 @@ ROBUSTNESS_LEGEND = (
     "benign instruction tuning on that module only) and the frozen probe re-scored on the test "
     "prompts. acc_drop: probe accuracy lost (mean over proxy layers); cosine_drift: mean "
     "1 - cos(clean, perturbed) of the features; direction_shift: mean |shift| of the projection "
-    "on the harmful-minus-benign direction, in SDs of the clean projections."
+    "on the harmful-minus-benign direction, in SDs of the clean projections; margin_drop: mean "
+    "drop of the probe's log-odds toward each prompt's true class (continuous, where acc_drop "
+    "moves in steps of one prompt)."
 )
 
 # The probe table's columns, in this order, where present (n_ood only with OOD sources).
