@@ -84,6 +84,11 @@ rule report:
             subcategory="{domain}",
             category="Safety features",
         ),
+        heatmap_margin_drop=report(
+            "results/{domain}/report/robustness_heatmap_margin_drop.png",
+            subcategory="{domain}",
+            category="Safety features",
+        ),
         by_depth=report(
             "results/{domain}/report/robustness_by_depth.png",
             subcategory="{domain}",

@@ -51,7 +51,8 @@ def combined_score(metrics: dict[str, float], score: str, weights: dict[str, flo
     if score in METRICS:
         return metrics[score]
     if score == "combined":
-        return float(sum(weights.get(m, 0.0) * metrics[m] for m in METRICS))
+        # A metric of weight 0 is left out, so a table's NaN in it cannot spoil the score.
+        return float(sum(weights[m] * metrics[m] for m in METRICS if weights.get(m, 0.0)))
     raise ValueError(f"robustness.score: '{score}' is not one of {[*METRICS, 'combined']}")
 
 
@@ -59,8 +60,13 @@ def _linear(model: PreTrainedModel, layer: int, module: str) -> torch.nn.Linear:
     return model.get_submodule(module_path(model.config.model_type, layer, module))
 
 
+def linear_weight(model: PreTrainedModel, layer: int, module: str) -> torch.nn.Parameter:
+    """The weight matrix of one module (layer, type)."""
+    return _linear(model, layer, module).weight
+
+
 def _weights(model: PreTrainedModel, modules: list[tuple[int, str]]) -> list[torch.nn.Parameter]:
-    return [_linear(model, layer, module).weight for layer, module in modules]
+    return [linear_weight(model, layer, module) for layer, module in modules]
 
 
 @contextmanager
@@ -166,7 +172,8 @@ def drift_metrics(
     probes: LayerProbes,
     layers: list[int],
 ) -> dict[str, float]:
-    """Probe accuracy before/after, cosine drift and projection shift, averaged over `layers`.
+    """Probe accuracy before/after, cosine drift, projection shift and margin drop, averaged
+    over `layers`.
 
     `clean` and `perturbed` are features [len(layers), N, H] at the proxy layers.
     """
@@ -184,7 +191,50 @@ def drift_metrics(
         "acc_drop": acc_before - acc_after,
         "cosine_drift": (1.0 - cosine).mean().item(),
         "direction_shift": (proj_shift / spread).mean().item(),
+        "margin_drop": (
+            true_class_margin(clean, labels, probes, layers)
+            - true_class_margin(perturbed, labels, probes, layers)
+        )
+        .mean()
+        .item(),
     }
+
+
+def true_class_margin(
+    features: torch.Tensor, labels: torch.Tensor, probes: LayerProbes, layers: list[int]
+) -> torch.Tensor:
+    """The probe's log-odds toward each prompt's true class, [len(layers), N]: a continuous
+    accuracy, so a perturbation that weakens every prediction without flipping one still
+    shows (acc_drop moves only in steps of one prompt)."""
+    sign = labels[None].float() * 2 - 1
+    return probes.logits(features, layers) * sign
+
+
+def half_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint halves of the test prompts, each class alternated between them, so both
+    halves hold both classes (the harmful direction needs both) whatever the prompts' order."""
+    half = torch.zeros_like(labels, dtype=torch.bool)
+    for value in labels.unique():
+        where = (labels == value).nonzero().flatten()
+        half[where[1::2]] = True
+    return ~half, half
+
+
+def half_scores(
+    clean: torch.Tensor,
+    perturbed: torch.Tensor,
+    labels: torch.Tensor,
+    probes: LayerProbes,
+    layers: list[int],
+    settings: RobustnessSettings,
+) -> dict[str, float]:
+    """The score on each half of the test prompts: two estimates from disjoint prompts, whose
+    rank agreement over modules says how much the ranking owes to the particular prompts."""
+    scores = {}
+    for i, mask in enumerate(half_masks(labels)):
+        metrics = drift_metrics(clean[:, mask], perturbed[:, mask], labels[mask], probes, layers)
+        scores[f"score_half{i}"] = combined_score(metrics, settings.score, settings.score_weights)
+    return scores
 
 
 @dataclass
@@ -311,6 +361,9 @@ def score_module(
                 "seed": seed,
                 **metrics,
                 "score": combined_score(metrics, settings.score, settings.score_weights),
+                **half_scores(
+                    view.clean, features, view.labels, view.probes, view.layers, settings
+                ),
                 "weight_change": info["weight_change"],
                 "ift_loss": info.get("ift_loss", math.nan),
                 "n_test": len(view.labels),

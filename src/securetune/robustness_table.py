@@ -12,7 +12,7 @@ from securetune.io import common_provenance, write_parquet
 
 PERTURBATIONS = ("noise", "ift")
 # The per-module robustness metrics (lower = more robust); the score ranks by one or a mix.
-METRICS = ("acc_drop", "cosine_drift", "direction_shift")
+METRICS = ("acc_drop", "cosine_drift", "direction_shift", "margin_drop")
 
 ROBUSTNESS_COLUMNS = {
     "layer": "int64",
@@ -27,7 +27,11 @@ ROBUSTNESS_COLUMNS = {
     "acc_drop": "float64",
     "cosine_drift": "float64",
     "direction_shift": "float64",
+    "margin_drop": "float64",
     "score": "float64",
+    # The score on each of two disjoint halves of the test prompts (the ranking's split-half check).
+    "score_half0": "float64",
+    "score_half1": "float64",
     "weight_change": "float64",
     "ift_loss": "float64",
     "n_test": "int64",

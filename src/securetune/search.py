@@ -10,8 +10,9 @@ group also needs far fewer joint evaluations than its modules one by one).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -28,18 +29,17 @@ from securetune.io import (
 )
 from securetune.precision import detect
 from securetune.progress import Progress
-from securetune.robustness import ProbeView, ift_examples, open_probe_view, perturbed
+from securetune.ranking import rank_modules
+from securetune.robustness import (
+    ProbeView,
+    ift_examples,
+    linear_weight,
+    open_probe_view,
+    perturbed,
+)
 from securetune.settings import SearchSettings
 
 log = logging.getLogger(__name__)
-
-
-def rank_modules(robustness: pd.DataFrame) -> list[str]:
-    """Module names, most robust (lowest mean score) first; ties by layer, then type order."""
-    mean = robustness.groupby(["layer", "module"], as_index=False)["score"].mean()
-    mean["type_order"] = mean["module"].map(MODULE_TYPES.index)
-    mean = mean.sort_values(["score", "layer", "type_order"], kind="mergesort")
-    return [module_name(int(r.layer), r.module) for r in mean.itertuples()]
 
 
 def group_name(module: str, first: int, last: int) -> str:
@@ -80,63 +80,120 @@ def rank_groups(
     return sorted(order, key=lambda g: (score[g], order.index(g))), groups
 
 
+def accuracy_floor(clean: float, tau: float, tau_drop: float) -> float:
+    """The lowest probe accuracy a candidate set may keep: the absolute `tau`, or `tau_drop`
+    below the clean accuracy if that is higher. For a balanced probe tau 0.5 is chance and never
+    binds, while a drop relative to the clean accuracy binds whatever the probe scores."""
+    return max(tau, clean - tau_drop)
+
+
 def greedy_search(
     ranked: list[str],
     evaluate: Callable[[list[str]], float],
     tau: float,
     max_modules: int,
     members: dict[str, list[str]] | None = None,
+    *,
+    tau_drop: float = 1.0,
+    on_reject: str = "stop",
+    sizes: dict[str, int] | None = None,
+    max_params: int | None = None,
 ) -> tuple[list[str], pd.DataFrame, str]:
     """Return (selected modules, trace, stop reason: tau, budget or exhausted).
 
     `ranked` are units, most robust first; `members` maps a group to its modules (None: every
     unit is one module). `evaluate` gets the candidate set's module names and returns the
-    probe accuracy with all of them perturbed jointly. The trace has one row per evaluated set
-    (the first is the unperturbed model): size in modules, units, the unit added, probe accuracy,
-    and whether it was kept.
+    probe accuracy with all of them perturbed jointly. A set is kept while its accuracy is at
+    least `accuracy_floor` of the clean one (the empty set's); one below it stops the search
+    (`on_reject` stop) or is skipped and the next unit tried (skip). The budget is at most
+    `max_modules` modules and, with `sizes` (parameters per module), `max_params` parameters;
+    a unit that would exceed it always stops the search, since filling the budget with less
+    robust but smaller units would trade the ranking for size. The trace has one row per
+    evaluated set (the first is the unperturbed model): size in modules and parameters, units,
+    the unit added, probe accuracy, whether it was kept, and the floor it was held to.
     """
+    if max_params is not None and sizes is None:
+        raise ValueError("greedy_search: a parameter budget needs the modules' sizes")
 
     def modules_of(unit: str) -> list[str]:
         return [unit] if members is None else list(members[unit])
 
+    def params_of(modules: list[str]) -> int:
+        return sum(sizes[m] for m in modules) if sizes is not None else 0
+
+    clean = evaluate([])
+    floor = accuracy_floor(clean, tau, tau_drop)
     selected: list[str] = []
     units: list[str] = []
-    rows = [
-        {
-            "step": 0,
-            "size": 0,
-            "n_units": 0,
-            "added": "",
-            "added_modules": "",
-            "probe_accuracy": evaluate([]),
-            "accepted": True,
-        }
-    ]
+    rows = [_trace_row(0, [], 0, "", [], clean, True, params_of)]
     reason = "exhausted"
     for step, candidate in enumerate(ranked, start=1):
         new = modules_of(candidate)
-        if len(selected) + len(new) > max_modules:
+        if _over_budget([*selected, *new], max_modules, max_params, params_of):
             reason = "budget"
             break
         accuracy = evaluate([*selected, *new])
-        accepted = accuracy >= tau
+        accepted = accuracy >= floor
         rows.append(
-            {
-                "step": step,
-                "size": len(selected) + len(new),
-                "n_units": len(units) + 1,
-                "added": candidate,
-                "added_modules": ",".join(new),
-                "probe_accuracy": accuracy,
-                "accepted": accepted,
-            }
+            _trace_row(step, selected, len(units), candidate, new, accuracy, accepted, params_of)
         )
-        if not accepted:
+        if accepted:
+            selected += new
+            units.append(candidate)
+        elif on_reject == "stop":
             reason = "tau"
             break
-        selected += new
-        units.append(candidate)
-    return selected, pd.DataFrame(rows), reason
+    trace = pd.DataFrame(rows)
+    trace["accuracy_floor"] = floor
+    return selected, trace, reason
+
+
+def _over_budget(
+    modules: list[str],
+    max_modules: int,
+    max_params: int | None,
+    params_of: Callable[[list[str]], int],
+) -> bool:
+    return len(modules) > max_modules or (
+        max_params is not None and params_of(modules) > max_params
+    )
+
+
+def _trace_row(
+    step: int,
+    selected: list[str],
+    n_units: int,
+    added: str,
+    new: list[str],
+    accuracy: float,
+    accepted: bool,
+    params_of: Callable[[list[str]], int],
+) -> dict:
+    """One evaluated candidate set: the kept modules plus the unit `added` (its modules `new`)."""
+    return {
+        "step": step,
+        "size": len(selected) + len(new),
+        "params": params_of([*selected, *new]),
+        "n_units": n_units + (1 if added else 0),
+        "added": added,
+        "added_modules": ",".join(new),
+        "probe_accuracy": accuracy,
+        "accepted": accepted,
+    }
+
+
+def module_budget(max_modules: int, max_module_share: float, n_scored: int) -> int:
+    """The size budget in modules: `max_modules`, or the share of the scored modules if smaller
+    (rounded down, so the share is never exceeded)."""
+    return min(max_modules, math.floor(max_module_share * n_scored))
+
+
+def param_budget(max_param_share: float, sizes: dict[str, int]) -> int | None:
+    """The budget in parameters, a share of the scored modules' parameters (None at share 1:
+    every scored module fits, so it never binds)."""
+    if max_param_share >= 1:
+        return None
+    return math.floor(max_param_share * sum(sizes.values()))
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -174,12 +231,21 @@ def search_robust_modules(
         ranked, members = rank_groups(table, settings.band_width)
     else:
         ranked, members = rank_modules(table), None
+    sizes = module_sizes(view, rank_modules(table))
+    budget = SearchBudget(
+        modules=module_budget(settings.max_modules, settings.max_module_share, len(sizes)),
+        params=param_budget(settings.max_param_share, sizes),
+    )
     selected, trace, reason = greedy_search(
         ranked,
-        with_progress(joint_accuracy(view, settings, examples), len(ranked), settings),
+        with_progress(joint_accuracy(view, settings, examples), len(ranked), budget, settings),
         settings.tau,
-        settings.max_modules,
+        budget.modules,
         members,
+        tau_drop=settings.tau_drop,
+        on_reject=settings.on_reject,
+        sizes=sizes,
+        max_params=budget.params,
     )
     log.info("Mods_Robust (%d, stopped by %s): %s", len(selected), reason, selected)
     seed = settings.robustness.seed
@@ -187,19 +253,62 @@ def search_robust_modules(
     trace["unit"] = settings.unit
     trace["perturbation"] = settings.perturbation
     trace["tau"] = settings.tau
+    trace["tau_drop"] = settings.tau_drop
+    trace["on_reject"] = settings.on_reject
     write_parquet(trace, out_trace, provenance(seed, model))
-    accepted = trace.loc[trace["accepted"] & (trace["step"] > 0), "added"].tolist()
-    write_json(search_plan(selected, accepted, reason, ranked, view, settings, model), out_plan)
+    plan = search_plan(selected, trace, reason, ranked, view, settings, model)
+    write_json({**plan, **budget_record(selected, trace, budget, sizes, view)}, out_plan)
+
+
+@dataclass(frozen=True)
+class SearchBudget:
+    """The search's size limits once the shares are resolved: modules, and parameters (None:
+    no parameter limit)."""
+
+    modules: int
+    params: int | None
+
+
+def module_sizes(view: ProbeView, modules: list[str]) -> dict[str, int]:
+    """Parameters of each scored module's weight, read from the loaded model (exact for any
+    architecture, grouped-query attention's smaller k and v included)."""
+    return {name: linear_weight(view.model, *parse_module_name(name)).numel() for name in modules}
+
+
+def budget_record(
+    selected: list[str],
+    trace: pd.DataFrame,
+    budget: SearchBudget,
+    sizes: dict[str, int],
+    view: ProbeView,
+) -> dict:
+    """The plan's budget and size fields: the budgets applied, the clean accuracy and the floor
+    the sets were held to, the units skipped, and Mods_Robust's parameters as shares of the
+    scored modules' and of the whole model's."""
+    n_params = sum(sizes[m] for m in selected)
+    return {
+        "module_budget": budget.modules,
+        "param_budget": budget.params,
+        "clean_accuracy": float(trace["probe_accuracy"].iloc[0]),
+        "accuracy_floor": float(trace["accuracy_floor"].iloc[0]),
+        "skipped": trace.loc[~trace["accepted"] & (trace["step"] > 0), "added"].tolist(),
+        "n_params": n_params,
+        "param_share": n_params / sum(sizes.values()),
+        "model_param_share": n_params / sum(p.numel() for p in view.model.parameters()),
+    }
 
 
 def with_progress(
-    evaluate: Callable[[list[str]], float], n_units: int, settings: SearchSettings
+    evaluate: Callable[[list[str]], float],
+    n_units: int,
+    budget: SearchBudget,
+    settings: SearchSettings,
 ) -> Callable[[list[str]], float]:
     """`evaluate`, logging progress: the total counts every set the search could try (it may stop
-    earlier at tau), so the ETA is an upper bound."""
-    progress = Progress(
-        "search (at most)", min(n_units, settings.max_modules) + 1, log, unit="candidate sets"
-    )
+    earlier at the floor or the parameter budget), so the ETA is an upper bound. Skipping a
+    rejected unit may try every unit, the budget in modules bounds only the kept ones."""
+    most = n_units if settings.on_reject == "skip" else min(n_units, budget.modules)
+    progress = Progress("search (at most)", most + 1, log, unit="candidate sets")
 
     def logged(names: list[str]) -> float:
         accuracy = evaluate(names)
@@ -239,7 +348,7 @@ def joint_accuracy(
 
 def search_plan(
     selected: list[str],
-    accepted_units: list[str],
+    trace: pd.DataFrame,
     reason: str,
     ranked: list[str],
     view: ProbeView,
@@ -253,12 +362,17 @@ def search_plan(
         settings.perturbation == "ift",
         settings.unit == "group",
     )
+    accepted_units = trace.loc[trace["accepted"] & (trace["step"] > 0), "added"].tolist()
     return {
         "modules": selected,
         "groups": accepted_units if groups else None,
         "stop_reason": reason,
         "tau": settings.tau,
+        "tau_drop": settings.tau_drop,
+        "on_reject": settings.on_reject,
         "max_modules": settings.max_modules,
+        "max_module_share": settings.max_module_share,
+        "max_param_share": settings.max_param_share,
         "unit": settings.unit,
         "band_width": settings.band_width if groups else None,
         "perturbation": settings.perturbation,

@@ -283,6 +283,10 @@ class RobustnessSettings(StageSettings):
         )
 
 
+# A candidate set below the accuracy floor stops the search, or is skipped (the next unit tried).
+ON_REJECT = ("stop", "skip")
+
+
 @dataclass(frozen=True)
 class SearchSettings(StageSettings):
     """Greedy search for Mods_Robust; `unit` module or group (type x band of `band_width`)."""
@@ -295,10 +299,24 @@ class SearchSettings(StageSettings):
     perturbation: str = "noise"
     unit: str = "module"
     band_width: int = 1
+    # Largest drop below the clean probe accuracy a candidate set may cause; 1.0 never binds,
+    # so only the absolute `tau` does (a set is kept while accuracy >= max(tau, clean - tau_drop)).
+    tau_drop: float = 1.0
+    # What a candidate set below the floor does: stop the search, or skip that unit and go on.
+    on_reject: str = "stop"
+    # Budgets as shares of the scored modules and of their parameters; 1.0 never binds.
+    max_module_share: float = 1.0
+    max_param_share: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.robustness, Mapping):
             object.__setattr__(self, "robustness", RobustnessSettings.from_params(self.robustness))
+        _check_choice("search", "on_reject", self.on_reject, ON_REJECT)
+        if not 0 <= self.tau_drop <= 1:
+            raise ConfigError(f"search key 'tau_drop': {self.tau_drop} is not in [0, 1]")
+        for key in ("max_module_share", "max_param_share"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"search key '{key}': {getattr(self, key)} is not in (0, 1]")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:

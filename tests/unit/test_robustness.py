@@ -14,10 +14,11 @@ from securetune.features import (
 )
 from securetune.finetune.sft_data import encode_examples
 from securetune.models import load_model, load_tokenizer
-from securetune.probe import fit_probes
+from securetune.probe import LayerProbes, fit_probes
 from securetune.robustness import (
     ProbeView,
     combined_score,
+    drift_metrics,
     ift_batches,
     ift_perturbed,
     noise_perturbed,
@@ -167,6 +168,37 @@ def test_score_module_rows_for_both_perturbations(tiny, cached):
     assert (df.loc[df.perturbation == "ift", "steps"] == 1).all()
     assert df.loc[df.perturbation == "noise", "lr"].isna().all()
     assert (df["cached_prefix"] == cached).all()
+    # The halves hold 3 and 2 of the 5 prompts, disjoint: their means recompose the score.
+    recomposed = (3 * df["score_half0"] + 2 * df["score_half1"]) / 5
+    assert df["score"].to_numpy() == pytest.approx(recomposed.to_numpy(), rel=1e-5)
     # Same seed, same numbers: a rerun is identical.
     again = score_module(view, 1, "o", settings, 0, _ift_examples(tokenizer))
     assert again.equals(df)
+
+
+def _one_dimensional_probe() -> LayerProbes:
+    """One layer, features of size 1: the logit is the feature itself (harmful when > 0)."""
+    return LayerProbes(torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1))
+
+
+def test_margin_drop_sees_a_weakening_that_flips_no_prediction():
+    labels = torch.tensor([1, 1, 0, 0])
+    clean = torch.tensor([[[2.0], [3.0], [-2.0], [-1.0]]])
+    # every prompt 1.0 closer to the boundary, none across it: acc_drop 0, margin_drop 1
+    weaker = torch.tensor([[[1.0], [2.0], [-1.0], [0.0 - 1e-3]]])
+    metrics = drift_metrics(clean, weaker, labels, _one_dimensional_probe(), [0])
+    assert metrics["acc_drop"] == 0.0
+    assert metrics["margin_drop"] == pytest.approx(1.0, abs=1e-3)
+    stronger = drift_metrics(clean, clean * 2, labels, _one_dimensional_probe(), [0])
+    assert stronger["margin_drop"] == pytest.approx(-2.0)  # more confident: below 0
+
+
+def test_combined_score_leaves_out_a_metric_of_weight_zero():
+    metrics = {
+        "acc_drop": 0.2,
+        "cosine_drift": 0.1,
+        "direction_shift": 3.0,
+        "margin_drop": math.nan,
+    }
+    weights = {"acc_drop": 1.0, "cosine_drift": 0.0, "direction_shift": 0.0}
+    assert combined_score(metrics, "combined", weights) == 0.2

@@ -195,7 +195,8 @@ def draw_figures(
     for metric in METRICS:
         figures.plot_robustness_heatmap(inputs.robustness, metric, outputs[f"heatmap_{metric}"])
     figures.plot_robustness_by_depth(inputs.robustness, list(METRICS), outputs["by_depth"])
-    figures.plot_search_trace(inputs.trace, inputs.plan["tau"], outputs["search_trace"])
+    floor = inputs.plan.get("accuracy_floor", inputs.plan["tau"])  # older plans: tau alone
+    figures.plot_search_trace(inputs.trace, floor, outputs["search_trace"])
     figures.plot_probe_accuracy(inputs.probe, outputs["probe_plot"])
     figures.plot_loss_curves(inputs.losses, outputs["loss_curves"])
     figures.plot_safety_frontier(headline, arm_kinds, outputs["frontier"])
@@ -213,6 +214,7 @@ def report_markdown(inputs: ReportInputs, report: ReportTables, settings: Report
         tables.loss_section(),
         tables.probe_section(inputs.probe),
         tables.robustness_section(inputs.robustness, settings.score),
+        tables.ranking_stability_section(inputs.robustness, inputs.plan),
         tables.plan_section(inputs.plan, inputs.trace),
         tables.module_sets_section(inputs.arm_sets),
         tables.selector_section(report.selectors, settings.confidence),

@@ -104,8 +104,9 @@ def plot_robustness_by_depth(robustness: pd.DataFrame, metrics: list[str], path:
     _save(fig, path)
 
 
-def plot_search_trace(trace: pd.DataFrame, tau: float, path: Path) -> None:
-    """Probe accuracy of each jointly perturbed candidate set against its size; tau dashed."""
+def plot_search_trace(trace: pd.DataFrame, floor: float, path: Path) -> None:
+    """Probe accuracy of each jointly perturbed candidate set against its size; the accuracy
+    floor the sets were held to (tau, or the clean accuracy less tau_drop) dashed."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(trace["size"], trace["probe_accuracy"], color="0.5", linewidth=1, zorder=1)
     kept = trace[trace["accepted"]]
@@ -114,7 +115,7 @@ def plot_search_trace(trace: pd.DataFrame, tau: float, path: Path) -> None:
     ax.scatter(
         refused["size"], refused["probe_accuracy"], color="tab:red", marker="x", label="refused"
     )
-    ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau}")
+    ax.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"floor = {floor:.3f}")
     ax.set_xlabel("size of the candidate set (modules)")
     ax.set_ylabel("probe accuracy, set perturbed jointly")
     ax.set_ylim(-0.02, 1.02)

@@ -12,6 +12,7 @@ import pandas as pd
 from securetune.architectures import MODULE_TYPES, parse_module_name
 from securetune.io import atomic_path
 from securetune.precision import Hardware, choose_autocast, choose_dtype
+from securetune.ranking import UNSTABLE_OVERLAP, half_stability, is_unstable, seed_stability
 from securetune.report.stats import (
     HEADLINE_METRICS,
     POOLED,
@@ -67,7 +68,9 @@ ROBUSTNESS_LEGEND = (
     "benign instruction tuning on that module only) and the frozen probe re-scored on the test "
     "prompts. acc_drop: probe accuracy lost (mean over proxy layers); cosine_drift: mean "
     "1 - cos(clean, perturbed) of the features; direction_shift: mean |shift| of the projection "
-    "on the harmful-minus-benign direction, in SDs of the clean projections."
+    "on the harmful-minus-benign direction, in SDs of the clean projections; margin_drop: mean "
+    "drop of the probe's log-odds toward each prompt's true class (continuous, where acc_drop "
+    "moves in steps of one prompt)."
 )
 
 # The probe table's columns, in this order, where present (n_ood only with OOD sources).
@@ -80,7 +83,7 @@ PROBE_COLUMNS = (
     "n_test",
     "n_ood",
 )
-TRACE_COLUMNS = ["step", "size", "added", "probe_accuracy", "accepted"]
+TRACE_COLUMNS = ["step", "size", "params", "added", "probe_accuracy", "accepted"]
 
 
 def headline_table(headline: pd.DataFrame, arm_order: list[str]) -> pd.DataFrame:
@@ -217,6 +220,74 @@ def robustness_section(robustness: pd.DataFrame, score: str) -> str:
     )
 
 
+STABILITY_LEGEND = (
+    "A ranking is worth acting on only if another draw would give about the same one. Between "
+    "seeds: each pair of noise seeds (replicates) ranks the modules by their mean score; "
+    "spearman is the rank correlation of the scores, top_k_overlap the share of the k most "
+    "robust modules (k = the size of Mods_Robust) the two have in common. Between halves: the "
+    "same for the score computed on two disjoint halves of the probe's test prompts. Equal "
+    "scores (acc_drop moves in steps of one prompt) are ordered by layer, then type."
+)
+
+
+def ranking_stability_section(robustness: pd.DataFrame, plan: dict[str, Any]) -> str:
+    """How stable the robustness ranking is between seeds and between halves of the probe's test
+    prompts, with a plain verdict on the top k (k = the size of Mods_Robust)."""
+    k = len(plan["modules"])
+    return "\n\n".join(
+        [
+            f"## Ranking stability (k = {k}, the size of Mods_Robust)",
+            STABILITY_LEGEND,
+            seed_stability_text(robustness, k),
+            half_stability_text(robustness, k),
+        ]
+    )
+
+
+def seed_stability_text(robustness: pd.DataFrame, k: int) -> str:
+    """The seed pairs' table and the verdict, or why there is none."""
+    pairs = seed_stability(robustness, k)
+    if pairs.empty:
+        return (
+            "Between seeds: stability cannot be measured with one seed; raise "
+            "`robustness.seeds` to 2 or more."
+        )
+    mean_overlap = pairs["top_k_overlap"].mean()
+    summary = (
+        f"Between seeds ({len(pairs)} pair(s)): mean Spearman "
+        f"{pairs['spearman'].mean():.3f}, mean top-k overlap {mean_overlap:.3f}."
+    )
+    if k == 0:
+        summary += " Mods_Robust is empty, so there is no top-k to compare."
+    elif is_unstable(pairs):
+        summary += (
+            f" **The top-k is unstable**: the mean overlap is below {UNSTABLE_OVERLAP}, so "
+            "which modules form Mods_Robust depends on the seed more than on the modules."
+        )
+    else:
+        summary += f" The top-k is stable by this test (mean overlap >= {UNSTABLE_OVERLAP})."
+    return summary + "\n\n" + markdown_table(pairs)
+
+
+def half_stability_text(robustness: pd.DataFrame, k: int) -> str:
+    """Spearman and top-k overlap between the halves of the probe's test prompts."""
+    halves = half_stability(robustness, k)
+    if halves is None:
+        return (
+            "Between halves of the probe's test prompts: not recorded in this robustness table "
+            "(written before the per-half scores); rerun the robustness stage."
+        )
+    verdict = (
+        f" **The top-k is unstable between halves** (overlap below {UNSTABLE_OVERLAP})."
+        if k and halves["top_k_overlap"] < UNSTABLE_OVERLAP
+        else ""
+    )
+    return (
+        f"Between halves of the probe's test prompts: Spearman {halves['spearman']:.3f}, "
+        f"top-k overlap {halves['top_k_overlap']:.3f}.{verdict}"
+    )
+
+
 def plan_section(plan: dict[str, Any], trace: pd.DataFrame) -> str:
     """Mods_Robust: what the search chose and why it stopped, with its trace."""
     modules = ", ".join(plan["modules"]) or "none"
@@ -228,9 +299,34 @@ def plan_section(plan: dict[str, Any], trace: pd.DataFrame) -> str:
         f"{plan['max_modules']}, ranked by {plan.get('score', 'score')}, perturbation "
         f"{plan.get('perturbation', 'noise')}, proxy layers {plan['proxy_layers']}): {modules}"
     )
+    columns = [c for c in TRACE_COLUMNS if c in trace.columns]  # params: newer traces only
     return (
-        summary + "\n\n![search trace](search_trace.png)\n\n" + markdown_table(trace[TRACE_COLUMNS])
+        summary
+        + search_limits_note(plan)
+        + "\n\n![search trace](search_trace.png)\n\n"
+        + markdown_table(trace[columns])
     )
+
+
+def search_limits_note(plan: dict[str, Any]) -> str:
+    """The floor and budgets the sets were held to and Mods_Robust's parameter share; empty
+    for a plan written before they were recorded."""
+    if "accuracy_floor" not in plan:
+        return ""
+    skipped = plan["skipped"]
+    return (
+        f"\n\nA set was kept while its probe accuracy was >= {plan['accuracy_floor']:.3f} "
+        f"(max of tau {plan['tau']} and the clean {plan['clean_accuracy']:.3f} less tau_drop "
+        f"{plan['tau_drop']}); a set below it {_ON_REJECT[plan['on_reject']]}"
+        + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+        + f". Budget: {plan['module_budget']} modules"
+        + (f", {plan['param_budget']} parameters" if plan["param_budget"] is not None else "")
+        + f". Mods_Robust holds {plan['n_params']} parameters: {plan['param_share']:.1%} of the "
+        f"scored modules' and {plan['model_param_share']:.1%} of the model's."
+    )
+
+
+_ON_REJECT = {"stop": "stopped the search", "skip": "was skipped and the search went on"}
 
 
 def precision_section(hardware: dict[str, Any] | None, requested: dict[str, str]) -> str:
