@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from securetune.architectures import module_weight_name, parse_module_name
 from securetune.io import stable_seed, versions, write_json
-from securetune.search import rank_modules
+from securetune.ranking import rank_modules
 from securetune.settings import SelectorSettings
 
 log = logging.getLogger(__name__)

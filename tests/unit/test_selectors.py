@@ -20,10 +20,10 @@ from securetune.method import (
     replicates_of,
     selection_name,
 )
+from securetune.ranking import rank_modules
 from securetune.report.build import with_replicates
 from securetune.report.settings import ReportSettings
 from securetune.report.tables import module_set_by_type, module_sets_section
-from securetune.search import rank_modules
 from securetune.selectors import (
     attribution_ranking,
     inverse_selection,
