@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 from securetune.config import config_in_force  # noqa: E402
 from securetune.domains import domain_finetune  # noqa: E402
 from securetune.jobs import evaluated_arms  # noqa: E402
-from securetune.method import gamma_sweep_arms  # noqa: E402
+from securetune.method import gamma_sweep_arms, replicates_of  # noqa: E402
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -96,9 +96,9 @@ def merge(base: dict, overlay: dict) -> dict:
 
 
 def trained_arms(cfg: dict) -> list[str]:
-    """The fine-tuned arms: finetune.arms and the gamma sweep's, which the paper tables (and
-    so `all`) need when the config has a sweep."""
-    return [*cfg["finetune"]["arms"], *gamma_sweep_arms(cfg["finetune"])]
+    """The fine-tuned arms: finetune.arms (each replicate once) and the gamma sweep's, which
+    the paper tables (and so `all`) need when the config has a sweep."""
+    return [*replicates_of(cfg["finetune"]), *gamma_sweep_arms(cfg["finetune"])]
 
 
 def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict]:
@@ -120,7 +120,7 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
     domains = {name: domain_finetune(cfg, name) for name in cfg["domains"]}
     # Every arm fine-tuned in every domain; the reference arms (base, unaligned) evaluated once.
     trained = len(arms) * len(domains)
-    references = len(evaluated_arms(cfg)) - len(ft["arms"])
+    references = len(evaluated_arms(cfg)) - len(replicates_of(ft))
     models = references + trained
     heldout = sum(
         (references + len(arms)) * spec["ift_heldout_examples"] for spec in cfg["domains"].values()

@@ -269,3 +269,19 @@ def test_a_too_large_slice_or_a_wrong_domain_is_refused_at_start(tmp_path, overl
     result = snakemake(REPO, "-n", "--configfile", "configs/tiny.yaml", str(bad), check=False)
     assert result.returncode != 0
     assert re.search(message, result.stderr + result.stdout), result.stderr[-2000:]
+
+
+def test_controls_overlay_plans_every_selector_with_replicates():
+    """configs/controls.yaml: vanilla at 4 learning rates, ML-LR by 6 module sets (robust, 3
+    random draws, inverse, attribution) x 3 replicates, the demo's freeze."""
+    plan = snakemake(REPO, "-n", "--forceall", "--configfile", "configs/controls.yaml").stdout
+    counts = job_counts(plan)
+    assert counts["finetune"] == 4 + 6 * 3 + 1
+    assert counts["select_modules"] == 5 and counts["attribute_modules"] == 1
+    assert counts["generate_arm"] == counts["finetune"] + 2  # and base, unaligned
+    wildcards = planned_wildcards(plan)
+    assert {w for w in wildcards if w.startswith("selection=")} == {
+        "selection=random_d0", "selection=random_d1", "selection=random_d2",
+        "selection=inverse", "selection=attribution",
+    }  # fmt: skip
+    assert any("arm=ml_lr_attribution_r2" in w for w in wildcards)
