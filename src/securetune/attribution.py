@@ -57,7 +57,9 @@ def snip_importance(
 
 
 def top_share_mask(scores: torch.Tensor, share: float) -> torch.Tensor:
-    """The weights in the top `share` of `scores` (at least one weight)."""
+    """The weights in the top `share` of `scores` (at least one weight; none for share 0)."""
+    if share == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
     flat = scores.flatten()
     k = max(1, round(share * flat.numel()))
     threshold = torch.topk(flat, k).values[-1]

@@ -109,7 +109,7 @@ def selected_modules(
             sizes,
             k,
             sum(sizes[m] for m in robust),
-            settings.random_param_tolerance,
+            settings.random_param_tolerance or 0.0,
             stable_seed(settings.seed, "random_selector", draw),
         )
     raise ValueError(f"unknown selection '{settings.selection}'")

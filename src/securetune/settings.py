@@ -330,14 +330,18 @@ class SelectorSettings(StageSettings):
 
     selection: str
     seed: int
-    random_param_tolerance: float
+    # Only a random draw has one (None otherwise), so changing it reruns no other set.
+    random_param_tolerance: float | None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], selection: str) -> Self:
+        random = selection.startswith("random_d")
         return cls(
             selection=selection,
             seed=config["seed"],
-            random_param_tolerance=config["selectors"]["random_param_tolerance"],
+            random_param_tolerance=(
+                config["selectors"]["random_param_tolerance"] if random else None
+            ),
         )
 
 

@@ -13,6 +13,7 @@ from securetune.report.stats import (
     bootstrap_ci,
     frontier_verdicts,
     headline_rates,
+    paired_difference,
     summarise_scores,
     wilson_interval,
 )
@@ -447,3 +448,32 @@ def test_the_frontier_gap_resamples_replicates_before_prompts():
     width = replicated["gap_ci_high"] - replicated["gap_ci_low"]
     assert width > 2 * (averaged["gap_ci_high"] - averaged["gap_ci_low"])
     assert replicated["gap_ci_low"] < -0.1 and replicated["gap_ci_high"] > 0.1
+
+
+def test_replicates_are_drawn_alike_for_every_arm_and_an_unreplicated_arm_is_itself():
+    from securetune.report.stats import _replicate_means, per_item_replicates
+
+    rows = pd.DataFrame(
+        {"benchmark": "b", "prompt_id": [0, 0, 0, 1, 1, 1],
+         "arm": ["ml_lr", "ml_lr", "vanilla"] * 2, "replicate": [0, 1, 0] * 2,
+         "success": [0.0, 1.0, 0.5, 0.0, 1.0, 0.5]}
+    )  # fmt: skip
+    wide = per_item_replicates(rows, "success")
+    arms, values = _replicate_means(wide, np.array([1, 1]))
+    assert list(arms) == ["ml_lr", "vanilla"]
+    assert values[:, 0].tolist() == [1.0, 1.0] and values[:, 1].tolist() == [0.5, 0.5]
+    assert _replicate_means(wide, None)[1][:, 0].tolist() == [0.5, 0.5]
+
+
+def test_the_paired_difference_resamples_replicates_too():
+    """Two replicates of an arm, one like the reference and one far from it: the difference's
+    interval spans the replicates' disagreement, not just the prompts'."""
+    arms = {"vanilla": (1.0, 0.3), "rep0": (1.0, 0.3), "rep1": (1.0, 0.7)}
+    keyword, _ = _frontier_tables(arms)
+    keyword = keyword.assign(replicate=keyword["arm"].map({"rep1": 1}).fillna(0).astype(int))
+    keyword = keyword.assign(arm=keyword["arm"].replace({"rep0": "ml_lr", "rep1": "ml_lr"}))
+    mean, low, high = paired_difference(
+        {"keyword": keyword}, "attack_success", "ml_lr", "vanilla", 400, 0.95, 0, ()
+    )
+    assert mean == pytest.approx(0.2, abs=0.02)
+    assert low < 0.05 and high > 0.35  # replicate 0 alone: 0; replicate 1 alone: 0.4

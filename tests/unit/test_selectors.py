@@ -237,3 +237,11 @@ def test_controls_are_paired_with_the_robust_arm_of_their_kind_gamma_and_lr(conf
     assert control_pairs(config["finetune"]) == [
         ("rand", "ml_lr"), ("rand_g3", "ml_lr_g3"), ("freeze_attr", "freeze"),
     ]  # fmt: skip
+
+
+def test_q_zero_removes_nothing_from_the_safety_top_and_only_random_sets_have_a_tolerance(config):
+    safety = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    row = module_attribution(safety, safety, p=0.5, q=0.0)
+    assert row["safety_critical_share"] == 0.5
+    assert SelectorSettings.from_config(config, "inverse").random_param_tolerance is None
+    assert SelectorSettings.from_config(config, "random_d3").random_param_tolerance == 0.1

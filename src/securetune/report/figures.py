@@ -146,10 +146,15 @@ def plot_probe_accuracy(probe: pd.DataFrame, path: Path) -> None:
 
 
 def plot_loss_curves(losses: pd.DataFrame, path: Path) -> None:
-    """Training loss against step, one line per fine-tuned arm."""
+    """Training loss against step, one line per fine-tuned arm (and replicate, in the arm's
+    colour, labelled once)."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for arm, group in losses.groupby("arm", sort=True):
-        ax.plot(group["step"], group["loss"], label=arm, linewidth=1.2)
+    if "replicate" not in losses:
+        losses = losses.assign(replicate=0)
+    for i, (arm, group) in enumerate(losses.groupby("arm", sort=True)):
+        for k, (_, run) in enumerate(group.groupby("replicate", sort=True)):
+            ax.plot(run["step"], run["loss"], color=f"C{i % 10}", linewidth=1.2,
+                    alpha=1.0 if k == 0 else 0.5, label=arm if k == 0 else None)  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (response tokens)")
     ax.set_title("Fine-tuning loss per arm")

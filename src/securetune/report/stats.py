@@ -180,6 +180,7 @@ def summarise_scores(
             n_resamples,
             level,
             stable_seed(seed, arm, benchmark),
+            _replicates(group),
             binary=True,
         )
         rows.append(_rate(arm, benchmark, METRIC_OF_KIND[kind], ci, len(group)))
@@ -191,6 +192,7 @@ def summarise_scores(
                 n_resamples,
                 level,
                 stable_seed(seed, arm, benchmark, "rouge_l"),
+                _replicates(group),
             )
             rows.append(_rate(arm, benchmark, "rouge_l", ci, int(group["rouge_l"].notna().sum())))
     return pd.DataFrame(rows)
@@ -206,8 +208,15 @@ def _lenient_rate(
         n_resamples,
         level,
         stable_seed(seed, arm, benchmark, "lenient"),
+        _replicates(group),
+        binary=True,
     )
     return _rate(arm, benchmark, LENIENT_ATTACK_SUCCESS, ci, len(group))
+
+
+def _replicates(group: pd.DataFrame) -> np.ndarray | None:
+    """The replicate label of each row, where the table has them (the bootstrap's groups)."""
+    return group["replicate"].to_numpy() if "replicate" in group else None
 
 
 def headline_metric(name: str) -> HeadlineMetric:
@@ -307,14 +316,6 @@ def _frontier_arrays(
     return arms, np.array([p[1] for p in points]), np.array([p[2] for p in points])
 
 
-def per_item(rows: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Item (benchmark, prompt or example id) x arm: one value per item (the mean over
-    replicates), keeping only items every arm has, so arms can be resampled in pairs."""
-    item = "prompt_id" if "prompt_id" in rows else "example_id"
-    wide = rows.pivot_table(index=["benchmark", item], columns="arm", values=column, aggfunc="mean")
-    return wide.dropna()
-
-
 def paired_difference(
     tables: dict[str, pd.DataFrame],
     metric_name: str,
@@ -333,13 +334,26 @@ def paired_difference(
     table = tables.get(metric.source)
     if table is None or table.empty or metric.column not in table:
         return float("nan"), float("nan"), float("nan")
-    wide = per_item(pooled_rows(table, metric, alignment_benchmarks), metric.column)
-    if arm not in wide or reference not in wide:
+    wide = per_item_replicates(pooled_rows(table, metric, alignment_benchmarks), metric.column)
+    if not {arm, reference} <= set(wide.columns.unique("arm")):
         return float("nan"), float("nan"), float("nan")
-    differences = (wide[arm] - wide[reference]).to_numpy(dtype=float)
-    seed = stable_seed(seed, "paired", arm, reference, metric_name)
-    # A difference of two rates is no rate (-1, 0 or 1 per prompt): the plain bootstrap.
-    return percentile_bootstrap(differences, n_resamples, level, seed)
+    rng = np.random.default_rng(stable_seed(seed, "paired", arm, reference, metric_name))
+
+    def difference(rows: np.ndarray, labels: np.ndarray | None) -> float:
+        arms, values = _replicate_means(wide, labels)
+        first, second = arms.get_loc(arm), arms.get_loc(reference)
+        return float((values[rows, first] - values[rows, second]).mean())
+
+    every = np.arange(len(wide))
+    if len(every) == 0:
+        return float("nan"), float("nan"), float("nan")
+    # A difference of two rates is no rate (-1, 0 or 1 per prompt): the plain bootstrap, over
+    # replicates (drawn alike for both arms), then prompts.
+    samples = np.array([
+        difference(rng.choice(every, len(every)), _draw_replicates(wide, rng))
+        for _ in range(n_resamples)
+    ])  # fmt: skip
+    return (difference(every, None), *_percentiles(samples, level))
 
 
 def compared_arms(arm_kinds: dict[str, str]) -> list[str]:
@@ -462,9 +476,11 @@ class FrontierItems:
         """(attack success, benchmark x arm with the pooled row first; held-out loss per arm)
         over every item and replicate or, given `rng`, over one resample of them."""
         strata = self._attack_strata
+        labels = None
         if rng is not None:
+            labels = _draw_replicates(self.attack, rng)
             strata = [rng.choice(rows, size=len(rows)) for rows in strata]
-        arms, values = _replicate_means(self.attack, rng)
+        arms, values = _replicate_means(self.attack, labels)
         pooled = _mean_of_rows(values, np.concatenate([np.empty(0, dtype=int), *strata]))
         attack = pd.DataFrame(
             np.vstack([pooled, *(_mean_of_rows(values, rows) for rows in strata)]),
@@ -472,7 +488,7 @@ class FrontierItems:
             columns=arms,
         )
         rows = self._loss_rows if rng is None else rng.choice(self._loss_rows, len(self._loss_rows))
-        loss_arms, loss_values = _replicate_means(self.loss, rng)
+        loss_arms, loss_values = _replicate_means(self.loss, labels)
         return attack, pd.Series(_mean_of_rows(loss_values, rows), loss_arms)
 
 
@@ -487,19 +503,28 @@ def per_item_replicates(rows: pd.DataFrame, column: str) -> pd.DataFrame:
     return wide.dropna()
 
 
-def _replicate_means(
-    wide: pd.DataFrame, rng: np.random.Generator | None
-) -> tuple[pd.Index, np.ndarray]:
-    """(arms, item x arm values): each arm's mean over its replicates or, given `rng`, over a
-    draw of as many of them with replacement."""
+def _draw_replicates(wide: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+    """One draw, with replacement, of the replicate numbers: replicate k of every arm shares
+    its data order, so the arms' replicates are drawn alike (and for every table of a draw)."""
+    labels = np.unique(wide.columns.get_level_values("replicate"))
+    return rng.choice(labels, size=len(labels))
+
+
+def _replicate_means(wide: pd.DataFrame, labels: np.ndarray | None) -> tuple[pd.Index, np.ndarray]:
+    """(arms, item x arm values): each arm's mean over its replicates, or over the drawn
+    replicate numbers `labels` (with their repeats) that it has; an arm with one replicate
+    (base, vanilla) is that one."""
     arms = wide.columns.unique("arm")
     values = wide.to_numpy(dtype=float)
-    position = wide.columns.get_level_values("arm")
+    arm_of = wide.columns.get_level_values("arm")
+    replicate_of = wide.columns.get_level_values("replicate")
     columns = []
     for arm in arms:
-        own = np.flatnonzero(position == arm)
-        if rng is not None and len(own) > 1:
-            own = rng.choice(own, size=len(own))
+        own = np.flatnonzero(arm_of == arm)
+        if labels is not None and len(own) > 1:
+            by_label = {replicate_of[i]: i for i in own}
+            drawn = [by_label[r] for r in labels if r in by_label]
+            own = np.array(drawn) if drawn else own
         columns.append(values[:, own].mean(axis=1))
     return arms, np.column_stack(columns) if columns else np.empty((len(wide), 0))
 

@@ -48,12 +48,14 @@ FRONTIER_LEGEND = (
     "safety), then a PCHIP curve through the points, which follows a bending frontier where "
     "straight lines between the points would cut above it and favour an arm between them. "
     "gap: the arm's attack success minus the curve's at the arm's loss (negative: safer), with "
-    "a paired bootstrap CI (the same resampled prompts and held-out examples for every arm); "
+    "a paired bootstrap CI (the same resampled replicates, prompts and held-out examples for "
+    "every arm); "
     "gap_linear: the same against straight lines between the points, for comparison; "
     "resamples_in_range: share of resamples in which the arm's loss stays inside the "
     "frontier's range. Only a CI of gap wholly below 0 says ML-LR beats lowering every "
-    "learning rate. The first table pools every harmful benchmark's prompts; the second "
-    "computes attack success (frontier included) on each benchmark's prompts alone."
+    "learning rate. The first table pools the prompts of the harmful benchmarks the alignment "
+    "set took no rows of (as the headline attack success does); the second computes attack "
+    "success (frontier included) on each of those benchmarks' prompts alone."
 )
 
 PROBE_LEGEND = (
@@ -368,7 +370,8 @@ def module_sets_section(arm_sets: dict[str, dict[str, Any]]) -> str:
             "arm": arm,
             "selector": plan.get("selector", "robust"),
             "modules": len(plan["modules"]),
-            "params_share": plan.get("params_share", float("nan")),
+            # A selector's plan says params_share, the search's param_share.
+            "params_share": plan.get("params_share", plan.get("param_share", float("nan"))),
             "overlap_with_robust": (
                 len(set(plan["modules"]) & set(robust)) if robust is not None else float("nan")
             ),
