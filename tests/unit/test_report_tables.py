@@ -477,3 +477,11 @@ def test_the_paired_difference_resamples_replicates_too():
     )
     assert mean == pytest.approx(0.2, abs=0.02)
     assert low < 0.05 and high > 0.35  # replicate 0 alone: 0; replicate 1 alone: 0.4
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 20, 48, 60, 99, 160])
+def test_a_wilson_interval_holds_its_rate_at_zero_and_one(n):
+    for successes in (0, n):
+        low, high = wilson_interval(successes, n, 0.95)
+        assert low <= successes / n <= high
+    assert wilson_interval(0, n, 0.95)[0] == 0.0 and wilson_interval(n, n, 0.95)[1] == 1.0

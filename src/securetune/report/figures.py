@@ -174,7 +174,7 @@ def plot_safety_frontier(headline: pd.DataFrame, arm_kinds: dict[str, str], path
         if np.isnan(x) or np.isnan(y):
             continue
         ax.errorbar(
-            x, y, xerr=[[x - x_low], [x_high - x]], yerr=[[y - y_low], [y_high - y]],
+            x, y, xerr=_extent(x, x_low, x_high), yerr=_extent(y, y_low, y_high),
             marker=FRONTIER_MARKERS.get(kind, "D"), capsize=3, linestyle="none", zorder=2,
             label=f"{arm} ({kind})",
         )  # fmt: skip
@@ -189,6 +189,12 @@ def plot_safety_frontier(headline: pd.DataFrame, arm_kinds: dict[str, str], path
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     _save(fig, path)
+
+
+def _extent(value: float, low: float, high: float) -> list[list[float]]:
+    """An error bar's lengths below and above the point (never negative: matplotlib refuses
+    them, and an interval may end a rounding error past its point)."""
+    return [[max(0.0, value - low)], [max(0.0, high - value)]]
 
 
 def _draw_frontier(ax: plt.Axes, frontier: pd.DataFrame) -> None:

@@ -136,8 +136,9 @@ def wilson_interval(successes: int, n: int, level: float) -> tuple[float, float]
     shrink = 1.0 + z**2 / n
     centre = (rate + z**2 / (2 * n)) / shrink
     half = z * np.sqrt(rate * (1.0 - rate) / n + z**2 / (4 * n**2)) / shrink
-    # Clipped: at 0/n and n/n the bound is 0 or 1 up to rounding.
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # At 0/n and n/n the bound is the rate itself, which rounding may put a hair past it (an
+    # interval that excludes its own point estimate).
+    return float(min(rate, max(0.0, centre - half))), float(max(rate, min(1.0, centre + half)))
 
 
 def rate_interval(
