@@ -68,15 +68,16 @@ def test_a_rate_of_zero_or_one_gets_an_interval_of_nonzero_width():
         (0.0, 0.0, 0.16113), abs=1e-5
     )
     assert bootstrap_ci(ones, 500, 0.95, 0, binary=True)[1] == pytest.approx(0.83887, abs=1e-5)
-    # Replicates that all agree: the two-level bootstrap alone is [0, 0]; widened to Wilson's.
+    # Replicates that all agree: the two-level bootstrap alone is [0, 0]; widened to Wilson's
+    # for the 10 prompts of one replicate.
     seeds = np.repeat([0, 1], 10)
     assert bootstrap_ci(zeros, 500, 0.95, 0, seeds, binary=True)[2] == pytest.approx(
-        0.16113, abs=1e-5
+        wilson_interval(0, 10, 0.95)[1], abs=1e-9
     )
     # Replicates that disagree keep the bootstrap's wider interval (the union of the two).
     split = np.concatenate([np.zeros(10), np.ones(10)])
     _, low, high = bootstrap_ci(split, 500, 0.95, 0, seeds, binary=True)
-    wilson_low, wilson_high = wilson_interval(10, 20, 0.95)
+    wilson_low, wilson_high = wilson_interval(5, 10, 0.95)
     assert low <= wilson_low and high >= wilson_high and (low, high) != (wilson_low, wilson_high)
     # A score that is no rate (harmfulness 1-5, all 1) keeps the percentile bootstrap.
     assert bootstrap_ci(ones, 500, 0.95, 0) == (1.0, 1.0, 1.0)
@@ -485,3 +486,13 @@ def test_a_wilson_interval_holds_its_rate_at_zero_and_one(n):
         low, high = wilson_interval(successes, n, 0.95)
         assert low <= successes / n <= high
     assert wilson_interval(0, n, 0.95)[0] == 0.0 and wilson_interval(n, n, 0.95)[1] == 1.0
+
+
+def test_with_replicates_wilson_counts_the_prompts_of_one_replicate():
+    """Three replicates of the same 20 prompts, every answer 0: the interval is Wilson's for 20
+    prompts (up to 0.161), not for 60 rows, which would claim three times the prompts."""
+    values = np.zeros(60)
+    groups = np.repeat([0, 1, 2], 20)
+    mean, low, high = bootstrap_ci(values, 200, 0.95, 0, groups, binary=True)
+    assert (mean, low) == (0.0, 0.0)
+    assert high == pytest.approx(wilson_interval(0, 20, 0.95)[1])

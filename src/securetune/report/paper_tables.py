@@ -181,7 +181,8 @@ def markdown(
     share."""
     parts = [
         "# The paper's tables",
-        f"Model: `{source_model}`. Mean [{confidence:.0%} bootstrap CI over prompts]; n/a where "
+        f"Model: `{source_model}`. Mean [{confidence:.0%} CI: Wilson for rates, bootstrap "
+        "for scores; replicates, then prompts]; n/a where "
         "the judge or benchmark is not in this run (the harmfulness score needs "
         "`evaluation.llm_judge`). Reported numbers are the papers', not ours. The domains share "
         "the model, the probe and Mods_Robust; `before IFT` is the same model in each.",

@@ -126,7 +126,7 @@ def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def wilson_interval(successes: int, n: int, level: float) -> tuple[float, float]:
+def wilson_interval(successes: float, n: float, level: float) -> tuple[float, float]:
     """(low, high): the Wilson score interval of a binomial rate. Unlike a bootstrap it has
     width at 0/n and n/n (0/20 at 95%: up to 0.161), where resampling only ever draws 0s."""
     if n == 0:
@@ -159,6 +159,10 @@ def rate_interval(
     if not _replicated(groups):
         return float(values.mean()), wilson_low, wilson_high
     mean, low, high = percentile_bootstrap(values, n_resamples, level, seed, groups)
+    # Wilson's n is the prompts of one replicate: replicates of the same prompts are not
+    # independent draws of prompts, so counting every row would narrow it.
+    per_replicate = len(values) / len(np.unique(groups))
+    wilson_low, wilson_high = wilson_interval(mean * per_replicate, per_replicate, level)
     return mean, min(low, wilson_low), max(high, wilson_high)
 
 

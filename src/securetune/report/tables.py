@@ -163,11 +163,8 @@ def main_section(table: pd.DataFrame, judged: dict[str, pd.DataFrame], confidenc
     """The main table with its legend and how many judge verdicts were read."""
     level = int(round(confidence * 100))
     return (
-        f"## Main table (arm x metric, mean [{level}% bootstrap CI over prompts])\n\n"
-        + METRICS_LEGEND
-        + "\n\n"
-        + markdown_table(table)
-        + judge_note(judged)
+        f"## Main table (arm x metric, mean [{level}% CI: Wilson for rates, bootstrap for "
+        "scores])\n\n" + METRICS_LEGEND + "\n\n" + markdown_table(table) + judge_note(judged)
     )
 
 
