@@ -19,6 +19,7 @@ from securetune.domains import domain_finetune, domain_names
 from securetune.hub_sources import is_hub_source
 from securetune.architectures import MODULE_TYPES
 from securetune.method import (
+    RANDOM_DRAW,
     arm_spec,
     arm_training_settings,
     gamma_sweep_arms,
@@ -92,7 +93,7 @@ wildcard_constraints:
     domain_dir=r"(|[a-z][a-z0-9_]*/)",
     module_type="|".join(MODULE_TYPES),
     arm=r"[a-z][a-z0-9_]*",
-    selection=r"inverse|attribution|random_d\d+",
+    selection=rf"inverse|attribution|{RANDOM_DRAW}\d+",
     benchmark=r"[a-z][a-z0-9_]*",
 
 

@@ -131,11 +131,8 @@ def arm_plan(config: Config, arm: str) -> str | None:
 
 def arm_plans(config: Config) -> dict[str, str]:
     """Each configured arm that trains by a module set -> its plan file (for the report)."""
-    return {
-        arm: plan_file(selection_name(spec))
-        for arm, spec in config["finetune"]["arms"].items()
-        if needs_plan(spec["kind"])
-    }
+    plans = {arm: arm_plan(config, arm) for arm in config["finetune"]["arms"]}
+    return {arm: plan for arm, plan in plans.items() if plan is not None}
 
 
 def evaluated_arms(config: Config) -> list[str]:

@@ -36,6 +36,8 @@ LAUNCH_KEYS: tuple[str, ...] = ("processes", "gpus", "save_dtype", "keep_weights
 # (the least robust of the same ranking) or attribution (the least safety-critical by the SNIP
 # set difference of Wei et al. 2024). The controls that say whether the robust choice matters.
 SELECTORS: tuple[str, ...] = ("robust", "random", "inverse", "attribution")
+# A random set's name is this and its draw: random_d0, random_d1, ...
+RANDOM_DRAW = "random_d"
 # A replicate's arm name: `<arm>_r<k>` for k >= 1 (replicate 0 keeps the arm's own name).
 REPLICATE_SUFFIX = "_r"
 
@@ -126,7 +128,14 @@ def selection_name(spec: dict[str, Any]) -> str:
     selector = arm_selector(spec)
     if selector not in SELECTORS:
         raise ConfigError(f"unknown selector '{selector}'; allowed: {list(SELECTORS)}")
-    return f"random_d{spec.get('draw', 0)}" if selector == "random" else selector
+    return f"{RANDOM_DRAW}{spec.get('draw', 0)}" if selector == "random" else selector
+
+
+def selection_parts(selection: str) -> tuple[str, int | None]:
+    """(selector, draw) of a set's name: `selection_name` read back (draw None but for random)."""
+    if selection.startswith(RANDOM_DRAW):
+        return "random", int(selection.removeprefix(RANDOM_DRAW))
+    return selection, None
 
 
 def control_pairs(finetune: dict[str, Any]) -> list[tuple[str, str]]:

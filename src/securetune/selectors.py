@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from securetune.architectures import module_weight_name, parse_module_name
 from securetune.io import stable_seed, versions, write_json
+from securetune.method import selection_parts
 from securetune.ranking import rank_modules
 from securetune.settings import SelectorSettings
 
@@ -102,8 +103,8 @@ def selected_modules(
         if attribution is None:
             raise ValueError("the attribution selector needs the attribution table")
         return attribution_ranking(attribution, rank_modules(robustness))[:k]
-    if settings.selection.startswith("random_d"):
-        draw = int(settings.selection.removeprefix("random_d"))
+    selector, draw = selection_parts(settings.selection)
+    if selector == "random":
         return random_selection(
             rank_modules(robustness),
             sizes,
@@ -141,7 +142,7 @@ def select_modules(
     write_json(
         {
             "modules": chosen,
-            "selector": settings.selection.split("_d")[0],
+            "selector": selection_parts(settings.selection)[0],
             "selection": settings.selection,
             "size": len(chosen),
             "params": sum(sizes[m] for m in chosen),

@@ -22,6 +22,7 @@ from securetune.method import (
     OTHER_PARAMS,
     SCHEDULES,
     TRAINING_METHODS,
+    selection_parts,
 )
 from securetune.robustness_table import PERTURBATIONS
 
@@ -335,7 +336,7 @@ class SelectorSettings(StageSettings):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], selection: str) -> Self:
-        random = selection.startswith("random_d")
+        random = selection_parts(selection)[0] == "random"
         return cls(
             selection=selection,
             seed=config["seed"],

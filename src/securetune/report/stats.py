@@ -71,7 +71,8 @@ def bootstrap_ci(
     binary: bool = False,
 ) -> tuple[float, float, float]:
     """(mean, low, high) of `values`: a percentile bootstrap (`percentile_bootstrap`), or for a
-    rate (`binary`: 0/1 outcomes) an interval that never has zero width (`rate_interval`)."""
+    rate (`binary`: 0/1 outcomes) an interval that never has zero width (`rate_interval`).
+    NaN values (a judge verdict that could not be parsed) are left out."""
     values = np.asarray(values, dtype=float)
     keep = ~np.isnan(values)
     labels = None if groups is None else np.asarray(groups)[keep]
@@ -87,24 +88,20 @@ def percentile_bootstrap(
     seed: int,
     groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap of the mean, resampling prompts with replacement.
+    """(mean, low, high): percentile bootstrap of the mean, resampling prompts with replacement
+    (values without NaN: `bootstrap_ci` leaves those out).
 
     With `groups` (one seed label per value) and more than one seed, resampling is two-level:
     seeds first, then prompts within each drawn seed, so the interval covers seed-to-seed
-    variation (of fine-tuning or sampling) as well as the choice of prompts. NaN values (a
-    judge verdict that could not be parsed) are left out.
+    variation (of fine-tuning or sampling) as well as the choice of prompts.
     """
-    values = np.asarray(values, dtype=float)
-    keep = ~np.isnan(values)
-    values = values[keep]
     if len(values) == 0:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    labels = None if groups is None else np.asarray(groups)[keep]
-    if not _replicated(labels):
+    if not _replicated(groups):
         means = rng.choice(values, size=(n_resamples, len(values)), replace=True).mean(axis=1)
     else:
-        per_seed = [values[labels == g] for g in np.unique(labels)]
+        per_seed = [values[groups == g] for g in np.unique(groups)]
         means = np.empty(n_resamples)
         for i in range(n_resamples):
             drawn = rng.integers(0, len(per_seed), size=len(per_seed))
@@ -155,9 +152,8 @@ def rate_interval(
         raise ValueError("rate_interval: values must be 0 or 1 (a rate's outcomes)")
     if len(values) == 0:
         return float("nan"), float("nan"), float("nan")
-    wilson_low, wilson_high = wilson_interval(int(values.sum()), len(values), level)
     if not _replicated(groups):
-        return float(values.mean()), wilson_low, wilson_high
+        return (float(values.mean()), *wilson_interval(values.sum(), len(values), level))
     mean, low, high = percentile_bootstrap(values, n_resamples, level, seed, groups)
     # Wilson's n is the prompts of one replicate: replicates of the same prompts are not
     # independent draws of prompts, so counting every row would narrow it.
