@@ -234,3 +234,22 @@ def test_a_domains_own_batch_is_checked_against_the_processes(config):
     config["domains"]["math"]["finetune"]["batch_size"] = 3
     message = _refusal(config)
     assert "config key 'domains.math.finetune.batch_size': 3 does not split evenly" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["selectors"].update(random_param_tolerance=-0.1),
+         r"'selectors\.random_param_tolerance'"),
+        (lambda c: c["selectors"]["attribution"].update(p=0), r"'selectors\.attribution\.p'"),
+        (lambda c: c["selectors"]["attribution"].update(q=1.5), r"'selectors\.attribution\.q'"),
+        (lambda c: c["finetune"]["arms"]["ml_lr"].update(selector="best"),
+         r"'finetune\.arms\.ml_lr\.selector': 'best'"),
+        (lambda c: c["finetune"]["arms"]["ml_lr"].update(replicates=0),
+         r"'finetune\.arms\.ml_lr\.replicates'"),
+    ],
+)  # fmt: skip
+def test_wrong_selector_values_are_refused_by_name(config, schema, change, message):
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, schema)

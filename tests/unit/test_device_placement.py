@@ -18,6 +18,7 @@ import torch
 from transformers import GenerationMixin
 
 from securetune.align import answer_lookalikes
+from securetune.attribution import attribute_modules
 from securetune.features import extract_features
 from securetune.finetune.train import train
 from securetune.generation import generate_completions
@@ -29,6 +30,7 @@ from securetune.robustness import score_modules
 from securetune.robustness_table import aggregate_robustness
 from securetune.search import search_robust_modules
 from securetune.settings import (
+    AttributionSettings,
     FeatureSettings,
     GenerationConfig,
     HeldoutLossSettings,
@@ -121,7 +123,9 @@ def probe_inputs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
         "probes": d / "probes.safetensors",
         "proxy": d / "proxy.json",
     }
-    pd.DataFrame(rows).to_parquet(paths["probe_set"])
+    pd.DataFrame(rows).assign(prompt_id=[f"p:{i}" for i in range(len(rows))]).to_parquet(
+        paths["probe_set"]
+    )
     extract_features(
         model=tiny_model_dir, probe_set=paths["probe_set"], out=paths["features"],
         settings=feature_settings(),
@@ -264,4 +268,18 @@ def test_fine_tune_runs_on_the_job_device(on_injected_device, tiny_model_dir, if
     assert_placed_on_meta(
         on_injected_device,
         lambda: train(tiny_model_dir, pd.read_parquet(ift_set), cfg, set(), tmp_path / "arm"),
+    )
+
+
+def test_attribution_runs_on_the_job_device(on_injected_device, probe_inputs, ift_set, tmp_path):
+    settings = AttributionSettings(p=0.05, q=0.05, max_seq_len=64, batch_size=4, seed=0)
+    assert_placed_on_meta(
+        on_injected_device,
+        lambda: attribute_modules(
+            model=probe_inputs["model"],
+            probe_set=probe_inputs["probe_set"],
+            utility_set=ift_set,
+            out=tmp_path / "attribution.parquet",
+            settings=settings,
+        ),
     )
