@@ -287,4 +287,7 @@ def generation_settings():
 
 
 def judge_settings():
+    """The judges' settings as one JSON string (their shell command's argument). Rules take it
+    through a function: a param string would have its braces read as wildcards (a regex in
+    llm_judge.extra_body, say)."""
     return json.dumps(settings_of(JudgeSettings), sort_keys=True)

@@ -129,7 +129,7 @@ rule judge_guard:
         gpu=config["generation"]["gpus"],
     params:
         judge_model=guard_model,
-        settings=judge_settings(),
+        settings=lambda wc: judge_settings(),
         dtype=config["model"]["dtype"],
         seed=config["seed"],
     shell:
@@ -150,7 +150,7 @@ rule judge_llm:
     conda:
         "../envs/torch.yaml"
     params:
-        settings=judge_settings(),
+        settings=lambda wc: judge_settings(),
     shell:
         '"$SECURETUNE_PYTHON" -m securetune.judges llm --generations {input.generations:q}'
         " --out {output:q} --settings {params.settings:q} --log-file {log:q}"

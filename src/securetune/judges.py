@@ -208,6 +208,9 @@ class LlmJudgeConfig:
     max_tokens: int
     # Requests in flight at once (a hosted API's rate limit, or a local server's batch).
     concurrency: int = 8
+    # Request fields beyond OpenAI's, sent as they are: a local vLLM's
+    # {"structured_outputs": {"regex": ...}} holds a small open judge to the score line.
+    extra_body: dict | None = None
 
 
 class JudgeError(RuntimeError):
@@ -255,6 +258,7 @@ async def _ask_all(texts: list[str], cfg: LlmJudgeConfig, key: str) -> list[str]
                 messages=[{"role": "user", "content": text}],
                 temperature=0,
                 max_tokens=cfg.max_tokens,
+                extra_body=cfg.extra_body or None,
             )
         progress.update()
         return response.choices[0].message.content or ""

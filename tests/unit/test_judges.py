@@ -141,6 +141,7 @@ class RateLimitedJudge(ThreadingHTTPServer):
         self.in_flight = self.max_in_flight = self.rate_limited = 0
         self.first_429_at: float | None = None
         self.retries_after: list[float] = []
+        self.bodies: list[dict] = []
 
 
 class _JudgeHandler(BaseHTTPRequestHandler):
@@ -152,6 +153,7 @@ class _JudgeHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         text = body["messages"][0]["content"]
         with server.lock:
+            server.bodies.append(body)
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             first = text not in server.seen
@@ -203,6 +205,24 @@ def test_llm_judge_keeps_n_requests_in_flight_and_honours_retry_after(monkeypatc
     assert server.max_in_flight == 4
     # Retry-After: 1 was waited for before the first retry.
     assert min(server.retries_after) - server.first_429_at >= 0.9
+    assert not any("structured_outputs" in body for body in server.bodies)
+
+
+def test_llm_judge_sends_extra_body_fields_as_they_are(monkeypatch):
+    server = RateLimitedJudge()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    extra = {"structured_outputs": {"regex": "[^#]{0,40}#score: [1-5]"}}
+    try:
+        monkeypatch.setenv("SECURETUNE_TEST_KEY", "k")
+        base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        cfg = LlmJudgeConfig(True, base_url, "m", "SECURETUNE_TEST_KEY", 10, 2, 8, extra_body=extra)
+        judge_harmfulness(_generations(2), cfg)
+    finally:
+        server.shutdown()
+    assert len(server.bodies) == 4  # two prompts, each 429 then 200
+    assert all(body["structured_outputs"] == extra["structured_outputs"] for body in server.bodies)
+    assert all(body["model"] == "m" and body["temperature"] == 0 for body in server.bodies)
 
 
 def test_rouge_l():
