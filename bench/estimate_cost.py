@@ -31,6 +31,7 @@ from securetune.config import config_in_force  # noqa: E402
 from securetune.domains import domain_finetune  # noqa: E402
 from securetune.jobs import evaluated_arms  # noqa: E402
 from securetune.method import gamma_sweep_arms, replicates_of  # noqa: E402
+from securetune.model_sources import REFERENCED_SOURCES, source_kind  # noqa: E402
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -46,7 +47,7 @@ class Model:
 KNOWN_MODELS = {
     "meta-llama/Llama-2-7b-chat-hf": Model(6.738e9, 32, "float16"),
     "meta-llama/Llama-Guard-3-8B": Model(8.030e9, 32, "bfloat16"),
-    "smollm2": Model(1.348e8, 30, "float32"),  # the demo's GGUF, converted to float32
+    "smollm2-gguf": Model(1.348e8, 30, "float32"),  # the demo's GGUF, converted to float32
 }
 
 GPUS = {
@@ -183,14 +184,27 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
     return out
 
 
+def base_is_referenced(model_cfg: dict) -> bool:
+    """Does results/model/base link to the source's weights (a local folder or hub id under
+    model.link_weights) rather than hold a copy?"""
+    linkable = source_kind(model_cfg["source"]) in REFERENCED_SOURCES
+    return linkable and model_cfg.get("link_weights", True)
+
+
 def disk(cfg: dict, model: Model) -> dict:
-    """GB on disk: the base copy, each arm (saved in the base's dtype), a fine-tune's
-    checkpoint at its peak (the new one complete before the old is deleted)."""
+    """GB on disk: the source model (copied, or linked: then only its small files, about 0 GB,
+    are the run's; its weights are counted apart, as referenced), the aligned model when the
+    workflow aligns it, each arm (saved in the base's dtype), a fine-tune's checkpoint at its peak
+    (the new one complete before the old is deleted)."""
     n = model.params
     save = cfg["finetune"].get("save_dtype", "base")
     save_dtype = model.checkpoint_dtype if save == "base" else save
     arms = len(trained_arms(cfg)) * len(cfg["domains"])  # every arm in every domain
-    base = n * BYTES[model.checkpoint_dtype] / 1e9
+    source = n * BYTES[model.checkpoint_dtype] / 1e9
+    referenced = base_is_referenced(cfg["model"])
+    base = 0.0 if referenced else source
+    # The aligned base is trained from the source and saved like an arm, in the source's dtype.
+    aligned = source if cfg["align"]["enabled"] else 0.0
     per_arm = n * BYTES[save_dtype] / 1e9
     trainable = n if cfg["finetune"].get("method", "full") == "full" else 0.01 * n
     # Float32 trainable weights + AdamW's two moments; two exist while one replaces the other.
@@ -201,13 +215,15 @@ def disk(cfg: dict, model: Model) -> dict:
     return {
         "save_dtype": save_dtype,
         "base_gb": base,
+        "source_referenced_gb": source if referenced else 0.0,
+        "aligned_gb": aligned,
         "per_arm_gb": per_arm,
         "arms": arms,
         "arms_kept_gb": kept,
         "checkpoint_gb": checkpoint,
         "checkpoint_peak_per_finetune_gb": peak,
-        "peak_all_finetunes_at_once_gb": concurrent * peak + arms * per_arm + base,
-        "total_after_run_gb": base + kept,
+        "peak_all_finetunes_at_once_gb": concurrent * peak + arms * per_arm + base + aligned,
+        "total_after_run_gb": base + aligned + kept,
     }
 
 
@@ -244,7 +260,14 @@ def main() -> None:
     total = sum(r["gpu_hours"] for r in stages)
     print(f"| total | {sum(r['jobs'] for r in stages)} | | {total:.1f} |")
     print(f"\nDisk (arms saved in {space['save_dtype']}):")
-    print(f"- base model copy: {space['base_gb']:.1f} GB")
+    if space["source_referenced_gb"]:
+        print(f"- base model: {space['base_gb']:.1f} GB copied (config and tokenizer files); "
+              f"its {space['source_referenced_gb']:.1f} GB of weights referenced, not copied "
+              "(model.link_weights)")  # fmt: skip
+    else:
+        print(f"- base model: {space['base_gb']:.1f} GB")
+    if space["aligned_gb"]:
+        print(f"- aligned base model: {space['aligned_gb']:.1f} GB")
     print(f"- per arm: {space['per_arm_gb']:.1f} GB x {space['arms']} arms")
     peak = space["checkpoint_peak_per_finetune_gb"]
     print(f"- a checkpoint: {space['checkpoint_gb']:.1f} GB (float32 weights + AdamW moments); "

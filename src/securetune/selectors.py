@@ -30,6 +30,7 @@ from securetune.io import stable_seed, versions, write_json
 from securetune.method import selection_parts
 from securetune.ranking import rank_modules
 from securetune.settings import SelectorSettings
+from securetune.weight_links import check_linked_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ RANDOM_TRIES = 10_000
 
 def module_sizes(model: Path, names: list[str]) -> dict[str, int]:
     """Each module's weight count, read from the safetensors headers (no weights are loaded)."""
+    check_linked_weights(model)
     model_type = json.loads((model / "config.json").read_text())["model_type"]
     wanted = {module_weight_name(model_type, *parse_module_name(n)): n for n in names}
     sizes: dict[str, int] = {}

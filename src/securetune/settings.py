@@ -24,6 +24,7 @@ from securetune.method import (
     TRAINING_METHODS,
     selection_parts,
 )
+from securetune.model_sources import REFERENCED_SOURCES, source_kind
 from securetune.robustness_table import PERTURBATIONS
 
 
@@ -153,6 +154,8 @@ class ModelSettings(StageSettings):
     allow_pickle: bool
     seed: int
     tiny: TinyModelSpec | None = None
+    # A local folder or hub id: symlink its weights into the base folder (true) or copy them.
+    link_weights: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, Mapping):
@@ -167,7 +170,16 @@ class ModelSettings(StageSettings):
             allow_pickle=model["allow_pickle"],
             seed=config["seed"],
             tiny=model.get("tiny") if model["source"] == "tiny" else None,
+            link_weights=model.get("link_weights", True),
         )
+
+    def to_params(self) -> dict[str, Any]:
+        """Without `link_weights` for a built or converted model, which has nothing to link: a
+        key that cannot change the folder must not rebuild it (and so rerun every stage)."""
+        params = super().to_params()
+        if source_kind(self.source) not in REFERENCED_SOURCES:
+            del params["link_weights"]
+        return params
 
 
 # --- features, probe, robustness, search ---------------------------------------------------------
