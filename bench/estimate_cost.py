@@ -34,6 +34,9 @@ from securetune.method import gamma_sweep_arms, replicates_of  # noqa: E402
 from securetune.model_sources import REFERENCED_SOURCES, source_kind  # noqa: E402
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Assumed token counts (the command line's defaults): a chat-templated prompt, an IFT example.
+PROMPT_TOKENS = 96
+IFT_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ def model_of(source: str) -> Model:
     raise SystemExit(f"model.source '{source}': unknown size; add it to KNOWN_MODELS")
 
 
-def load_config(files: list[Path]) -> dict:
-    default = yaml.safe_load((REPO / "config.yaml").read_text())
+def load_config(files: list[Path], default_file: Path = REPO / "config.yaml") -> dict:
+    """The config a run of `default_file` (its config.yaml) with these --configfile files uses."""
+    default = yaml.safe_load(default_file.read_text())
     merged: dict = {}
     for path in files:
         merged = merge(merged, yaml.safe_load(path.read_text()) or {})
@@ -102,14 +106,34 @@ def trained_arms(cfg: dict) -> list[str]:
     return [*replicates_of(cfg["finetune"]), *gamma_sweep_arms(cfg["finetune"])]
 
 
-def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict]:
-    """One row per stage: jobs, tera-FLOPs, GPU-hours (compute + start-up)."""
-    gpu = GPUS.get(args.gpu) or {
-        "forward_tflops": args.forward_tflops,
-        "train_tflops": args.train_tflops,
-        "decode_tokens_per_s": args.decode_tokens_per_s,
-    }
-    n, p = model.params, args.prompt_tokens
+@dataclass(frozen=True)
+class StageWork:
+    stage: str
+    jobs: int
+    work: float  # FLOPs; for a decode stage, new tokens
+    kind: str  # forward, train or decode
+    gpus_per_job: int
+
+    @property
+    def tera_flops(self) -> float | None:
+        """None for decode: its work is counted in new tokens, since decoding is bound by memory
+        traffic, not by FLOPs."""
+        return None if self.kind == "decode" else self.work / 1e12
+
+
+def guard_of(cfg: dict, model: Model) -> Model | None:
+    """The guard judge's model, None when the guard judge is off."""
+    guard_cfg = cfg["evaluation"].get("guard", {})
+    if not guard_cfg.get("enabled"):
+        return None
+    return model if guard_cfg["model"] == "base" else model_of(guard_cfg["model"])
+
+
+def stage_work(
+    cfg: dict, model: Model, guard: Model | None, prompt_tokens: int, ift_tokens: int
+) -> list[StageWork]:
+    """Each stage's jobs and work: 2N FLOPs per token forward, 6N training, times its tokens."""
+    n, p = model.params, prompt_tokens
     data, rob, search, ft = cfg["data"], cfg["robustness"], cfg["search"], cfg["finetune"]
     probe_prompts = 2 * data["probe_per_class"] + 2 * data.get("probe_ood_per_class", 0)
     test_prompts = round(2 * data["probe_per_class"] * data["probe_test_fraction"])
@@ -144,7 +168,7 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
         (
             "robustness (score_module)", modules,
             modules * (1 + runs + ift_runs) * 2 * n * test_prompts * p * recompute
-            + modules * ift_runs * ift["steps"] * ift["batch_size"] * args.ift_tokens * 6 * n,
+            + modules * ift_runs * ift["steps"] * ift["batch_size"] * ift_tokens * 6 * n,
             "forward", 1,
         ),
         (
@@ -155,30 +179,38 @@ def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict
         (
             "finetune", trained,
             sum(len(arms) * d["steps"] * d["batch_size"] for d in domains.values())
-            * args.ift_tokens * 6 * n,
+            * ift_tokens * 6 * n,
             "train", ft.get("gpus") or 1,
         ),
         ("generate", gen_jobs, models * bench_prompts * cfg["generation"]["max_new_tokens"],
          "decode", 1),
         ("heldout_ift_loss", (references + len(arms)) * len(domains),
-         heldout * args.ift_tokens * 2 * n, "forward", 1),
+         heldout * ift_tokens * 2 * n, "forward", 1),
     ]  # fmt: skip
     if guard is not None:
         new = cfg["evaluation"]["guard"]["max_new_tokens"]
         tokens = models * harmful * (p + cfg["generation"]["max_new_tokens"] + new)
         rows.append(("judge_guard", models, 2 * guard.params * tokens, "forward", 1))
+    return [StageWork(*row) for row in rows]
+
+
+def stage_costs(cfg: dict, model: Model, guard: Model | None, args) -> list[dict]:
+    """One row per stage: jobs, tera-FLOPs, GPU-hours (compute + start-up)."""
+    gpu = GPUS.get(args.gpu) or {
+        "forward_tflops": args.forward_tflops,
+        "train_tflops": args.train_tflops,
+        "decode_tokens_per_s": args.decode_tokens_per_s,
+    }
     out = []
-    for stage, jobs, work, kind, gpus_per_job in rows:
-        if kind == "decode":
-            seconds = work / gpu["decode_tokens_per_s"]
-            tflop = None
+    for row in stage_work(cfg, model, guard, args.prompt_tokens, args.ift_tokens):
+        if row.kind == "decode":
+            seconds = row.work / gpu["decode_tokens_per_s"]
         else:
-            tflop = work / 1e12
-            seconds = tflop / gpu[f"{kind}_tflops"]
+            seconds = row.tera_flops / gpu[f"{row.kind}_tflops"]
         # Training runs on gpus_per_job GPUs at once: the GPU-hours are the same work.
-        startup = jobs * args.job_startup_s * gpus_per_job
+        startup = row.jobs * args.job_startup_s * row.gpus_per_job
         out.append({
-            "stage": stage, "jobs": jobs, "tera_flops": tflop,
+            "stage": row.stage, "jobs": row.jobs, "tera_flops": row.tera_flops,
             "gpu_hours": (seconds + startup) / 3600, "startup_gpu_hours": startup / 3600,
         })  # fmt: skip
     return out
@@ -235,17 +267,15 @@ def main() -> None:
     parser.add_argument("--train-tflops", type=float, default=200.0)
     parser.add_argument("--decode-tokens-per-s", type=float, default=2000.0)
     parser.add_argument("--job-startup-s", type=float, default=60.0)
-    parser.add_argument("--prompt-tokens", type=int, default=96, help="chat-templated prompt")
-    parser.add_argument("--ift-tokens", type=int, default=256, help="IFT example, all tokens")
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                        help="chat-templated prompt")  # fmt: skip
+    parser.add_argument("--ift-tokens", type=int, default=IFT_TOKENS,
+                        help="IFT example, all tokens")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args()
     cfg = load_config(args.configs)
     model = model_of(cfg["model"]["source"])
-    guard_cfg = cfg["evaluation"].get("guard", {})
-    guard = None
-    if guard_cfg.get("enabled"):
-        guard = model if guard_cfg["model"] == "base" else model_of(guard_cfg["model"])
-    stages = stage_costs(cfg, model, guard, args)
+    stages = stage_costs(cfg, model, guard_of(cfg, model), args)
     space = disk(cfg, model)
     if args.json:
         print(json.dumps({"stages": stages, "disk": space}, indent=2))
