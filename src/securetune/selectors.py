@@ -38,16 +38,29 @@ log = logging.getLogger(__name__)
 RANDOM_TRIES = 10_000
 
 
-def module_sizes(model: Path, names: list[str]) -> dict[str, int]:
-    """Each module's weight count, read from the safetensors headers (no weights are loaded)."""
+def tensor_sizes(model: Path) -> dict[str, int]:
+    """Each saved tensor's element count, read from the safetensors headers (no weights are
+    loaded)."""
     check_linked_weights(model)
-    model_type = json.loads((model / "config.json").read_text())["model_type"]
-    wanted = {module_weight_name(model_type, *parse_module_name(n)): n for n in names}
     sizes: dict[str, int] = {}
     for shard in sorted(model.glob("*.safetensors")):
         with safe_open(shard, framework="numpy") as f:
-            for key in set(f.keys()) & set(wanted):
-                sizes[wanted[key]] = int(np.prod(f.get_slice(key).get_shape()))
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                sizes[key] = int(np.prod(f.get_slice(key).get_shape()))
+    return sizes
+
+
+def parameter_count(model: Path) -> int:
+    """The model's parameters as saved: a tied LM head is stored, and so counted, once."""
+    return sum(tensor_sizes(model).values())
+
+
+def module_sizes(model: Path, names: list[str]) -> dict[str, int]:
+    """Each module's weight count, read from the safetensors headers."""
+    model_type = json.loads((model / "config.json").read_text())["model_type"]
+    wanted = {module_weight_name(model_type, *parse_module_name(n)): n for n in names}
+    saved = tensor_sizes(model)
+    sizes = {name: saved[key] for key, name in wanted.items() if key in saved}
     missing = sorted(set(names) - set(sizes))
     if missing:
         raise ValueError(f"{model}: no weights for module(s) {missing[:5]}")

@@ -28,6 +28,7 @@ from securetune.selectors import (
     attribution_ranking,
     inverse_selection,
     module_sizes,
+    parameter_count,
     random_selection,
     select_modules,
     selected_modules,
@@ -116,6 +117,28 @@ def test_module_sizes_come_from_the_safetensors_headers(tiny_model_dir):
     assert sizes == {"L0.q": 32 * 32, "L1.gate": 64 * 32, "L0.k": 16 * 32}
     with pytest.raises(ValueError, match="L9.q"):
         module_sizes(tiny_model_dir, ["L9.q"])
+
+
+def test_parameter_count_from_the_headers_is_the_models_own(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    counts = {}
+    for tied in (False, True):
+        config = LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_hidden_layers=2,
+            vocab_size=50,
+            tie_word_embeddings=tied,
+        )
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp_path / str(tied))
+        counts[tied] = parameter_count(tmp_path / str(tied))
+        assert counts[tied] == model.num_parameters()
+    # A tied LM head is the embedding itself, saved and counted once.
+    assert counts[False] - counts[True] == 50 * 16
 
 
 def test_select_modules_writes_a_plan_of_mods_robusts_size(tmp_path, tiny_model_dir):
