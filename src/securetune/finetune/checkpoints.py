@@ -60,6 +60,12 @@ def _full_state(
     return params, optimizer.state_dict()
 
 
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """A checkpoint's size: the trainable parameters and AdamW's two moments of each (the RNG
+    state and the log are small beside them)."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def clear_checkpoints(root: Path, keep: Path | None = None) -> None:
     """Delete every checkpoint in `root` but `keep`, and any half-written one: the hidden
     temporary folder of a write that was killed would never be resumed, nor replaced."""
