@@ -226,8 +226,8 @@ def base_is_referenced(model_cfg: dict) -> bool:
 def disk(cfg: dict, model: Model) -> dict:
     """GB on disk: the source model (copied, or linked: then only its small files, about 0 GB,
     are the run's; its weights are counted apart, as referenced), the aligned model when the
-    workflow aligns it, each arm (saved in the base's dtype), a fine-tune's checkpoint at its peak
-    (the new one complete before the old is deleted)."""
+    workflow aligns it, each arm (saved in the base's dtype), a fine-tune's checkpoints at their
+    peak (one, or two with finetune.checkpoint_keep_previous)."""
     n = model.params
     save = cfg["finetune"].get("save_dtype", "base")
     save_dtype = model.checkpoint_dtype if save == "base" else save
@@ -239,9 +239,11 @@ def disk(cfg: dict, model: Model) -> dict:
     aligned = source if cfg["align"]["enabled"] else 0.0
     per_arm = n * BYTES[save_dtype] / 1e9
     trainable = n if cfg["finetune"].get("method", "full") == "full" else 0.01 * n
-    # Float32 trainable weights + AdamW's two moments; two exist while one replaces the other.
+    # Float32 trainable weights + AdamW's two moments. The previous checkpoint is deleted
+    # before the next is written, unless kept until the next is complete: then two at the peak.
     checkpoint = 12 * trainable / 1e9
-    peak = 2 * checkpoint if cfg["finetune"].get("checkpoint_every") else 0.0
+    at_once = 2 if cfg["finetune"].get("checkpoint_keep_previous", False) else 1
+    peak = at_once * checkpoint if cfg["finetune"].get("checkpoint_every") else 0.0
     concurrent = arms if cfg["finetune"].get("checkpoint_every") else 0
     kept = 0 if not cfg["finetune"].get("keep_weights", True) else arms * per_arm
     return {
@@ -253,6 +255,7 @@ def disk(cfg: dict, model: Model) -> dict:
         "arms": arms,
         "arms_kept_gb": kept,
         "checkpoint_gb": checkpoint,
+        "checkpoints_at_peak": at_once,
         "checkpoint_peak_per_finetune_gb": peak,
         "peak_all_finetunes_at_once_gb": concurrent * peak + arms * per_arm + base + aligned,
         "total_after_run_gb": base + aligned + kept,
@@ -300,8 +303,13 @@ def main() -> None:
         print(f"- aligned base model: {space['aligned_gb']:.1f} GB")
     print(f"- per arm: {space['per_arm_gb']:.1f} GB x {space['arms']} arms")
     peak = space["checkpoint_peak_per_finetune_gb"]
+    how = (
+        "two while the next is written (finetune.checkpoint_keep_previous)"
+        if space["checkpoints_at_peak"] == 2
+        else "one: the previous is deleted before the next"
+    )
     print(f"- a checkpoint: {space['checkpoint_gb']:.1f} GB (float32 weights + AdamW moments); "
-          f"peak while one replaces the other: {peak:.1f} GB")  # fmt: skip
+          f"peak per fine-tune {peak:.1f} GB, {how}")  # fmt: skip
     print(f"- peak with every fine-tune at once: {space['peak_all_finetunes_at_once_gb']:.0f} GB")
     print(f"- left after the run: {space['total_after_run_gb']:.1f} GB")
 

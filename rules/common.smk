@@ -241,6 +241,16 @@ def arm_weights_output(path):
     return folder if config["finetune"].get("keep_weights", True) else temp(folder)
 
 
+def checkpoint_options(wildcards, output):
+    """Where the trainer's checkpoints go (beside the model, where the Snakefile's clean-up looks)
+    and how: finetune.checkpoint_keep_previous and stop_before_time_limit. A param derived from
+    the job's output, which Snakemake's params trigger leaves out: neither setting changes a
+    result, so switching them reruns no finished arm."""
+    folder = shlex.quote(f"{output.model}.checkpoints")
+    flags = jobs.checkpoint_flags(config["finetune"])
+    return f"--checkpoint-dir {folder} {flags}".rstrip()
+
+
 def plan_flag(wildcards, input):
     """The --plan option, shell-quoted, for arms that use Mods_Robust; nothing for the others."""
     return f"--plan {shlex.quote(input.plan)}" if "plan" in input.keys() else ""

@@ -24,12 +24,15 @@ rule finetune:
         launcher=training_launcher,
         omp_threads=threads_per_process,
         save_dtype=config["finetune"].get("save_dtype", "base"),
+        checkpoints=checkpoint_options,
     # --resume matching: a retry (after SLURM's time limit, say) continues from the checkpoint
     # its killed attempt left in <model>.checkpoints; one left by other settings is deleted.
     # --keep-checkpoints: the last one stays until the run ends (Snakefile, onsuccess/onerror).
+    # params.checkpoints: whether a checkpoint is deleted before or after its successor is
+    # written, and whether the job stops with a checkpoint before its time limit.
     shell:
         "OMP_NUM_THREADS={params.omp_threads} {params.launcher} -m securetune.finetune"
         " --model {input.model:q} --data {input.data:q} {params.plan}"
         " --arm-config {params.settings:q} --resume matching --keep-checkpoints"
-        " --save-dtype {params.save_dtype}"
+        " {params.checkpoints} --save-dtype {params.save_dtype}"
         " --out-model {output.model:q} --out-log {output.steps:q} --log-file {log:q}"

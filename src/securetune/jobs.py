@@ -180,6 +180,17 @@ def training_launcher(processes: int, python: str = "python") -> str:
     return f"{python} -m torch.distributed.run --standalone --nproc_per_node={processes}"
 
 
+def checkpoint_flags(finetune: Mapping[str, Any]) -> str:
+    """The trainer's flags for finetune.checkpoint_keep_previous (default false) and
+    finetune.stop_before_time_limit (default true); nothing for the defaults."""
+    flags = []
+    if finetune.get("checkpoint_keep_previous", False):
+        flags.append("--keep-previous-checkpoint")
+    if not finetune.get("stop_before_time_limit", True):
+        flags.append("--no-stop-before-time-limit")
+    return " ".join(flags)
+
+
 def remove_finished_checkpoints(results: str | Path = "results") -> list[Path]:
     """Delete the checkpoints of every arm, in every domain, whose fine-tune Snakemake has kept
     (its loss log exists: a failed job's outputs are deleted before this runs, at the end of a

@@ -29,8 +29,17 @@ AUTOCAST: tuple[str, ...] = ("auto", "none", "bfloat16")
 DISTRIBUTED: tuple[str, ...] = ("ddp", "fsdp")
 # finetune keys the launcher (torchrun), the scheduler and the rule's outputs read, not the
 # training settings: how many processes and GPUs, what dtype the result is saved in (a separate
-# flag, so it never changes the checkpoint fingerprint), whether the weights are kept.
-LAUNCH_KEYS: tuple[str, ...] = ("processes", "gpus", "save_dtype", "keep_weights")
+# flag, so it never changes the checkpoint fingerprint), whether the weights are kept, whether a
+# checkpoint is replaced after or before its successor is written and whether a job stops before
+# its time limit (flags of the trainer that change no result).
+LAUNCH_KEYS: tuple[str, ...] = (
+    "processes",
+    "gpus",
+    "save_dtype",
+    "keep_weights",
+    "checkpoint_keep_previous",
+    "stop_before_time_limit",
+)
 # Which modules an arm of a plan kind trains at lr (the rest at lr * gamma): robust (the search's
 # Mods_Robust), random (as many modules and about as many parameters, a seeded draw), inverse
 # (the least robust of the same ranking) or attribution (the least safety-critical by the SNIP

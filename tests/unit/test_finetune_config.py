@@ -15,6 +15,8 @@ from securetune.settings import TrainConfig
         ("distributed", "deepspeed", r"'finetune\.distributed': 'deepspeed' is not one of"),
         ("micro_batch_size", -1, r"'finetune\.micro_batch_size': -1 is out of range"),
         ("checkpoint_every", 2.5, r"'finetune\.checkpoint_every': 2\.5 is not of type"),
+        ("checkpoint_keep_previous", "yes", r"'finetune\.checkpoint_keep_previous': 'yes' is not"),
+        ("stop_before_time_limit", 1, r"'finetune\.stop_before_time_limit': 1 is not of type"),
         ("gamma_sweep", [0.1, -0.1], r"'finetune\.gamma_sweep\.1': -0\.1 is out of range"),
         ("gpus", -1, r"'finetune\.gpus': -1 is out of range"),
     ],

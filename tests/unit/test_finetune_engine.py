@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from securetune.finetune.deadline import (
+    STOPPED_BEFORE_TIME_LIMIT,
+    StoppedBeforeTimeLimit,
+    TimeLimit,
+)
 from securetune.finetune.distributed import clip_gradients, group_squared_norms
 from securetune.finetune.loss import response_positions, summed_loss
 from securetune.finetune.sft_data import IGNORE
@@ -95,8 +101,8 @@ def starter(launcher: str) -> list[str]:
     return [*torchrun, sys.executable]
 
 
-def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(cmd: list[str], check: bool = True, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd[:3]} failed:\n{result.stderr[-6000:]}")
@@ -253,6 +259,88 @@ def test_resume_matching_starts_over_from_a_checkpoint_of_other_settings(
     fresh = train(tiny_model_dir, data, other, ROBUST, tmp_path / "m3")
     pd.testing.assert_frame_equal(steps, fresh)
     assert not ckpt.exists()  # the stale one deleted; the new run's removed after success
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_stop_before_the_time_limit_resumes_to_the_uninterrupted_result(
+    tiny_model_dir, ift, tmp_path
+):
+    """The job's time runs short after step 5 (an injected clock): the next step's check stops
+    training with a checkpoint of its own, off the every-4 schedule; the retry resumes there and
+    ends bit for bit as the uninterrupted run."""
+    data = pd.read_parquet(ift)
+    cfg = TrainConfig(**arm(steps=10, checkpoint_every=4))
+    ckpt = tmp_path / "checkpoints"
+    clock = Clock()
+    limit = TimeLimit(time_left=lambda: 100.0, clock=clock)
+
+    def time_runs_short(step: int, row: dict) -> None:
+        if step == 4:
+            clock.now = 80.0  # 20 s left: under the margin's 30 s floor
+
+    with pytest.raises(StoppedBeforeTimeLimit) as stopped:
+        train(
+            tiny_model_dir, data, cfg, ROBUST, tmp_path / "m", checkpoint_dir=ckpt,
+            on_step=time_runs_short, time_limit=limit,
+        )  # fmt: skip
+    assert stopped.value.step == 6 and stopped.value.seconds_left == 20.0
+    assert [p.name for p in ckpt.iterdir()] == ["step_00000006"]  # step 4's replaced
+    assert not (tmp_path / "m").exists()
+    resumed = train(
+        tiny_model_dir, data, cfg, ROBUST, tmp_path / "m", checkpoint_dir=ckpt, resume=True
+    )
+    reference, log = run_inline(tiny_model_dir, ift, tmp_path / "ref", steps=10)
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    pd.testing.assert_frame_equal(resumed, log)
+
+
+def test_without_checkpoints_there_is_no_stop_before_the_time_limit(tiny_model_dir, ift, tmp_path):
+    """Stopping early would only lose the steps done: the run goes on to the end (or the kill)."""
+    no_time = TimeLimit(time_left=lambda: 0.0)
+    cfg = TrainConfig(**arm(steps=2))
+    steps = train(
+        tiny_model_dir, pd.read_parquet(ift), cfg, ROBUST, tmp_path / "m",
+        checkpoint_dir=tmp_path / "checkpoints", time_limit=no_time,
+    )  # fmt: skip
+    assert len(steps) == 2 and (tmp_path / "m" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_in_a_slurm_job_near_its_limit_every_rank_stops_after_one_step(
+    tiny_model_dir, ift, plan, tmp_path, launcher
+):
+    """A SLURM job (SLURM_JOB_ID, a stand-in squeue) with 10 s left, under the 30 s floor: the
+    trainer asks squeue once for its job, checkpoints after the first step and exits with
+    STOPPED_BEFORE_TIME_LIMIT (torchrun reports a failed worker as 1); under torchrun rank 0's
+    decision reaches rank 1, which would otherwise wait for it at step 2's all-reduce."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "squeue_args"
+    squeue = bin_dir / "squeue"
+    squeue.write_text(f'#!/bin/sh\necho "$@" >> {asked}\necho " 0:10"\n')
+    squeue.chmod(0o755)
+    settings = arm(steps=6, checkpoint_every=4, kind="vanilla")
+    args = cli(tiny_model_dir, ift, plan, tmp_path, settings, "--log-file", str(tmp_path / "log"))
+    result = run(
+        [*starter(launcher), "-m", "securetune.finetune", *args], check=False,
+        SLURM_JOB_ID="4242", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )  # fmt: skip
+    expected = STOPPED_BEFORE_TIME_LIMIT if launcher == "python" else 1
+    assert result.returncode == expected, result.stderr[-3000:]
+    assert asked.read_text() == "-h -j 4242 -o %L\n"  # rank 0 only
+    log = (tmp_path / "log").read_text()
+    # 10 s at squeue's answer, less by the time the first step and its checkpoint took.
+    assert re.search(r"stopping before the time limit after step 1 \(time left (10|[0-9]) s\)", log)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not (tmp_path / "model").exists()
 
 
 def test_arms_are_saved_in_the_base_models_dtype(tiny_model_dir, ift, tmp_path):

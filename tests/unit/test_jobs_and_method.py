@@ -65,6 +65,22 @@ def test_an_arm_overrides_the_shared_lr_and_leaves_out_the_launchers_keys():
     assert swat["switch_at"] == 0.25
 
 
+def test_checkpoint_flags_are_the_trainers_not_the_arms():
+    """How checkpoints replace each other and the stop before a time limit change no result: not
+    in an arm's settings (so neither in its params nor its checkpoint fingerprint), but flags."""
+    finetune = {
+        **TINY["finetune"], "checkpoint_keep_previous": True, "stop_before_time_limit": False
+    }  # fmt: skip
+    settings = arm_training_settings(finetune, "ml_lr", seed=0)
+    assert settings == arm_training_settings(TINY["finetune"], "ml_lr", seed=0)
+    assert not {"checkpoint_keep_previous", "stop_before_time_limit"} & set(settings)
+    assert jobs.checkpoint_flags(TINY["finetune"]) == ""
+    assert jobs.checkpoint_flags({}) == ""
+    assert jobs.checkpoint_flags(finetune) == (
+        "--keep-previous-checkpoint --no-stop-before-time-limit"
+    )
+
+
 def test_gamma_sweep_arms_are_named_by_their_gamma_and_may_not_clash():
     assert sweep_arm_name(0.05) == "ml_lr_g0p05" and sweep_arm_name(1.0) == "ml_lr_g1"
     swept = {**TINY["finetune"], "gamma_sweep": [0.0, 0.3, 1.0]}

@@ -1,13 +1,21 @@
-"""A fine-tune killed by SLURM's time limit resumes on its retry, and ends as if never killed.
+"""A fine-tune that runs out of SLURM time resumes on its retry, and ends as if never stopped.
 
 On the one-node test cluster (tests/slurm/start-cluster.sh; skipped without one, a failure with
 SECURETUNE_REQUIRE_SLURM=1 as in CI). The fine-tune of the tiny workflow's vanilla arm runs a
 few thousand steps (minutes on a CPU) with a checkpoint every 100, under a time limit of
-1 minute x the attempt (SLURM's smallest). The first attempt is killed at its limit; Snakemake
-resubmits it with more time and `--resume matching` continues from the checkpoint the killed
-attempt left. The same fine-tune run locally without a limit, afterwards (side by side, two
-jobs of two threads on two cores would slow each other several times over), is the reference:
-the weights and the per-step log must be equal bit for bit (same code, seeds and threads).
+1 minute x the attempt (SLURM's smallest). Two runs of Snakemake in one folder, one fine-tune:
+1. killed: with finetune.stop_before_time_limit false (and checkpoint_keep_previous true, so the
+   kill cannot catch the only checkpoint mid-write) and no retry, the first attempt is killed at
+   its limit;
+2. stopped: with the defaults, the next attempt resumes from the checkpoint the killed one left
+   (`--resume matching`: neither setting is in the checkpoint's fingerprint), stops itself
+   shortly before its limit with a checkpoint and exit code 75, and each retry, with more time,
+   resumes from the step the attempt before stopped at, until one finishes.
+One chain rather than two fine-tunes of their own: the training is the test's cost, and a
+killed attempt and a stopped one show each way of resuming at that cost once.
+The same fine-tune run locally without a limit, afterwards (side by side, two jobs of two
+threads on two cores would slow each other several times over), is the reference: the weights
+and the per-step log must be equal bit for bit (same code, seeds and threads).
 """
 
 from __future__ import annotations
@@ -28,8 +36,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 TARGET = "results/general/finetune/vanilla/loss.parquet"
 MODEL = "results/general/finetune/vanilla/model/model.safetensors"
-# About 2 minutes of training on a 2-core CPU alone: the first attempt is killed part way.
+# About 2 minutes of training on a 2-core CPU alone: the first attempt cannot finish.
 OVERLAY = {"finetune": {"steps": 2500, "checkpoint_every": 100}}
+KILLED = {"finetune": {"stop_before_time_limit": False, "checkpoint_keep_previous": True}}
+STOPPED = re.compile(r"stopping before the time limit after step (\d+) \(time left (\d+) s\)")
+RESUMED = re.compile(r"resumed from .* \(step (\d+)\)")
+CHECKPOINT = re.compile(r"checkpoint after step (\d+)")
 
 
 def time_limited_profile(workdir: Path) -> Path:
@@ -43,34 +55,70 @@ def time_limited_profile(workdir: Path) -> Path:
     return folder
 
 
+def failed_attempts(workdir: Path) -> list[str]:
+    """SLURM's logs of the fine-tune's failed attempts, first first (SLURM keeps a failed job's
+    log and deletes a successful one's; they are named by job id)."""
+    logs = (workdir / "logs" / "slurm" / "rule_finetune").rglob("*.log")
+    return [p.read_text(errors="replace") for p in sorted(logs, key=lambda p: int(p.stem))]
+
+
+def last_attempt(workdir: Path) -> str:
+    """The trainer's log of the attempt that finished (each attempt writes it anew)."""
+    return (workdir / "logs" / "general" / "finetune" / "vanilla.log").read_text()
+
+
+def steps_in(pattern: re.Pattern, log: str) -> list[int]:
+    return [int(match.group(1)) for match in pattern.finditer(log)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(the SLURM run's folder, the local reference's folder)."""
+    """(the SLURM runs' folder, the local reference's folder)."""
     cluster_dir = copy_workflow(tmp_path_factory.mktemp("limited") / "repo", tiny_default=True)
     local_dir = copy_workflow(tmp_path_factory.mktemp("reference") / "repo", tiny_default=True)
     for workdir in (cluster_dir, local_dir):
         (workdir / "configs" / "long.yaml").write_text(yaml.safe_dump(OVERLAY))
+    (cluster_dir / "configs" / "killed.yaml").write_text(yaml.safe_dump(KILLED))
     profile = time_limited_profile(cluster_dir)
-    result = snakemake(
-        cluster_dir, "--profile", str(profile), "--workflow-profile", "none",
-        "--configfile", "configs/long.yaml", "--", TARGET, check=False,
+    on_slurm = ("--profile", str(profile), "--workflow-profile", "none")
+    killed = snakemake(
+        cluster_dir, *on_slurm, "--retries", "0",
+        "--configfile", "configs/long.yaml", "configs/killed.yaml", "--", TARGET, check=False,
     )  # fmt: skip
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert killed.returncode != 0, "the fine-tune finished within its first minute"
+    stopped = snakemake(
+        cluster_dir, *on_slurm, "--configfile", "configs/long.yaml", "--", TARGET, check=False
+    )
+    assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-6000:]
     snakemake(local_dir, "--configfile", "configs/long.yaml", "--", TARGET)
     return cluster_dir, local_dir
 
 
 def test_first_attempt_was_killed_by_its_time_limit(runs):
-    """SLURM keeps its log of a failed job (and deletes a successful one's): the killed attempt."""
-    logs = [p.read_text(errors="replace")
-            for p in (runs[0] / "logs" / "slurm" / "rule_finetune").rglob("*.log")]  # fmt: skip
-    assert any("DUE TO TIME LIMIT" in log for log in logs), "no attempt hit its time limit"
+    attempts = failed_attempts(runs[0])
+    assert attempts and "DUE TO TIME LIMIT" in attempts[0], "the first attempt was not killed"
+    assert not STOPPED.search(attempts[0])
 
 
-def test_retry_resumed_from_a_checkpoint_not_step_0(runs):
-    log = (runs[0] / "logs" / "general" / "finetune" / "vanilla.log").read_text()
-    resumed = [int(step) for step in re.findall(r"resumed from .* \(step (\d+)\)", log)]
-    assert resumed and resumed[-1] >= 250, log[-3000:]
+def test_next_attempt_resumed_from_the_killed_ones_checkpoint_not_step_0(runs):
+    killed, resuming = failed_attempts(runs[0])[:2]
+    saved = steps_in(CHECKPOINT, killed)
+    assert saved and steps_in(RESUMED, resuming) == [saved[-1]], resuming[-3000:]
+
+
+def test_later_attempts_stopped_themselves_before_their_time_limit(runs):
+    later = failed_attempts(runs[0])[1:]
+    assert later, "no attempt after the killed one stopped itself"
+    for log in later:
+        assert "DUE TO TIME LIMIT" not in log
+        assert STOPPED.search(log) and "exit status 75" in log, log[-3000:]
+
+
+def test_each_retry_resumed_from_the_step_the_attempt_before_stopped_at(runs):
+    later = failed_attempts(runs[0])[1:]
+    stops = [steps_in(STOPPED, log)[0] for log in later]
+    resumed = [steps_in(RESUMED, log)[0] for log in [*later[1:], last_attempt(runs[0])]]
+    assert resumed == stops, (stops, resumed)
 
 
 def test_resumed_run_equals_the_uninterrupted_one(runs):
@@ -84,3 +132,13 @@ def test_resumed_run_equals_the_uninterrupted_one(runs):
     # Checkpoints are removed once the model is saved.
     checkpoints = cluster_dir / "results" / "general" / "finetune" / "vanilla" / "model.checkpoints"
     assert not checkpoints.exists()
+
+
+def test_switching_checkpoint_settings_reruns_nothing(runs):
+    """They change no result: neither in the arm's params nor in its checkpoint fingerprint."""
+    local_dir = runs[1]
+    (local_dir / "configs" / "killed.yaml").write_text(yaml.safe_dump(KILLED))
+    plan = snakemake(
+        local_dir, "-n", "--configfile", "configs/long.yaml", "configs/killed.yaml", "--", TARGET
+    )
+    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout[-3000:]

@@ -24,9 +24,15 @@ How a step is computed, and why:
   every rank's RNG state, the step and the per-step log so far, written to a temporary folder and
   renamed into place, so a kill never leaves a half checkpoint. `--resume` continues from the
   latest one; the schedule is a pure function of the step, so the step is its whole state.
+  A new checkpoint replaces the previous one, deleted just before the write (one on disk; a kill
+  during the write leaves none, and the retry starts from step 0) or, with
+  `--keep-previous-checkpoint`, once the new one is complete (two on disk at the peak).
+- Time limits: in a SLURM job, training stops with a checkpoint when the job's time left falls
+  under a margin (the slowest step and a checkpoint write, with room to spare) and exits with
+  code 75, so the retry resumes from it instead of a kill catching a write (`deadline`).
 
 The package, in the order a step needs it: `sft_data` (examples, batch order, micro-batches),
 `loss` (the summed response-token loss), `distributed` (processes, gradient norms, clipping),
-`model_setup` (loading, LoRA, freezing), `checkpoints`, `train` (the loop, top to bottom) and
-`__main__` (the command line).
+`model_setup` (loading, LoRA, freezing), `checkpoints`, `deadline` (the stop before a time
+limit), `train` (the loop, top to bottom) and `__main__` (the command line).
 """

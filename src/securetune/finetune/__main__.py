@@ -15,6 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 import securetune.finetune
+from securetune.finetune.deadline import (
+    STOPPED_BEFORE_TIME_LIMIT,
+    StoppedBeforeTimeLimit,
+    TimeLimit,
+)
 from securetune.finetune.model_setup import SAVE_DTYPES
 from securetune.finetune.train import RESUME_MODES, train
 from securetune.io import provenance, setup_logging, write_parquet
@@ -52,6 +57,20 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-checkpoints", action="store_true", help="keep the last checkpoint after success"
     )
     parser.add_argument(
+        "--keep-previous-checkpoint",
+        action="store_true",
+        help="delete the previous checkpoint only once the next is complete (twice the disk at "
+        "the peak, never a moment without one); by default it is deleted just before the next is "
+        "written, so a kill during that write leaves none",
+    )
+    parser.add_argument(
+        "--stop-before-time-limit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="in a SLURM job with a time limit, and with checkpoints, stop with a checkpoint "
+        f"before the limit and exit with code {STOPPED_BEFORE_TIME_LIMIT}, for a retry to resume",
+    )
+    parser.add_argument(
         "--dtype", default="float32", help="weights' dtype while training (float32: exact)"
     )
     parser.add_argument(
@@ -87,19 +106,24 @@ def main(argv: list[str] | None = None, on_step: Callable[[int, dict], None] | N
     checkpoint_dir = args.checkpoint_dir or args.out_model.with_name(
         args.out_model.name + ".checkpoints"
     )
-    steps = train(
-        args.model,
-        pd.read_parquet(args.data),
-        cfg,
-        robust,
-        args.out_model,
-        dtype=args.dtype,
-        checkpoint_dir=checkpoint_dir,
-        resume=args.resume,
-        keep_checkpoints=args.keep_checkpoints,
-        save_dtype=args.save_dtype,
-        on_step=on_step,
-    )
+    try:
+        steps = train(
+            args.model,
+            pd.read_parquet(args.data),
+            cfg,
+            robust,
+            args.out_model,
+            dtype=args.dtype,
+            checkpoint_dir=checkpoint_dir,
+            resume=args.resume,
+            keep_checkpoints=args.keep_checkpoints,
+            save_dtype=args.save_dtype,
+            on_step=on_step,
+            keep_previous_checkpoint=args.keep_previous_checkpoint,
+            time_limit=TimeLimit() if args.stop_before_time_limit else None,
+        )
+    except StoppedBeforeTimeLimit:
+        raise SystemExit(STOPPED_BEFORE_TIME_LIMIT) from None
     if main_rank:
         write_parquet(steps, args.out_log, provenance(cfg.seed, args.model))
 

@@ -1,5 +1,12 @@
 """Resumable checkpoints: the trainable parameters, the optimizer state, every rank's RNG state,
-the step and the per-step log so far, written atomically so a kill never leaves half of one."""
+the step and the per-step log so far, written atomically so a kill never leaves half of one.
+
+A new checkpoint replaces the previous one. A full-state checkpoint cannot be both always
+present and below twice its size on disk, so the caller chooses (`keep_previous`): delete the
+previous one just before writing (the peak is one checkpoint; a kill during the write leaves
+none, and the retry starts from step 0), or keep it until the new one is complete (the peak is
+two; there is always one to resume).
+"""
 
 from __future__ import annotations
 
@@ -53,6 +60,22 @@ def _full_state(
     return params, optimizer.state_dict()
 
 
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """A checkpoint's size: the trainable parameters and AdamW's two moments of each (the RNG
+    state and the log are small beside them)."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def clear_checkpoints(root: Path, keep: Path | None = None) -> None:
+    """Delete every checkpoint in `root` but `keep`, and any half-written one: the hidden
+    temporary folder of a write that was killed would never be resumed, nor replaced."""
+    # Only the names checkpoints are written under: the folder may be one a user named.
+    found = [*root.glob("step_*"), *root.glob(".step_*.tmp")] if root.is_dir() else []
+    for path in sorted(found):
+        if path != keep:
+            shutil.rmtree(path)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -63,8 +86,10 @@ def save_checkpoint(
     stamp: str,
     env: Dist,
     fsdp: bool,
+    keep_previous: bool = False,
 ) -> None:
-    """Write `root/step_{step}` atomically (rank 0), then drop the older checkpoints."""
+    """Write `root/step_{step}` atomically (rank 0) in place of the previous checkpoint: deleted
+    just before the write, or with `keep_previous` only once the new one is complete."""
     params, optim_state = _full_state(wrapped, model, optimizer, fsdp)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -74,7 +99,11 @@ def save_checkpoint(
         rngs = [None] * env.world
         dist.all_gather_object(rngs, rng)
     if env.main:
-        with atomic_dir(root / f"step_{step:08d}") as tmp:
+        target = root / f"step_{step:08d}"
+        # Only now, with the state gathered, so an error while gathering it leaves the
+        # previous checkpoint in place.
+        clear_checkpoints(root, keep=latest_checkpoint(root) if keep_previous else None)
+        with atomic_dir(target) as tmp:
             save_file(params, tmp / "trainable.safetensors")
             torch.save(optim_state, tmp / "optimizer.pt")
             torch.save(rngs, tmp / "rng.pt")
@@ -82,8 +111,7 @@ def save_checkpoint(
                 # Keys in their order, so a resumed log has the columns of an uninterrupted one.
                 json.dumps({"step": step, "fingerprint": stamp, "rows": rows})
             )
-        for old in sorted(root.glob("step_*"))[:-1]:
-            shutil.rmtree(old)
+        clear_checkpoints(root, keep=target)
         log.info("checkpoint after step %d in %s", step, root)
     if env.active:
         dist.barrier()

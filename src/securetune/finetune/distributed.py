@@ -52,6 +52,22 @@ def init_distributed() -> Dist:
     return env
 
 
+def rank0_decides(flag: bool, env: Dist) -> bool:
+    """Rank 0's `flag` on every rank (one broadcast), so the processes act on one decision."""
+    if not env.active:
+        return flag
+    decision = torch.tensor([int(flag)], device=env.device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
+def leave_process_group(env: Dist) -> None:
+    """Wait for every rank, then leave the group (a no-op when run alone)."""
+    if env.active:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap_for_processes(model: torch.nn.Module, cfg: TrainConfig, env: Dist) -> torch.nn.Module:
     """DDP, or FSDP2 (`fully_shard` per decoder layer, then the root), under torchrun.
 

@@ -14,23 +14,33 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 
 from securetune.finetune.checkpoints import (
+    checkpoint_bytes,
     checkpoint_fingerprint,
     fingerprint,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from securetune.finetune.deadline import (
+    Deadline,
+    StoppedBeforeTimeLimit,
+    TimeLimit,
+    checkpoint_estimate_s,
+)
 from securetune.finetune.distributed import (
     Dist,
     clip_gradients,
     group_squared_norms,
     init_distributed,
+    leave_process_group,
+    rank0_decides,
     sync_context,
     wrap_for_processes,
 )
@@ -277,13 +287,46 @@ def checkpoint_due(cfg: TrainConfig, done: int) -> bool:
     return bool(every) and done % every == 0 and done < cfg.steps
 
 
+def job_deadline(
+    time_limit: TimeLimit | None,
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    checkpoint_dir: Path | None,
+    env: Dist,
+) -> Deadline:
+    """Rank 0's deadline, its job's time limit, when it has one and writes checkpoints (stopping
+    without one would only lose the steps done); unlimited on the other ranks (rank 0 decides)."""
+    if time_limit is None or not env.main or checkpoint_dir is None or not cfg.checkpoint_every:
+        return Deadline.unlimited()
+    deadline = time_limit.deadline(checkpoint_estimate_s(checkpoint_bytes(model)))
+    if deadline.limited:
+        log.info(
+            "the job has %.0f s left: training stops with a checkpoint once the time left is "
+            "under %.1f x (its slowest step + a checkpoint write, %.0f s until one is timed) "
+            "+ %.0f s",
+            deadline.time_left(), deadline.safety, deadline.checkpoint_s(), deadline.floor_s,
+        )  # fmt: skip
+    return deadline
+
+
+def stop_before_time_limit(done: int, deadline: Deadline, env: Dist) -> NoReturn:
+    """Say why (rank 0), leave the process group and raise `StoppedBeforeTimeLimit`."""
+    left = deadline.time_left()
+    if env.main:
+        log.warning(
+            "stopping before the time limit after step %d (time left %.0f s); a retry resumes "
+            "from this checkpoint",
+            done, left,
+        )  # fmt: skip
+    leave_process_group(env)
+    raise StoppedBeforeTimeLimit(done, left)
+
+
 def finish(checkpoint_dir: Path | None, keep_checkpoints: bool, env: Dist) -> None:
     """Delete the checkpoints (unless kept) once the model is saved, and leave the process group."""
     if checkpoint_dir is not None and not keep_checkpoints and env.main and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
-    if env.active:
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group(env)
 
 
 def train(
@@ -298,10 +341,16 @@ def train(
     keep_checkpoints: bool = False,
     save_dtype: str = "base",
     on_step: Callable[[int, dict], None] | None = None,
+    keep_previous_checkpoint: bool = False,
+    time_limit: TimeLimit | None = None,
 ) -> pd.DataFrame:
     """Fine-tune one arm; save the model to `out_dir`; return the per-step log.
 
     `on_step(step, row)` is called after every optimizer step (and its checkpoint), on every rank.
+    `keep_previous_checkpoint`: a checkpoint replaces the previous one only once it is complete
+    (twice the disk at the peak), instead of after deleting it. With `time_limit` (and
+    checkpoints), training stops with a checkpoint when the job's time is about to run out and
+    raises `StoppedBeforeTimeLimit` (`securetune.finetune.deadline`).
     """
     env = init_distributed()
     # `auto` becomes bfloat16 or none here, on the process's own hardware, before anything
@@ -321,22 +370,33 @@ def train(
     torch.manual_seed(cfg.seed)
     mode = ("strict" if resume else "no") if isinstance(resume, bool) else resume
     start, rows = resume_from(checkpoint_dir, mode, wrapped, model, optimizer, stamp, env, fsdp)
+    deadline = job_deadline(time_limit, model, cfg, checkpoint_dir, env)
+    # Known to every rank, so the per-step decision is broadcast only when there is one to make.
+    watching = rank0_decides(deadline.limited, env)
     began, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         held = held_groups(cfg.kind, step, switch)
-        row = train_step(
-            step, order[step], wrapped, optimizer, base_lrs, examples, cfg, env,
-            tokenizer.pad_token_id, held,
-        )  # fmt: skip
+        with deadline.timing_step():
+            row = train_step(
+                step, order[step], wrapped, optimizer, base_lrs, examples, cfg, env,
+                tokenizer.pad_token_id, held,
+            )  # fmt: skip
         rows.append(row)
         tokens += row["tokens"]
         done = step + 1
-        if checkpoint_dir is not None and checkpoint_due(cfg, done):
-            save_checkpoint(checkpoint_dir, done, wrapped, model, optimizer, rows, stamp, env, fsdp)
+        stop = watching and done < cfg.steps and rank0_decides(deadline.should_stop(), env)
+        if checkpoint_dir is not None and (stop or checkpoint_due(cfg, done)):
+            with deadline.timing_checkpoint():
+                save_checkpoint(
+                    checkpoint_dir, done, wrapped, model, optimizer, rows, stamp, env, fsdp,
+                    keep_previous_checkpoint,
+                )  # fmt: skip
         if env.main and (step % 10 == 0 or done == cfg.steps):
             log.info("step %d/%d loss %.4f", done, cfg.steps, row["loss"])
         if on_step is not None:
             on_step(step, row)
+        if stop:
+            stop_before_time_limit(done, deadline, env)
     seconds = time.perf_counter() - began
     if env.main:
         log.info(
