@@ -81,6 +81,10 @@ ALIGN_ENABLED = config["align"]["enabled"]
 SOURCE_MODEL = jobs.source_model(config)
 BASE_MODEL = jobs.BASE_MODEL
 PROBE_SET = jobs.PROBE_SET
+# The prompt check is a gate, not data: the model stages wait for it to pass, but its rerun (a
+# benchmark added, so one more table to check) must not rerun the features, and through them the
+# probe, robustness, search and every fine-tune, nor the generations already made.
+PROMPTS_CHECKED = ancient("results/data/prompt_check.json")
 
 jobs.check_proxy_layers(config)
 check_at_start(config, DATA_DIR)

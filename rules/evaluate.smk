@@ -16,7 +16,7 @@ rule generate:
     input:
         model=model_of_arm,
         prompts="results/data/eval/{benchmark}.parquet",
-        checked="results/data/prompt_check.json",
+        checked=PROMPTS_CHECKED,
     output:
         generations="results/{domain_dir}generations/{arm}/{benchmark}.parquet",
         settings="results/{domain_dir}generations/{arm}/{benchmark}.json",
@@ -46,7 +46,7 @@ use rule generate as generate_arm with:
     input:
         model=model_of_arm,
         prompts=expand("results/data/eval/{benchmark}.parquet", benchmark=benchmarks()),
-        checked="results/data/prompt_check.json",
+        checked=PROMPTS_CHECKED,
     output:
         generations=expand(
             "results/{{domain_dir}}generations/{{arm}}/{benchmark}.parquet",

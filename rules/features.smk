@@ -3,7 +3,7 @@ rule extract_features:
     input:
         model=BASE_MODEL,
         probe_set=PROBE_SET,
-        checked="results/data/prompt_check.json",
+        checked=PROMPTS_CHECKED,
     output:
         "results/features/features.safetensors",
     log:

@@ -278,6 +278,23 @@ def test_changing_one_domain_reruns_only_that_domain(run):
     assert wildcards and all(w.startswith(("domain=math", "domain_dir=math/")) for w in wildcards)
 
 
+def test_adding_a_benchmark_reruns_no_model_stage_before_generation(run):
+    """One more benchmark: its eval set, the prompt check (one more table) and the evaluation;
+    the prompt check is a gate, so its rerun does not rerun the features and, through them, the
+    probe, robustness, search and every fine-tune."""
+    changed = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
+    changed["evaluation"]["benchmarks"]["harmbench"] = 4
+    (run / "configs" / "more.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    counts = job_counts(snakemake(run, "-n", "--configfile", "configs/more.yaml").stdout)
+    assert counts["prepare_eval_set"] == 1 and counts["check_prompts"] == 1
+    assert counts["generate_arm"] == 1 + len(ARMS) * len(DOMAINS)  # per_arm: each model's job
+    upstream = {
+        "build_base_model", "extract_features", "train_probe", "score_layer",
+        "aggregate_robustness", "search_robust_modules", "finetune", "heldout_ift_loss",
+    }  # fmt: skip
+    assert not upstream & counts.keys(), counts
+
+
 def test_changing_one_arm_reruns_only_that_arm(run):
     changed = yaml.safe_load((run / "configs" / "tiny.yaml").read_text())
     changed["finetune"]["arms"]["ml_lr"]["gamma"] = 0.3
