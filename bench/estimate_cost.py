@@ -113,12 +113,22 @@ class StageWork:
     work: float  # FLOPs; for a decode stage, new tokens
     kind: str  # forward, train or decode
     gpus_per_job: int
+    # A decode stage's FLOPs (2N per prompt and new token), beside its tokens: a CPU computes
+    # them at its matmul speed, where a GPU's decoding waits on memory traffic instead.
+    decode_flops: float | None = None
 
     @property
     def tera_flops(self) -> float | None:
-        """None for decode: its work is counted in new tokens, since decoding is bound by memory
-        traffic, not by FLOPs."""
+        """None for decode: its GPU time is counted in new tokens, since decoding is bound by
+        memory traffic, not by FLOPs."""
         return None if self.kind == "decode" else self.work / 1e12
+
+    @property
+    def compute_tera_flops(self) -> float | None:
+        """The stage's arithmetic in TFLOP, decoding included (what a CPU's matmuls must do)."""
+        if self.kind == "decode":
+            return None if self.decode_flops is None else self.decode_flops / 1e12
+        return self.tera_flops
 
 
 def guard_of(cfg: dict, model: Model) -> Model | None:
@@ -161,6 +171,8 @@ def stage_work(
         if cfg["generation"].get("jobs", "per_benchmark") == "per_benchmark"
         else 1
     )
+    # At most max_new_tokens each: completions that stop early make this an upper bound.
+    new_tokens = cfg["generation"]["max_new_tokens"]
     # A perturbation of layer l recomputes layers l..L-1 from the cached prefix: half on average.
     recompute = 0.5 if rob.get("cached_prefix") else 1.0
     rows = [
@@ -182,8 +194,8 @@ def stage_work(
             * ift_tokens * 6 * n,
             "train", ft.get("gpus") or 1,
         ),
-        ("generate", gen_jobs, models * bench_prompts * cfg["generation"]["max_new_tokens"],
-         "decode", 1),
+        ("generate", gen_jobs, models * bench_prompts * new_tokens, "decode", 1,
+         2 * n * models * bench_prompts * (p + new_tokens)),
         ("heldout_ift_loss", (references + len(arms)) * len(domains),
          heldout * ift_tokens * 2 * n, "forward", 1),
     ]  # fmt: skip

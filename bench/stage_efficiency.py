@@ -17,8 +17,9 @@ machine's speed drifts by tens of percent within an hour.
 
 Run it on the machine that ran the workflow: `auto` precision is resolved for this machine's CPU
 (`--dtype` overrides it), and the peak is this machine's. CPU runs only; a GPU's peak is
-bench/gpu_throughput.py's. Stages estimate_cost has no FLOPs for (alignment, attribution, and
-generation, which it counts in decoded tokens) are listed with their seconds and no share.
+bench/gpu_throughput.py's. Generation's FLOPs are 2N per prompt and new token, every completion
+counted at max_new_tokens (an upper bound: a completion may stop early). Stages estimate_cost has
+no FLOPs for (alignment, attribution) are listed with their seconds and no share.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def efficiency_rows(
 ) -> list[dict]:
     """A row per compute stage the config runs or the run benchmarked, in workflow order."""
     work = stage_work(cfg, model, guard_of(cfg, model), prompt_tokens, ift_tokens)
-    estimated = {w.stage: w.tera_flops for w in work}
+    estimated = {w.stage: w.compute_tera_flops for w in work}
     rows = []
     for stage in COMPUTE_STAGES:
         jobs_run, wall_s = measured(times, stage.rules)
