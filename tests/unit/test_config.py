@@ -137,6 +137,25 @@ def test_llm_judge_concurrency_out_of_range_is_refused(config, schema, value):
         validate_config(config, schema)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("model", "link_weights", "yes", r"'model\.link_weights': 'yes' is not of type"),
+        (
+            "llm_judge", "extra_body", "structured_outputs",
+            r"'evaluation\.llm_judge\.extra_body': 'structured_outputs' is not of type",
+        ),
+    ],
+)  # fmt: skip
+def test_wrong_link_weights_or_extra_body_is_refused_by_name(
+    config, schema, section, key, value, message
+):
+    where = config["evaluation"] if section == "llm_judge" else config
+    where[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, schema)
+
+
 def test_arm_named_unaligned_is_reserved(config, schema):
     config["finetune"]["arms"]["unaligned"] = {"kind": "vanilla"}
     with pytest.raises(ConfigError, match="finetune.arms"):
