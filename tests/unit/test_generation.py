@@ -128,3 +128,26 @@ def test_cli_writes_table_and_settings(tiny_model_dir, tmp_path):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="generation.backend 'tgi'"):
         GenerationConfig.from_params({"backend": "tgi", "max_new_tokens": 1, "batch_size": 1})
+
+
+def test_a_shared_opening_is_prefilled_once_with_the_same_completions(tiny_model_dir, monkeypatch):
+    import securetune.generation as generation
+
+    opening = "You are a careful assistant who answers briefly. "
+    prompts = [opening + p for p in ["Tell me about dragons and their bread.", *PROMPTS]]
+    tok = load_tokenizer(tiny_model_dir)
+    assert generation.shared_opening(prompt_token_ids(tok, prompts)) >= 10
+    cfg = _cfg(batch_size=4, max_new_tokens=10)
+    shared, _ = generate_completions(tiny_model_dir, prompts, cfg, "float32", 0)
+    monkeypatch.setattr(generation, "shared_opening", lambda ids: 0)
+    whole, _ = generate_completions(tiny_model_dir, prompts, cfg, "float32", 0)
+    assert [c.token_ids for c in shared] == [c.token_ids for c in whole]
+    assert len({c.text for c in whole}) > 1
+
+
+def test_shared_opening_leaves_each_prompt_a_token():
+    from securetune.generation import shared_opening
+
+    assert shared_opening([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_opening([[7, 8, 9], [7, 8, 9]]) == 2
+    assert shared_opening([[1, 2], [3, 2]]) == 0

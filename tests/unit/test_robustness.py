@@ -7,9 +7,11 @@ import torch
 import yaml
 
 from securetune.features import (
+    _sliceable,
     build_prefix_cache,
     features_from_layer,
     layer_features,
+    shared_prefix_length,
     tokenize_prompts,
 )
 from securetune.finetune.sft_data import encode_examples
@@ -202,3 +204,38 @@ def test_combined_score_leaves_out_a_metric_of_weight_zero():
     }
     weights = {"acc_drop": 1.0, "cosine_drift": 0.0, "direction_shift": 0.0}
     assert combined_score(metrics, "combined", weights) == 0.2
+
+
+def test_rows_sharing_an_opening_run_it_once_with_the_same_features(tiny):
+    # A long common opening (as a system prompt gives): the recomputation runs it as one row.
+    model, tokenizer, _ = tiny
+    opening = "You are a careful assistant. Answer the question below. "
+    ids = tokenize_prompts(tokenizer, [opening + p for p in PROMPTS], 256)
+    n_layers = model.config.num_hidden_layers
+    full = layer_features(model, ids, tokenizer.pad_token_id, 5, "last")
+    cache = build_prefix_cache(model, ids, tokenizer.pad_token_id, 5, [0, 1])
+    assert cache.batches[0].shared >= 10
+    with noise_perturbed(model, [(0, "up")], alpha=1.0, seed=3):
+        perturbed_full = layer_features(model, ids, tokenizer.pad_token_id, 5, "last")
+        cached = features_from_layer(model, cache, 0, list(range(n_layers)), "last", full)
+    assert not torch.allclose(perturbed_full, full)
+    torch.testing.assert_close(cached, perturbed_full, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_leaves_every_row_its_last_token():
+    ids = torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 5, 6], [1, 2, 3, 4, 6]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert shared_prefix_length(ids, mask) == 3
+    same = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    assert shared_prefix_length(same, torch.ones_like(same)) == 2  # the last stays per row
+    assert shared_prefix_length(torch.tensor([[1, 2], [2, 2]]), torch.ones(2, 2)) == 0
+
+
+def test_a_layer_argument_of_unknown_shape_runs_the_batch_whole(tiny):
+    model, tokenizer, ids = tiny
+    cache = build_prefix_cache(model, ids, tokenizer.pad_token_id, 5, [1])
+    assert cache.batches[0].shared > 0  # the tiny template's "<|im_start|>user\n"
+    kwargs = dict(cache.batches[0].layer_kwargs[1])
+    assert _sliceable(kwargs)
+    assert not _sliceable({**kwargs, "token_type_ids": torch.zeros(5, 3)})
+    assert not _sliceable({**kwargs, "attention_mask": None})
