@@ -410,6 +410,33 @@ class GenerationJob:
         return self.out.stem
 
 
+def completions_of_jobs(
+    generate: Generator,
+    jobs: list[GenerationJob],
+    eval_sets: list[pd.DataFrame],
+    arm: str,
+    cfg: GenerationConfig,
+    seed: int,
+) -> list[tuple[list[Completion], list[list[int]]]]:
+    """(completions, prompt ids) per benchmark. Greedy completions do not depend on what shares
+    their batch, so a job's benchmarks are decoded together: fewer, fuller batches of similar
+    lengths (each batch decodes up to max_new_tokens steps, whatever its width). Sampling keeps
+    one call per benchmark, each with its own seed."""
+    if cfg.temperature > 0 or len(jobs) < 2:
+        return [
+            generate(list(eval_set["prompt"]), stable_seed(seed, arm, job.benchmark))
+            for job, eval_set in zip(jobs, eval_sets, strict=True)
+        ]
+    prompts = [prompt for eval_set in eval_sets for prompt in eval_set["prompt"]]
+    done, token_ids = generate(prompts, stable_seed(seed, arm))
+    out, start = [], 0
+    for eval_set in eval_sets:
+        end = start + len(eval_set)
+        out.append((done[start:end], token_ids[start:end]))
+        start = end
+    return out
+
+
 def run_generation(
     model_dir: Path,
     jobs: list[GenerationJob],
@@ -427,9 +454,9 @@ def run_generation(
     with opened_generator(
         model_dir, cfg, dtype, stable_seed(seed, arm), tensor_parallel_size
     ) as generate:
-        for job, eval_set in zip(jobs, eval_sets, strict=True):
+        answers = completions_of_jobs(generate, jobs, eval_sets, arm, cfg, seed)
+        for job, eval_set, (done, token_ids) in zip(jobs, eval_sets, answers, strict=True):
             job_seed = stable_seed(seed, arm, job.benchmark)
-            done, token_ids = generate(list(eval_set["prompt"]), job_seed)
             table = generations_table(eval_set, done, token_ids, arm, cfg, job_seed)
             write_parquet(table, job.out, provenance(seed, model_dir))
             write_json(

@@ -151,3 +151,42 @@ def test_shared_opening_leaves_each_prompt_a_token():
     assert shared_opening([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert shared_opening([[7, 8, 9], [7, 8, 9]]) == 2
     assert shared_opening([[1, 2], [3, 2]]) == 0
+
+
+def _prompt_file(path, benchmark, prompts):
+    pd.DataFrame(
+        {
+            "prompt_id": [f"{benchmark}:{i}" for i in range(len(prompts))],
+            "prompt": prompts,
+            "benchmark": benchmark,
+            "kind": "harmful",
+            "reference": "",
+        }
+    ).to_parquet(path)
+    return path
+
+
+def _cli(model, prompts, outs, settings):
+    args = ["--model", str(model), "--arm", "base", "--settings", json.dumps(settings)]
+    args += ["--prompts", *map(str, prompts), "--out", *map(str, outs)]
+    main([*args, "--out-meta", *(str(o.with_suffix(".json")) for o in outs)])
+    return [pd.read_parquet(o) for o in outs]
+
+
+def test_a_jobs_benchmarks_decoded_together_give_each_benchmarks_completions(
+    tiny_model_dir, tmp_path
+):
+    # Greedy: one call over both benchmarks' prompts, split back; the same as one job each.
+    a = _prompt_file(tmp_path / "a.parquet", "advbench", PROMPTS)
+    b = _prompt_file(tmp_path / "b.parquet", "harmbench", ["Hi", "Tell me about tides at dusk."])
+    settings = {"backend": "transformers", "max_new_tokens": 6, "batch_size": 4}
+    together = _cli(
+        tiny_model_dir,
+        [a, b],
+        [tmp_path / "t" / "a.parquet", tmp_path / "t" / "b.parquet"],
+        settings,
+    )
+    alone = [_cli(tiny_model_dir, [p], [tmp_path / "s" / p.name], settings)[0] for p in (a, b)]
+    for joint, single in zip(together, alone, strict=True):
+        pd.testing.assert_frame_equal(joint, single)
+    assert list(together[1]["prompt_id"]) == ["harmbench:0", "harmbench:1"]
