@@ -2,8 +2,10 @@
 
 On the one-node test cluster (tests/slurm/start-cluster.sh; skipped without one, a failure with
 SECURETUNE_REQUIRE_SLURM=1 as in CI). The fine-tune of the tiny workflow's vanilla arm runs a
-few thousand steps (minutes on a CPU) with a checkpoint every 100, under a time limit of
-1 minute x the attempt (SLURM's smallest). Two runs of Snakemake in one folder, one fine-tune:
+few thousand steps with a checkpoint every 100, under a time limit of 1 minute x the attempt
+(SLURM's smallest). How many steps is measured on the machine first: CPUs differ twofold and
+more, and a fixed count that takes 2 minutes on one finished inside the first attempt's limit
+(and SLURM's grace) on another. Two runs of Snakemake in one folder, one fine-tune:
 1. killed: with finetune.stop_before_time_limit false (and checkpoint_keep_previous true, so the
    kill cannot catch the only checkpoint mid-write) and no retry, the first attempt is killed at
    its limit;
@@ -20,6 +22,7 @@ and the per-step log must be equal bit for bit (same code, seeds and threads).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -36,8 +39,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 TARGET = "results/general/finetune/vanilla/loss.parquet"
 MODEL = "results/general/finetune/vanilla/model/model.safetensors"
-# About 2 minutes of training on a 2-core CPU alone: the first attempt cannot finish.
-OVERLAY = {"finetune": {"steps": 2500, "checkpoint_every": 100}}
+# Seconds of training the chain is sized to: the first attempt (60 s, killed up to ~30 s late by
+# SLURM's periodic check, ~15 s of it start-up) cannot finish, the second (120 s) stops itself
+# with work left, and a third or fourth (180 s, 240 s; 3 retries) finishes.
+TRAINING_S = 180
+CALIBRATION_STEPS = 300
+TRAINED = re.compile(r"trained steps 0\.\.(\d+) in ([\d.]+) s")
 KILLED = {"finetune": {"stop_before_time_limit": False, "checkpoint_keep_previous": True}}
 STOPPED = re.compile(r"stopping before the time limit after step (\d+) \(time left (\d+) s\)")
 RESUMED = re.compile(r"resumed from .* \(step (\d+)\)")
@@ -71,13 +78,30 @@ def steps_in(pattern: re.Pattern, log: str) -> list[int]:
     return [int(match.group(1)) for match in pattern.finditer(log)]
 
 
+def long_overlay(steps: int) -> dict:
+    return {"finetune": {"steps": steps, "checkpoint_every": 100}}
+
+
+def steps_for(seconds: float, local_dir: Path) -> int:
+    """How many steps of the fine-tune take `seconds` on this machine, from a short local run
+    of it (checkpoints included), rounded up to a checkpoint."""
+    (local_dir / "configs" / "long.yaml").write_text(
+        yaml.safe_dump(long_overlay(CALIBRATION_STEPS))
+    )
+    snakemake(local_dir, "--configfile", "configs/long.yaml", "--", TARGET)
+    steps, took = TRAINED.findall(last_attempt(local_dir))[-1]
+    per_step = float(took) / int(steps)
+    return max(1000, 100 * math.ceil(seconds / per_step / 100))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(the SLURM runs' folder, the local reference's folder)."""
     cluster_dir = copy_workflow(tmp_path_factory.mktemp("limited") / "repo", tiny_default=True)
     local_dir = copy_workflow(tmp_path_factory.mktemp("reference") / "repo", tiny_default=True)
+    overlay = long_overlay(steps_for(TRAINING_S, local_dir))
     for workdir in (cluster_dir, local_dir):
-        (workdir / "configs" / "long.yaml").write_text(yaml.safe_dump(OVERLAY))
+        (workdir / "configs" / "long.yaml").write_text(yaml.safe_dump(overlay))
     (cluster_dir / "configs" / "killed.yaml").write_text(yaml.safe_dump(KILLED))
     profile = time_limited_profile(cluster_dir)
     on_slurm = ("--profile", str(profile), "--workflow-profile", "none")
@@ -85,11 +109,13 @@ def runs(tmp_path_factory):
         cluster_dir, *on_slurm, "--retries", "0",
         "--configfile", "configs/long.yaml", "configs/killed.yaml", "--", TARGET, check=False,
     )  # fmt: skip
-    assert killed.returncode != 0, "the fine-tune finished within its first minute"
+    assert killed.returncode != 0, f"{overlay} finished within its first minute"
     stopped = snakemake(
         cluster_dir, *on_slurm, "--configfile", "configs/long.yaml", "--", TARGET, check=False
     )
     assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-6000:]
+    # The calibration's arm is replaced: its steps differ, so it reruns (from step 0: its
+    # checkpoints were removed with its model saved).
     snakemake(local_dir, "--configfile", "configs/long.yaml", "--", TARGET)
     return cluster_dir, local_dir
 
