@@ -173,13 +173,17 @@ def stage_work(
     )
     # At most max_new_tokens each: completions that stop early make this an upper bound.
     new_tokens = cfg["generation"]["max_new_tokens"]
-    # A perturbation of layer l recomputes layers l..L-1 from the cached prefix: half on average.
+    # A perturbation of layer l recomputes layers l..L-1 from the cached prefix: half on average;
+    # the unperturbed forward that fills the cache runs once per job, not per module.
     recompute = 0.5 if rob.get("cached_prefix") else 1.0
+    rob_jobs = model.layers if rob.get("jobs") == "per_layer" else modules
+    cache_builds = rob_jobs if rob.get("cached_prefix") else 0
     rows = [
         ("extract_features", 1, 2 * n * probe_prompts * p, "forward", 1),
         (
-            "robustness (score_module)", modules,
-            modules * (1 + runs + ift_runs) * 2 * n * test_prompts * p * recompute
+            "robustness (score_module)", rob_jobs,
+            modules * (runs + ift_runs) * 2 * n * test_prompts * p * recompute
+            + cache_builds * 2 * n * test_prompts * p
             + modules * ift_runs * ift["steps"] * ift["batch_size"] * ift_tokens * 6 * n,
             "forward", 1,
         ),
