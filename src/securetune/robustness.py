@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -200,6 +200,39 @@ def drift_metrics(
     }
 
 
+def reached_positions(layers: list[int], lowest_layer: int, reach: str) -> list[int]:
+    """Positions in `layers` (the proxy layers) of the probes a change at `lowest_layer` and
+    above can move: those at that layer or higher (a layer's feature is its output), or every
+    one with reach `all`. A module never moves the probes below it, so averaging its drift over
+    all of them dilutes a low module's drift less than a high one's: the depth bias."""
+    if reach == "all":
+        return list(range(len(layers)))
+    return [i for i, layer in enumerate(layers) if layer >= lowest_layer]
+
+
+NAN_METRICS = dict.fromkeys(
+    ["acc_before", "acc_after", "acc_drop", "cosine_drift", "direction_shift", "margin_drop"],
+    math.nan,
+)
+
+
+def reached_drift_metrics(
+    clean: torch.Tensor,
+    perturbed: torch.Tensor,
+    labels: torch.Tensor,
+    probes: LayerProbes,
+    layers: list[int],
+    positions: list[int],
+) -> dict[str, float]:
+    """`drift_metrics` over the proxy layers at `positions`; NaN where none is reached (the
+    change cannot move the proxy at all, which is not robustness: the ranking puts it last)."""
+    if not positions:
+        return dict(NAN_METRICS)
+    return drift_metrics(
+        clean[positions], perturbed[positions], labels, probes, [layers[i] for i in positions]
+    )
+
+
 def true_class_margin(
     features: torch.Tensor, labels: torch.Tensor, probes: LayerProbes, layers: list[int]
 ) -> torch.Tensor:
@@ -227,12 +260,16 @@ def half_scores(
     probes: LayerProbes,
     layers: list[int],
     settings: RobustnessSettings,
+    positions: list[int],
 ) -> dict[str, float]:
     """The score on each half of the test prompts: two estimates from disjoint prompts, whose
-    rank agreement over modules says how much the ranking owes to the particular prompts."""
+    rank agreement over modules says how much the ranking owes to the particular prompts (and
+    `search.probe_split: halves` ranks by the first and checks sets on the second)."""
     scores = {}
     for i, mask in enumerate(half_masks(labels)):
-        metrics = drift_metrics(clean[:, mask], perturbed[:, mask], labels[mask], probes, layers)
+        metrics = reached_drift_metrics(
+            clean[:, mask], perturbed[:, mask], labels[mask], probes, layers, positions
+        )
         scores[f"score_half{i}"] = combined_score(metrics, settings.score, settings.score_weights)
     return scores
 
@@ -271,6 +308,30 @@ class ProbeView:
 
     def accuracy(self, features: torch.Tensor) -> float:
         return self.probes.accuracy(features, self.labels, self.layers).mean().item()
+
+    def accuracy_after_drop(self, features: torch.Tensor, positions: list[int]) -> float:
+        """The clean accuracy (mean over every proxy layer) less the mean accuracy drop over the
+        layers at `positions`: with every layer reached, the perturbed accuracy itself; NaN
+        where none is."""
+        if len(positions) == len(self.layers):
+            return self.accuracy(features)
+        if not positions:
+            return math.nan
+        clean = self.probes.accuracy(self.clean, self.labels, self.layers)
+        after = self.probes.accuracy(features, self.labels, self.layers)
+        return (clean.mean() - (clean[positions] - after[positions]).mean()).item()
+
+    def subset(self, mask: torch.Tensor) -> ProbeView:
+        """The same view on the test prompts where `mask` holds (before any cache is built)."""
+        if self.cache is not None:
+            raise ValueError("ProbeView.subset: take the subset before caching layers")
+        keep = mask.nonzero().flatten().tolist()
+        return replace(
+            self,
+            token_ids=[self.token_ids[i] for i in keep],
+            labels=self.labels[mask],
+            clean=self.clean[:, mask],
+        )
 
 
 def ift_batches(
@@ -348,7 +409,10 @@ def score_module(
             ift_examples=ift_examples,
         ) as info:
             features = view.features(layer)
-        metrics = drift_metrics(view.clean, features, view.labels, view.probes, view.layers)
+        positions = reached_positions(view.layers, layer, settings.proxy_reach)
+        metrics = reached_drift_metrics(
+            view.clean, features, view.labels, view.probes, view.layers, positions
+        )
         is_ift = perturbation == "ift"
         rows.append(
             {
@@ -362,11 +426,18 @@ def score_module(
                 **metrics,
                 "score": combined_score(metrics, settings.score, settings.score_weights),
                 **half_scores(
-                    view.clean, features, view.labels, view.probes, view.layers, settings
-                ),
+                    view.clean,
+                    features,
+                    view.labels,
+                    view.probes,
+                    view.layers,
+                    settings,
+                    positions,
+                ),  # fmt: skip
                 "weight_change": info["weight_change"],
                 "ift_loss": info.get("ift_loss", math.nan),
                 "n_test": len(view.labels),
+                "proxy_reached": len(positions),
                 "cached_prefix": view.cache is not None,
             }
         )
@@ -446,6 +517,7 @@ def score_modules(
         df["score_name"] = settings.score
         df["model"] = settings.source
         df["proxy_layers"] = ",".join(map(str, view.layers))
+        df["proxy_reach"] = settings.proxy_reach
         write_parquet(df, out, provenance(settings.seed, model))
         progress.update()
 

@@ -35,10 +35,13 @@ ROBUSTNESS_COLUMNS = {
     "weight_change": "float64",
     "ift_loss": "float64",
     "n_test": "int64",
+    # How many proxy layers the module's drift was averaged over (robustness.proxy_reach).
+    "proxy_reached": "int64",
     "cached_prefix": "bool",
     "score_name": "object",
     "model": "object",
     "proxy_layers": "object",
+    "proxy_reach": "object",
 }
 KEY = ["layer", "module", "perturbation", "alpha", "seed"]
 

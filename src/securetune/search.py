@@ -32,10 +32,12 @@ from securetune.progress import Progress
 from securetune.ranking import rank_modules
 from securetune.robustness import (
     ProbeView,
+    half_masks,
     ift_examples,
     linear_weight,
     open_probe_view,
     perturbed,
+    reached_positions,
 )
 from securetune.settings import SearchSettings
 
@@ -219,6 +221,9 @@ def search_robust_modules(
         model=model, probe_set=probe_set, features=features, probes=probes, proxy=proxy,
         settings=settings.robustness.features,
     )  # fmt: skip
+    table = pd.read_parquet(robustness)
+    if settings.probe_split == "halves":
+        table, view = ranked_on_first_half(table, view)
     if settings.robustness.cached_prefix:
         view.cache_layers(list(range(view.model.config.num_hidden_layers)))
     examples = None
@@ -226,7 +231,6 @@ def search_robust_modules(
         if ift_set is None:
             raise ValueError("search.perturbation ift: the job needs the IFT set")
         examples = ift_examples(model, ift_set, settings.robustness.ift)
-    table = pd.read_parquet(robustness)
     if settings.unit == "group":
         ranked, members = rank_groups(table, settings.band_width)
     else:
@@ -258,6 +262,22 @@ def search_robust_modules(
     write_parquet(trace, out_trace, provenance(seed, model))
     plan = search_plan(selected, trace, reason, ranked, view, settings, model)
     write_json({**plan, **budget_record(selected, trace, budget, sizes, view)}, out_plan)
+
+
+def ranked_on_first_half(table: pd.DataFrame, view: ProbeView) -> tuple[pd.DataFrame, ProbeView]:
+    """`search.probe_split: halves`: the ranking by each module's score on the first half of
+    the probe's test prompts, and the view of the second half that checks the candidate sets,
+    so the sets are not checked on the prompts that made them look robust."""
+    if "score_half0" not in table.columns:
+        raise ValueError(
+            "search.probe_split: halves needs the robustness table's score_half0 column; "
+            "rerun the robustness stage"
+        )
+    return table.assign(score=table[RANKED_BY["halves"]]), view.subset(half_masks(view.labels)[1])
+
+
+# The robustness table's column the search (and the inverse selector, from the plan) ranks by.
+RANKED_BY = {"same": "score", "halves": "score_half0"}
 
 
 @dataclass(frozen=True)
@@ -322,13 +342,16 @@ def joint_accuracy(
     view: ProbeView, settings: SearchSettings, examples: list[Example] | None
 ) -> Callable[[list[str]], float]:
     """The probe accuracy with a candidate set's modules perturbed together, averaged over
-    `settings.seeds` draws (the clean accuracy for the empty set)."""
+    `settings.seeds` draws (the clean accuracy for the empty set). With proxy_reach
+    `reachable` it is the clean accuracy less the mean drop over the proxy layers the set can
+    reach (from its lowest module up), as the modules were scored."""
 
     def evaluate(names: list[str]) -> float:
         if not names:
             return view.accuracy(view.clean)
         modules = [parse_module_name(n) for n in names]
         lowest = min(layer for layer, _ in modules)
+        positions = reached_positions(view.layers, lowest, settings.robustness.proxy_reach)
         accuracies = []
         for s in range(settings.seeds):
             with perturbed(
@@ -340,7 +363,7 @@ def joint_accuracy(
                 ift=settings.robustness.ift,
                 ift_examples=examples,
             ):
-                accuracies.append(view.accuracy(view.features(lowest)))
+                accuracies.append(view.accuracy_after_drop(view.features(lowest), positions))
         return float(sum(accuracies) / len(accuracies))
 
     return evaluate
@@ -382,6 +405,10 @@ def search_plan(
         "score": rob.score,
         "score_weights": rob.score_weights if rob.score == "combined" else None,
         "proxy_layers": view.layers,
+        "proxy_reach": rob.proxy_reach,
+        "probe_split": settings.probe_split,
+        "ranked_by": RANKED_BY[settings.probe_split],
+        "search_prompts": len(view.labels),
         "ranking": ranked,
         "seed": rob.seed,
         "versions": versions(),

@@ -141,8 +141,12 @@ def select_modules(
     settings: SelectorSettings,
 ) -> None:
     """Stage `select_modules`: a control set of Mods_Robust's size, written as a plan."""
-    robust = json.loads(plan.read_text())["modules"]
+    search = json.loads(plan.read_text())
+    robust = search["modules"]
+    # The inverse reads the ranking the search read (the first half's score with probe_split
+    # halves); plans written before the split was an option ranked by `score`.
     table = pd.read_parquet(robustness)
+    table = table.assign(score=table[search.get("ranked_by", "score")])
     candidates = rank_modules(table)
     sizes = module_sizes(model, candidates)
     chosen = selected_modules(

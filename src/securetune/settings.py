@@ -249,6 +249,10 @@ class IftSettings:
         return cls(**{key: value for key, value in section.items() if key != "source"})
 
 
+# Over which proxy layers a perturbed module's drift is averaged (RobustnessSettings.proxy_reach).
+PROXY_REACH = ("reachable", "all")
+
+
 @dataclass(frozen=True)
 class RobustnessSettings(StageSettings):
     """The config's `robustness` section, typed, with what its jobs need to re-extract features.
@@ -267,12 +271,17 @@ class RobustnessSettings(StageSettings):
     features: FeatureSettings
     source: str
     seed: int
+    # Which proxy layers a module's drift is averaged over: all of them, or those it can reach
+    # (its own layer and above: a module cannot move the probes below it, so averaging over all
+    # makes the high layers look robust by construction).
+    proxy_reach: str = "reachable"
 
     def __post_init__(self) -> None:
         if isinstance(self.ift, Mapping):
             object.__setattr__(self, "ift", IftSettings(**self.ift))
         if isinstance(self.features, Mapping):
             object.__setattr__(self, "features", FeatureSettings.from_params(self.features))
+        _check_choice("robustness", "proxy_reach", self.proxy_reach, PROXY_REACH)
         unknown = sorted(set(self.perturbations) - set(PERTURBATIONS))
         if unknown:
             raise ConfigError(
@@ -293,11 +302,15 @@ class RobustnessSettings(StageSettings):
             features=FeatureSettings.from_config(config),
             source=config["model"]["source"],
             seed=config["seed"],
+            proxy_reach=section["proxy_reach"],
         )
 
 
 # A candidate set below the accuracy floor stops the search, or is skipped (the next unit tried).
 ON_REJECT = ("stop", "skip")
+# The robustness ranking and the search's joint checks on the same test prompts, or on the two
+# disjoint halves (rank by the first half's score, check sets on the second).
+PROBE_SPLITS = ("same", "halves")
 
 
 @dataclass(frozen=True)
@@ -320,11 +333,13 @@ class SearchSettings(StageSettings):
     # Budgets as shares of the scored modules and of their parameters; 1.0 never binds.
     max_module_share: float = 1.0
     max_param_share: float = 1.0
+    probe_split: str = "same"
 
     def __post_init__(self) -> None:
         if isinstance(self.robustness, Mapping):
             object.__setattr__(self, "robustness", RobustnessSettings.from_params(self.robustness))
         _check_choice("search", "on_reject", self.on_reject, ON_REJECT)
+        _check_choice("search", "probe_split", self.probe_split, PROBE_SPLITS)
         if not 0 <= self.tau_drop <= 1:
             raise ConfigError(f"search key 'tau_drop': {self.tau_drop} is not in [0, 1]")
         for key in ("max_module_share", "max_param_share"):

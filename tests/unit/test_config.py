@@ -113,6 +113,8 @@ def test_bad_align_values_name_the_key(config, schema, key, value, message):
         ("robustness", "score", "loss", r"'robustness\.score': 'loss' is not one of"),
         ("robustness", "jobs", "per_chunk", r"'robustness\.jobs': 'per_chunk' is not one of"),
         ("robustness", "cached_prefix", "yes", r"'robustness\.cached_prefix'"),
+        ("robustness", "proxy_reach", "below", r"'robustness\.proxy_reach': 'below' is not one"),
+        ("search", "probe_split", "thirds", r"'search\.probe_split': 'thirds' is not one of"),
         ("search", "unit", "layer", r"'search\.unit': 'layer' is not one of"),
         ("search", "band_width", 0, r"'search\.band_width': 0 is out of range"),
         ("search", "perturbation", "both", r"'search\.perturbation'"),

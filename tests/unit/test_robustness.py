@@ -1,5 +1,6 @@
 """Cached-prefix features, both perturbations and the per-module scoring, on a tiny Llama."""
 
+import dataclasses
 import math
 
 import pytest
@@ -24,6 +25,7 @@ from securetune.robustness import (
     ift_batches,
     ift_perturbed,
     noise_perturbed,
+    reached_positions,
     score_module,
 )
 from securetune.settings import IftSettings, RobustnessSettings
@@ -239,3 +241,78 @@ def test_a_layer_argument_of_unknown_shape_runs_the_batch_whole(tiny):
     assert _sliceable(kwargs)
     assert not _sliceable({**kwargs, "token_type_ids": torch.zeros(5, 3)})
     assert not _sliceable({**kwargs, "attention_mask": None})
+
+
+def test_a_module_reaches_the_proxy_layers_at_and_above_its_own():
+    assert reached_positions([0, 2, 5, 7], 2, "reachable") == [1, 2, 3]
+    assert reached_positions([0, 2, 5, 7], 6, "reachable") == [3]
+    assert reached_positions([0, 2, 5, 7], 8, "reachable") == []
+    assert reached_positions([0, 2, 5, 7], 6, "all") == [0, 1, 2, 3]
+
+
+def _view_and_settings(tiny, layers: list[int]):
+    model, tokenizer, ids = tiny
+    labels = torch.tensor([1, 0, 0, 0, 1])
+    clean = layer_features(model, ids, tokenizer.pad_token_id, 2, "last", layers)
+    probes = fit_probes(
+        layer_features(model, ids, tokenizer.pad_token_id, 2, "last"), labels, 1.0, 0
+    )
+    view = ProbeView(model, ids, labels, tokenizer.pad_token_id, clean, probes, layers, 2, "last")
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config["robustness"].update(
+        alphas=[1.0], seeds=1, score="cosine_drift", perturbations=["noise"]
+    )
+    return view, RobustnessSettings.from_config(config)
+
+
+def test_reachable_averages_a_modules_drift_over_the_probes_it_can_move_only(tiny):
+    """A layer-1 module leaves layer 0's features as they were: averaged over both proxy layers
+    (reach all) its drift is half what it is over the one it reaches, so a low module and a
+    high one are no longer compared on different denominators."""
+    view, settings = _view_and_settings(tiny, [0, 1])
+    reachable = score_module(view, 1, "o", settings, 0)
+    every = score_module(view, 1, "o", dataclasses.replace(settings, proxy_reach="all"), 0)
+    assert reachable["proxy_reached"].tolist() == [1] and every["proxy_reached"].tolist() == [2]
+    assert reachable["cosine_drift"].item() > 0
+    assert every["cosine_drift"].item() == pytest.approx(reachable["cosine_drift"].item() / 2)
+    # A layer-0 module reaches both: the same number either way.
+    low = score_module(view, 0, "o", settings, 0)
+    low_all = score_module(view, 0, "o", dataclasses.replace(settings, proxy_reach="all"), 0)
+    assert low["proxy_reached"].tolist() == [2]
+    assert low["score"].item() == pytest.approx(low_all["score"].item())
+
+
+def test_a_module_above_every_proxy_layer_has_no_score_not_a_perfect_one(tiny):
+    view, settings = _view_and_settings(tiny, [0])
+    df = score_module(view, 1, "o", settings, 0)
+    assert df["proxy_reached"].tolist() == [0]
+    assert math.isnan(df["score"].item()) and math.isnan(df["score_half0"].item())
+    # With reach all the same module looked perfectly robust: no drift where it cannot reach.
+    every = score_module(view, 1, "o", dataclasses.replace(settings, proxy_reach="all"), 0)
+    assert every["score"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_accuracy_after_drop_is_the_clean_accuracy_less_the_reached_layers_drop(tiny):
+    view, _ = _view_and_settings(tiny, [0, 1])
+    assert view.accuracy_after_drop(view.clean, [0, 1]) == view.accuracy(view.clean)
+    assert view.accuracy_after_drop(view.clean, [1]) == pytest.approx(view.accuracy(view.clean))
+    assert math.isnan(view.accuracy_after_drop(view.clean, []))
+    # Layer 1's features destroyed (all zero: the probe's intercept decides every prompt).
+    broken = view.clean.clone()
+    broken[1] = 0
+    per_layer = view.probes.accuracy(view.clean, view.labels, view.layers)
+    after = view.probes.accuracy(broken, view.labels, view.layers)
+    expected = per_layer.mean() - (per_layer[1] - after[1])
+    assert view.accuracy_after_drop(broken, [1]) == pytest.approx(expected.item())
+
+
+def test_a_subset_view_keeps_the_masked_prompts_and_refuses_a_built_cache(tiny):
+    view, _ = _view_and_settings(tiny, [0, 1])
+    mask = torch.tensor([True, False, True, False, True])
+    sub = view.subset(mask)
+    assert sub.token_ids == [view.token_ids[i] for i in (0, 2, 4)]
+    assert sub.labels.tolist() == [1, 0, 1]
+    assert torch.equal(sub.clean, view.clean[:, mask])
+    view.cache_layers([1])
+    with pytest.raises(ValueError, match="before caching"):
+        view.subset(mask)

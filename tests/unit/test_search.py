@@ -208,3 +208,43 @@ def test_the_stage_plan_records_the_floor_the_budgets_and_the_parameter_share(
     assert plan["param_budget"] >= plan["n_params"]
     assert plan["model_param_share"] < plan["param_share"]  # embeddings count in the model
     assert plan["stop_reason"] == "budget"
+
+
+def test_halves_rank_by_the_first_half_and_check_sets_on_the_second(
+    probe_inputs,  # noqa: F811 (the fixture imported above)
+    tmp_path,
+):
+    import json
+
+    from securetune.ranking import rank_modules as ranking_of
+    from securetune.robustness import half_masks, open_probe_view
+
+    settings = SearchSettings(
+        tau=0.0, max_modules=50, alpha=0.5, seeds=1, robustness=robustness_settings(),
+        probe_split="halves",
+    )  # fmt: skip
+    search_robust_modules(
+        **probe_view(probe_inputs),
+        robustness=probe_inputs["robustness"],
+        ift_set=None,
+        out_plan=tmp_path / "plan.json",
+        out_trace=tmp_path / "trace.parquet",
+        settings=settings,
+    )  # fmt: skip
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    table = pd.read_parquet(probe_inputs["robustness"])
+    assert plan["probe_split"] == "halves" and plan["ranked_by"] == "score_half0"
+    assert plan["ranking"] == ranking_of(table.assign(score=table["score_half0"]))
+    view = open_probe_view(
+        **probe_view(probe_inputs), settings=settings.robustness.features
+    )  # fmt: skip
+    second = half_masks(view.labels)[1]
+    assert plan["search_prompts"] == int(second.sum()) < len(view.labels)
+    half = view.subset(second)
+    assert plan["clean_accuracy"] == pytest.approx(half.accuracy(half.clean))
+
+
+def test_probe_split_is_checked(config):
+    config["search"]["probe_split"] = "thirds"
+    with pytest.raises(ConfigError, match="probe_split"):
+        SearchSettings.from_config(config)

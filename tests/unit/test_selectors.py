@@ -169,6 +169,25 @@ def test_select_modules_writes_a_plan_of_mods_robusts_size(tmp_path, tiny_model_
         )
 
 
+def test_inverse_reads_the_ranking_the_search_ranked_by(tmp_path, tiny_model_dir):
+    """With search.probe_split halves the search ranks by the first half's score; the inverse
+    set is the far end of that same ranking, not of the whole-split one."""
+    modules = [(layer, m) for layer in range(2) for m in MODULE_TYPES]
+    rows = [
+        {"layer": layer, "module": m, "score": float(i), "score_half0": float(-i)}
+        for i, (layer, m) in enumerate(modules)
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "rob.parquet")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"modules": ["L1.down"], "ranked_by": "score_half0"}))
+    select_modules(
+        model=tiny_model_dir, plan=plan, robustness=tmp_path / "rob.parquet",
+        attribution=None, out=tmp_path / "inverse.json",
+        settings=SelectorSettings(selection="inverse", seed=0, random_param_tolerance=0.1),
+    )  # fmt: skip
+    assert json.loads((tmp_path / "inverse.json").read_text())["modules"] == ["L0.q"]
+
+
 def test_an_arm_names_its_plan_by_its_selector(config):
     arms = config["finetune"]["arms"]
     arms["inv"] = {"kind": "ml_lr", "gamma": 0.1, "selector": "inverse"}
