@@ -79,7 +79,9 @@ def rank_groups(
         for name, members in groups.items()
     }
     order = list(groups)  # (band, type) order breaks ties
-    return sorted(order, key=lambda g: (score[g], order.index(g))), groups
+    # A unit above every proxy layer has no score (proxy_reach reachable): nothing vouches for
+    # it, so it comes last, not at a place NaN's comparisons leave it.
+    return sorted(order, key=lambda g: (math.isnan(score[g]), score[g], order.index(g))), groups
 
 
 def accuracy_floor(clean: float, tau: float, tau_drop: float) -> float:

@@ -248,3 +248,11 @@ def test_probe_split_is_checked(config):
     config["search"]["probe_split"] = "thirds"
     with pytest.raises(ConfigError, match="probe_split"):
         SearchSettings.from_config(config)
+
+
+def test_a_unit_without_a_score_is_ranked_last():
+    """proxy_reach reachable leaves modules above every proxy layer without a score (NaN):
+    they go to the end of the ranking, not wherever NaN's comparisons put them."""
+    table = _table(3, ["q"], lambda layer, m: float("nan") if layer == 0 else 1.0 / layer)
+    ranked, _ = rank_groups(table, band_width=1)
+    assert ranked == ["q@L2-2", "q@L1-1", "q@L0-0"]
