@@ -27,6 +27,17 @@ def module_scores(robustness: pd.DataFrame) -> pd.DataFrame:
     return mean
 
 
+def scored_by(robustness: pd.DataFrame, column: str, needed_by: str) -> pd.DataFrame:
+    """The table with its `score` read from `column` (a plan's `ranked_by`: the first half's
+    score under `search.probe_split: halves`), refused by name, with what needs it, when the
+    table lacks the column."""
+    if column not in robustness.columns:
+        raise ValueError(
+            f"{needed_by} needs the robustness table's {column} column; rerun the robustness stage"
+        )
+    return robustness.assign(score=robustness[column])
+
+
 def rank_modules(robustness: pd.DataFrame) -> list[str]:
     """Module names, most robust (lowest mean score) first; ties by layer, then type order."""
     mean = module_scores(robustness)

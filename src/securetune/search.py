@@ -29,7 +29,7 @@ from securetune.io import (
 )
 from securetune.precision import detect
 from securetune.progress import Progress
-from securetune.ranking import rank_modules
+from securetune.ranking import rank_modules, scored_by
 from securetune.robustness import (
     ProbeView,
     half_masks,
@@ -270,12 +270,8 @@ def ranked_on_first_half(table: pd.DataFrame, view: ProbeView) -> tuple[pd.DataF
     """`search.probe_split: halves`: the ranking by each module's score on the first half of
     the probe's test prompts, and the view of the second half that checks the candidate sets,
     so the sets are not checked on the prompts that made them look robust."""
-    if "score_half0" not in table.columns:
-        raise ValueError(
-            "search.probe_split: halves needs the robustness table's score_half0 column; "
-            "rerun the robustness stage"
-        )
-    return table.assign(score=table[RANKED_BY["halves"]]), view.subset(half_masks(view.labels)[1])
+    ranked = scored_by(table, RANKED_BY["halves"], "search.probe_split: halves")
+    return ranked, view.subset(half_masks(view.labels)[1])
 
 
 # The robustness table's column the search (and the inverse selector, from the plan) ranks by.

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from securetune.architectures import module_weight_name, parse_module_name
 from securetune.io import stable_seed, versions, write_json
 from securetune.method import selection_parts
-from securetune.ranking import rank_modules
+from securetune.ranking import rank_modules, scored_by
 from securetune.settings import SelectorSettings
 from securetune.weight_links import check_linked_weights
 
@@ -146,7 +146,7 @@ def select_modules(
     # The inverse reads the ranking the search read (the first half's score with probe_split
     # halves); plans written before the split was an option ranked by `score`.
     table = pd.read_parquet(robustness)
-    table = table.assign(score=table[search.get("ranked_by", "score")])
+    table = scored_by(table, search.get("ranked_by", "score"), f"{plan}'s ranked_by")
     candidates = rank_modules(table)
     sizes = module_sizes(model, candidates)
     chosen = selected_modules(

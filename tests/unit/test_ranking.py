@@ -7,6 +7,7 @@ from securetune.ranking import (
     UNSTABLE_OVERLAP,
     half_stability,
     is_unstable,
+    scored_by,
     seed_stability,
     with_replicate,
 )
@@ -83,3 +84,11 @@ def test_half_masks_split_each_class_and_cover_every_prompt_once():
     for half in (first, second):
         assert set(labels[half].tolist()) == {0, 1}
     assert np.array_equal(first.nonzero().flatten().numpy(), [0, 2, 4, 6, 8])
+
+
+def test_scored_by_reads_the_named_column_and_refuses_a_missing_one():
+    table = _table({0: [0.1, 0.2]}, halves=([0.5, 0.4], [0.0, 0.0]))
+    assert scored_by(table, "score_half0", "x")["score"].tolist() == [0.5, 0.4]
+    assert scored_by(table, "score", "x")["score"].tolist() == [0.1, 0.2]
+    with pytest.raises(ValueError, match="search.probe_split: halves needs .* score_half0"):
+        scored_by(_table({0: [0.1]}), "score_half0", "search.probe_split: halves")

@@ -188,6 +188,21 @@ def test_inverse_reads_the_ranking_the_search_ranked_by(tmp_path, tiny_model_dir
     assert json.loads((tmp_path / "inverse.json").read_text())["modules"] == ["L0.q"]
 
 
+def test_inverse_refuses_a_plan_ranked_by_a_column_the_table_lacks(tmp_path, tiny_model_dir):
+    """A plan of probe_split halves over a robustness table written before the split existed:
+    refused, naming the plan and the column, not ranked by the wrong score."""
+    rows = [{"layer": 0, "module": m, "score": 0.0} for m in MODULE_TYPES]
+    pd.DataFrame(rows).to_parquet(tmp_path / "rob.parquet")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"modules": ["L0.q"], "ranked_by": "score_half0"}))
+    with pytest.raises(ValueError, match="plan.json's ranked_by needs .* score_half0"):
+        select_modules(
+            model=tiny_model_dir, plan=plan, robustness=tmp_path / "rob.parquet",
+            attribution=None, out=tmp_path / "inverse.json",
+            settings=SelectorSettings(selection="inverse", seed=0, random_param_tolerance=0.1),
+        )  # fmt: skip
+
+
 def test_an_arm_names_its_plan_by_its_selector(config):
     arms = config["finetune"]["arms"]
     arms["inv"] = {"kind": "ml_lr", "gamma": 0.1, "selector": "inverse"}
