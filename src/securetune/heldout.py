@@ -28,7 +28,8 @@ def heldout_ift_loss(
     arm's model, one row per example."""
     df = pd.read_parquet(heldout)
     tokenizer = load_tokenizer(model)
-    # float32: arms differ in the second decimal of this loss; bfloat16 rounding is not far off.
+    # float32: arms differ in the second decimal of this loss, and bfloat16 moved an arm's mean
+    # by up to 0.004 (a third of the smallest gap between two arms; BENCHMARKS.md).
     network = load_model(model, "float32")
     examples = encode_examples(
         tokenizer, list(df["prompt"]), list(df["response"]), settings.max_seq_len
