@@ -14,7 +14,7 @@ rule finetune:
     priority: finetune_priority
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: jobs.finetune_threads(config)
     resources:
         # 0 trains on CPU (gloo under torchrun); otherwise one per process (checked at start).
         gpu=config["finetune"].get("gpus", 0),

@@ -244,6 +244,17 @@ def benchmark_source(config: Config, benchmark: str) -> str:
     return f"results/data/full/{benchmark}" if is_hub_source(value) else value
 
 
+def finetune_threads(config: Config) -> int:
+    """A fine-tune of one process on the CPU takes one thread and leaves the other core to
+    another job: at the demo's batch of 4 a second thread keeps only 1.3 cores busy, and two
+    one-thread fine-tunes side by side finish 14% sooner than two of two threads one after the
+    other (BENCHMARKS.md; the same losses). Under torchrun or on GPUs two, shared among the
+    processes (`threads_per_process`)."""
+    finetune = config["finetune"]
+    on_cpu = finetune.get("processes", 1) == 1 and finetune.get("gpus", 0) == 0
+    return 1 if on_cpu else 2
+
+
 def generation_threads(config: Config) -> int:
     """vLLM's CPU engine uses every core it is given; transformers' generate gains little
     from a second thread at batch sizes this small, so it leaves it to another job."""

@@ -177,6 +177,12 @@ def test_benchmarks_judges_and_sources():
     assert jobs.guard_model(TINY) == "results/model/base"
     assert jobs.generation_threads(TINY) == 1
     assert jobs.generation_threads(PAPER) == 2  # vLLM uses every core it is given
+    # One CPU training process leaves the second core to another job; torchrun on GPUs shares
+    # two among its processes.
+    assert jobs.finetune_threads(DEMO) == jobs.finetune_threads(TINY) == 1
+    assert jobs.finetune_threads(PAPER) == 2
+    two_cpu_processes = {**TINY, "finetune": {**TINY["finetune"], "processes": 2}}
+    assert jobs.finetune_threads(two_cpu_processes) == 2
 
 
 @pytest.mark.parametrize("config", [TINY, DEMO, PAPER], ids=["tiny", "demo", "paper"])
