@@ -72,7 +72,7 @@ COMPUTE_STAGES = (
     ComputeStage("robustness (score_module)", ("score_module", "score_layer"), 1, "model.dtype"),
     ComputeStage("search_robust_modules", ("search_robust_modules",), 2, "model.dtype"),
     ComputeStage("attribute_modules", ("attribute_modules",), 2, "float32"),
-    ComputeStage("finetune", ("finetune",), 2, "finetune.autocast"),
+    ComputeStage("finetune", ("finetune",), jobs.finetune_threads, "finetune.autocast"),
     ComputeStage("generate", ("generate", "generate_arm"), jobs.generation_threads, "model.dtype"),
     ComputeStage("heldout_ift_loss", ("heldout_ift_loss",), 1, "float32"),
     ComputeStage("judge_guard", ("judge_guard",), jobs.generation_threads, "model.dtype"),

@@ -144,9 +144,10 @@ def test_achieved_and_share_come_from_the_seconds_and_the_peak(run):
     wall = 12.4 + 8.2 + 15.1
     assert finetune["jobs"] == 3 and finetune["wall_s"] == pytest.approx(wall)
     assert finetune["gflops"] == pytest.approx(finetune["tflop"] * 1e3 / wall, rel=1e-12)
-    # 2 threads of float32, the tiny config's precision
-    assert finetune["peak_gflops"] == 2 * 40.0
-    assert finetune["share"] == pytest.approx(finetune["tflop"] * 1e3 / wall / 80.0, rel=1e-12)
+    # 1 thread (one training process on the CPU: jobs.finetune_threads) of float32, the tiny
+    # config's precision
+    assert finetune["peak_gflops"] == 40.0
+    assert finetune["share"] == pytest.approx(finetune["tflop"] * 1e3 / wall / 40.0, rel=1e-12)
     robustness = rows["robustness (score_module)"]  # score_layer jobs: 1 thread each
     assert robustness["jobs"] == 2 and robustness["peak_gflops"] == 40.0
     assert robustness["share"] == pytest.approx(robustness["tflop"] * 1e3 / 40.0 / 40.0)
@@ -157,8 +158,10 @@ def test_achieved_and_share_come_from_the_seconds_and_the_peak(run):
     assert total["share"] == pytest.approx(sum(r["tflop"] * 1e12 for r in shared) / peak_flop)
 
     bf16 = rows_of(run, dtype="bfloat16")["finetune"]
-    assert bf16["peak_gflops"] == 2 * 1.5 and bf16["tflop"] == finetune["tflop"]
-    assert rows_of(run, cores=1)["finetune"]["peak_gflops"] == 40.0
+    assert bf16["peak_gflops"] == 1.5 and bf16["tflop"] == finetune["tflop"]
+    # extract_features declares 2 threads: a run at --cores 1 gave it one
+    assert rows_of(run)["extract_features"]["peak_gflops"] == 2 * 40.0
+    assert rows_of(run, cores=1)["extract_features"]["peak_gflops"] == 40.0
 
 
 def test_a_stage_under_half_its_peak_is_marked():
