@@ -138,8 +138,10 @@ def test_finetune_launch_follows_the_process_count(tmp_path, processes, gpus):
     (job,) = [j for j in planned_jobs(result.stdout) if j["rule"] == "finetune"]
     assert resources(job)["gpu"] == str(gpus)
     if processes == 1:
-        # The interpreter Snakemake itself runs under (the venv's), not `python` from PATH.
-        assert f"OMP_NUM_THREADS=2 {PYTHON} -m securetune.finetune" in job["shell"]
+        # The interpreter Snakemake itself runs under (the venv's), not `python` from PATH; a
+        # CPU fine-tune of one process takes one thread (jobs.finetune_threads), a GPU one two.
+        threads = 2 if gpus else 1
+        assert f"OMP_NUM_THREADS={threads} {PYTHON} -m securetune.finetune" in job["shell"]
     else:
         assert (
             f"OMP_NUM_THREADS=1 {PYTHON} -m torch.distributed.run --standalone --nproc_per_node=2"
