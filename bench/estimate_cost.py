@@ -140,9 +140,17 @@ def guard_of(cfg: dict, model: Model) -> Model | None:
 
 
 def stage_work(
-    cfg: dict, model: Model, guard: Model | None, prompt_tokens: int, ift_tokens: int
+    cfg: dict,
+    model: Model,
+    guard: Model | None,
+    prompt_tokens: int,
+    ift_tokens: int,
+    shared_tokens: int = 0,
 ) -> list[StageWork]:
-    """Each stage's jobs and work: 2N FLOPs per token forward, 6N training, times its tokens."""
+    """Each stage's jobs and work: 2N FLOPs per token forward, 6N training, times its tokens.
+
+    `shared_tokens`: the opening (chat template) every prompt of a batch shares; a perturbation
+    recomputed from the cached prefix skips it."""
     n, p = model.params, prompt_tokens
     data, rob, search, ft = cfg["data"], cfg["robustness"], cfg["search"], cfg["finetune"]
     probe_prompts = 2 * data["probe_per_class"] + 2 * data.get("probe_ood_per_class", 0)
@@ -176,20 +184,22 @@ def stage_work(
     # A perturbation of layer l recomputes layers l..L-1 from the cached prefix: half on average;
     # the unperturbed forward that fills the cache runs once per job, not per module.
     recompute = 0.5 if rob.get("cached_prefix") else 1.0
+    recomputed = p - shared_tokens if rob.get("cached_prefix") else p
     rob_jobs = model.layers if rob.get("jobs") == "per_layer" else modules
     cache_builds = rob_jobs if rob.get("cached_prefix") else 0
     rows = [
         ("extract_features", 1, 2 * n * probe_prompts * p, "forward", 1),
         (
             "robustness (score_module)", rob_jobs,
-            modules * (runs + ift_runs) * 2 * n * test_prompts * p * recompute
+            modules * (runs + ift_runs) * 2 * n * test_prompts * recomputed * recompute
             + cache_builds * 2 * n * test_prompts * p
             + modules * ift_runs * ift["steps"] * ift["batch_size"] * ift_tokens * 6 * n,
             "forward", 1,
         ),
         (
             "search_robust_modules", 1,
-            (search["max_modules"] + 1) * search["seeds"] * 2 * n * test_prompts * p * recompute,
+            (search["max_modules"] + 1) * search["seeds"] * 2 * n * test_prompts * recomputed
+            * recompute,
             "forward", 1,
         ),
         (

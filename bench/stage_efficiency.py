@@ -7,7 +7,12 @@ machine's measured matmul peak it achieved.
 FLOPs are bench/estimate_cost.py's arithmetic for the run's config (2N per token forward, 6N per
 token trained, each stage's token counts; `--prompt-tokens` and `--ift-tokens` are the same
 assumptions as there), with N read from the safetensors headers of the run's results/model/base
-when it is there, else from estimate_cost's table. Seconds are the summed wall time of the
+when it is there, else from estimate_cost's table. The tokens a prompt and an IFT example are the
+means of the run's own data, with its chat template and tokenizer (the probe's and the
+evaluation's prompts; the domains' fine-tuning and held-out examples, cut at
+finetune.max_seq_len), when the run wrote them; else estimate_cost's assumptions. Padding is not
+counted: a batch padded to its longest member does more work than this, so padding shows as a
+lower share. Seconds are the summed wall time of the
 stage's jobs, from their `benchmark:` files (bench/stage_times.py). The peak is one thread's
 GFLOP/s on machine_speed's matmul (a SmolLM2 MLP projection) in the stage's precision, times the
 threads of one job; achieved = FLOPs / seconds, share = achieved / peak. A stage under 50% of
@@ -90,6 +95,109 @@ def run_model(cfg: dict, workdir: Path) -> tuple[Model, str]:
         counted = replace(model_of(str(base)), params=parameter_count(base))
         return counted, f"{jobs.BASE_MODEL}'s safetensors headers"
     return model_of(cfg["model"]["source"]), "estimate_cost's table"
+
+
+def run_prompts(workdir: Path) -> list[str]:
+    """The prompts the run's models read: the probe's and every evaluation benchmark's."""
+    files = [workdir / "results" / "data" / "probe.parquet"]
+    files += sorted((workdir / "results" / "data" / "eval").glob("*.parquet"))
+    return [p for f in files if f.exists() for p in pd.read_parquet(f, columns=["prompt"]).prompt]
+
+
+def run_examples(workdir: Path, cfg: dict) -> pd.DataFrame:
+    """The domains' fine-tuning and held-out examples the run wrote."""
+    files = [
+        workdir / "results" / domain / "data" / name
+        for domain in cfg["domains"]
+        for name in ("ift.parquet", "ift_heldout.parquet")
+    ]
+    frames = [pd.read_parquet(f, columns=["prompt", "response"]) for f in files if f.exists()]
+    return pd.concat(frames) if frames else pd.DataFrame(columns=["prompt", "response"])
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokens for the arithmetic: a prompt's, an IFT example's, and the opening every prompt
+    shares (which a perturbation recomputed from the cached prefix skips)."""
+
+    prompt: int
+    ift: int
+    shared: int
+    origin: str
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(map(len, sequences))
+    for i in range(length):
+        if any(seq[i] != first[i] for seq in sequences):
+            return i
+    return length
+
+
+def run_token_means(workdir: Path, cfg: dict) -> tuple[int, int, int] | None:
+    """Mean tokens of a prompt and of an IFT example in the run's own data, as its stages
+    tokenize them, and the opening all the prompts share (a batch shares at least that); None
+    when the run has not written its tokenizer and data yet."""
+    base = workdir / jobs.BASE_MODEL
+    prompts, examples = run_prompts(workdir), run_examples(workdir, cfg)
+    if not (base / "tokenizer_config.json").exists() or not prompts or examples.empty:
+        return None
+    # Imported here only: transformers is slow to load and a run without data does not need it.
+    from securetune.features import tokenize_prompts
+    from securetune.finetune.sft_data import encode_examples
+    from securetune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    prompt_ids = tokenize_prompts(tokenizer, prompts, max_tokens=10**9)
+    encoded = encode_examples(
+        tokenizer, list(examples.prompt), list(examples.response), cfg["finetune"]["max_seq_len"]
+    )
+    mean = lambda seqs: round(sum(map(len, seqs)) / len(seqs))  # noqa: E731
+    shared = max(0, min(common_prefix_length(prompt_ids), min(map(len, prompt_ids)) - 1))
+    return mean(prompt_ids), mean([ids for ids, _ in encoded]), shared
+
+
+def token_counts(
+    workdir: Path, cfg: dict, prompt_tokens: int | None = None, ift_tokens: int | None = None
+) -> Tokens:
+    """The tokens for the arithmetic and where they came from: the command line's, else the
+    run's data, else estimate_cost's assumptions (no shared opening)."""
+    means = run_token_means(workdir, cfg)
+    if means is None:
+        prompt, ift, shared, origin = PROMPT_TOKENS, IFT_TOKENS, 0, "assumed"
+    else:
+        (prompt, ift, shared), origin = means, "the run's data, means"
+    if prompt_tokens is not None or ift_tokens is not None:
+        origin = f"given on the command line, else {origin}"
+        prompt, ift = prompt_tokens or prompt, ift_tokens or ift
+        shared = min(shared, prompt - 1)
+    return Tokens(prompt, ift, shared, origin)
+
+
+def search_tflop(trace: pd.DataFrame, cfg: dict, model: Model, tokens: Tokens) -> float:
+    """The search's FLOPs from its trace: each evaluated set at every search seed, recomputed
+    from the set's lowest layer up (from the cached prefix, past the shared opening), plus the
+    unperturbed forward that fills the cache."""
+    data, search = cfg["data"], cfg["search"]
+    prompts = round(2 * data["probe_per_class"] * data["probe_test_fraction"])
+    if search.get("probe_split") == "halves":
+        prompts //= 2  # the search reads the second half of the test split
+    cached = cfg["robustness"].get("cached_prefix")
+    per_layer = 2 * model.params / model.layers * prompts
+    flops = model.layers * per_layer * tokens.prompt if cached else 0.0
+    kept: list[int] = []
+    for row in trace.itertuples():
+        added = [int(m.split(".")[0].removeprefix("L")) for m in row.added_modules.split(",") if m]
+        if not added:
+            continue  # the unperturbed model: its features are the cached clean ones
+        lowest = min(kept + added)
+        recomputed = tokens.prompt - tokens.shared if cached else tokens.prompt
+        layers = model.layers - lowest if cached else model.layers
+        flops += search["seeds"] * per_layer * layers * recomputed
+        if row.accepted:
+            kept += added
+    return flops / 1e12
 
 
 def uses_attribution(cfg: dict) -> bool:
@@ -180,12 +288,17 @@ def efficiency_rows(
     *,
     dtype: str | None = None,
     cores: int | None = None,
-    prompt_tokens: int = PROMPT_TOKENS,
-    ift_tokens: int = IFT_TOKENS,
+    tokens: Tokens | None = None,
+    search_trace: pd.DataFrame | None = None,
 ) -> list[dict]:
-    """A row per compute stage the config runs or the run benchmarked, in workflow order."""
-    work = stage_work(cfg, model, guard_of(cfg, model), prompt_tokens, ift_tokens)
+    """A row per compute stage the config runs or the run benchmarked, in workflow order; the
+    search's FLOPs from its trace when the run wrote one."""
+    tokens = tokens or Tokens(PROMPT_TOKENS, IFT_TOKENS, 0, "assumed")
+    guard = guard_of(cfg, model)
+    work = stage_work(cfg, model, guard, tokens.prompt, tokens.ift, tokens.shared)
     estimated = {w.stage: w.compute_tera_flops for w in work}
+    if search_trace is not None and "search_robust_modules" in estimated:
+        estimated["search_robust_modules"] = search_tflop(search_trace, cfg, model, tokens)
     rows = []
     for stage in COMPUTE_STAGES:
         jobs_run, wall_s = measured(times, stage.rules)
@@ -286,12 +399,19 @@ def main() -> None:
         help="every stage's precision, instead of the config's on this CPU",
     )
     parser.add_argument("--cores", type=int, help="the run's --cores, if below a rule's threads")
-    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
-    parser.add_argument("--ift-tokens", type=int, default=IFT_TOKENS)
+    parser.add_argument(
+        "--prompt-tokens", type=int, help="tokens a prompt (default: the run's mean, measured)"
+    )
+    parser.add_argument(
+        "--ift-tokens", type=int, help="tokens an IFT example (default: the run's mean, measured)"
+    )
     args = parser.parse_args()
     workdir = args.workdir
     cfg = load_config([workdir / f for f in args.configfile], workdir / "config.yaml")
     model, counted_from = run_model(cfg, workdir)
+    tokens = token_counts(workdir, cfg, args.prompt_tokens, args.ift_tokens)
+    trace_file = workdir / "results" / "search" / "trace.parquet"
+    trace = pd.read_parquet(trace_file) if trace_file.exists() else None
     times = stage_times(workdir)
     hardware = detect()
     gflops = one_thread_gflops(args.machine_json, args.repeats)
@@ -303,13 +423,14 @@ def main() -> None:
         hardware,
         dtype=args.dtype,
         cores=args.cores,
-        prompt_tokens=args.prompt_tokens,
-        ift_tokens=args.ift_tokens,
+        tokens=tokens,
+        search_trace=trace,
     )
     print(
         f"model {cfg['model']['source']}: {model.params:,.0f} parameters ({counted_from}), "
-        f"{model.layers} layers; {args.prompt_tokens} tokens a prompt, {args.ift_tokens} an "
-        "IFT example (assumed)"
+        f"{model.layers} layers; {tokens.prompt} tokens a prompt ({tokens.shared} of them the "
+        f"opening all share), {tokens.ift} an IFT example ({tokens.origin}); the search "
+        + ("counted from its trace" if trace is not None else "estimated at its budget")
     )
     print(
         f"CPU bfloat16 {'native' if hardware.native_bf16 else 'emulated'}; one thread's "

@@ -10,11 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 
+import pandas as pd
 import pytest
 import yaml
 from snakemake.benchmark import BenchmarkRecord, write_benchmark_records
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from securetune.precision import Hardware
 
@@ -114,7 +116,7 @@ def test_the_parameter_count_is_the_run_base_models_else_estimate_costs_table(ru
 @pytest.mark.parametrize("tokens", [(96, 256), (40, 120)])
 def test_each_stages_flops_are_estimate_costs_for_that_config(run, tokens):
     prompt_tokens, ift_tokens = tokens
-    rows = rows_of(run, prompt_tokens=prompt_tokens, ift_tokens=ift_tokens)
+    rows = rows_of(run, tokens=se.Tokens(prompt_tokens, ift_tokens, 0, "given"))
     cfg = estimate_cost.load_config([], run / "config.yaml")
     model = tiny_model(run)
     args = argparse.Namespace(
@@ -135,6 +137,90 @@ def test_each_stages_flops_are_estimate_costs_for_that_config(run, tokens):
     assert rows["generate"]["tflop"] == pytest.approx(
         2 * model.params * models * prompts * tokens / 1e12
     )
+
+
+def write_run_data(run) -> tuple[list[str], pd.DataFrame]:
+    """The probe's and one benchmark's prompts, and the math domain's IFT examples, as the
+    workflow writes them."""
+    prompts = ["How do I bake bread?", "Name three rivers in Europe, please.", "Say hi."]
+    data = run / "results" / "data"
+    (data / "eval").mkdir(parents=True)
+    pd.DataFrame({"prompt": prompts[:2], "label": [0, 1]}).to_parquet(data / "probe.parquet")
+    pd.DataFrame({"prompt": prompts[2:]}).to_parquet(data / "eval" / "advbench.parquet")
+    examples = pd.DataFrame({"prompt": ["What is 2 + 3?", "Add 4 and 4."], "response": ["5", "8"]})
+    (run / "results" / "math" / "data").mkdir(parents=True)
+    examples.to_parquet(run / "results" / "math" / "data" / "ift.parquet")
+    return prompts, examples
+
+
+def test_token_counts_are_the_runs_own_means_with_its_chat_template(run):
+    cfg = estimate_cost.load_config([], run / "config.yaml")
+    assumed = se.token_counts(run, cfg)
+    assert (assumed.prompt, assumed.ift, assumed.shared) == (
+        estimate_cost.PROMPT_TOKENS,
+        estimate_cost.IFT_TOKENS,
+        0,
+    )
+    assert assumed.origin == "assumed"  # no data written yet
+    prompts, examples = write_run_data(run)
+    tokenizer = AutoTokenizer.from_pretrained(run / "results" / "model" / "base")
+    templated = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
+        for p in prompts
+    ]
+    templated = [t["input_ids"] if isinstance(t, Mapping) else t for t in templated]
+    tokens = se.token_counts(run, cfg)
+    assert tokens.origin == "the run's data, means"
+    assert tokens.prompt == round(sum(map(len, templated)) / len(templated))
+    assert 0 < tokens.shared < min(map(len, templated))  # the template's opening
+    assert all(t[: tokens.shared] == templated[0][: tokens.shared] for t in templated)
+    assert tokens.ift > tokens.prompt - tokens.shared  # a prompt, its response and the template
+    given = se.token_counts(run, cfg, prompt_tokens=7)
+    assert (given.prompt, given.ift) == (7, tokens.ift) and "command line" in given.origin
+
+
+def test_the_shared_opening_is_not_recomputed_by_a_perturbation(run):
+    cfg = estimate_cost.load_config([], run / "config.yaml")
+    model = tiny_model(run)
+    work = {
+        shared: {
+            w.stage: w.compute_tera_flops
+            for w in estimate_cost.stage_work(cfg, model, None, 40, 120, shared)
+        }  # fmt: skip
+        for shared in (0, 10)
+    }
+    data, rob = cfg["data"], cfg["robustness"]
+    test_prompts = round(2 * data["probe_per_class"] * data["probe_test_fraction"])
+    modules = model.layers * len(rob["module_types"])
+    noise_runs = len(rob["alphas"]) * rob["seeds"] * ("noise" in rob["perturbations"])
+    runs = noise_runs + rob["seeds"] * ("ift" in rob["perturbations"])
+    saved = modules * runs * 2 * model.params * test_prompts * 10 * 0.5
+    stage = "robustness (score_module)"
+    assert work[0][stage] - work[10][stage] == pytest.approx(saved / 1e12)
+    assert work[0]["finetune"] == work[10]["finetune"]
+
+
+def test_the_searchs_flops_follow_its_trace(config):
+    config["robustness"]["cached_prefix"] = True
+    config["search"]["seeds"] = 2
+    config["data"].update(probe_per_class=10, probe_test_fraction=0.5)  # 10 test prompts
+    model = estimate_cost.Model(params=4e6, layers=4, checkpoint_dtype="float32")
+    trace = pd.DataFrame(
+        {
+            "added_modules": ["", "L3.q", "L1.k", "L2.v,L2.o"],
+            "accepted": [True, True, False, True],
+        }
+    )
+    tokens = se.Tokens(prompt=30, ift=100, shared=10, origin="given")
+    per_layer_token = 2 * 1e6 * 10  # 2N / layers, for each of the 10 prompts
+    # the cache: every layer at every token; then L3 alone (1 layer), L3+L1 (3 layers: rejected
+    # but evaluated) and L3+L2 (2 layers), each at both seeds and past the 10 shared tokens
+    expected = per_layer_token * (4 * 30 + 2 * (1 + 3 + 2) * 20)
+    assert se.search_tflop(trace, config, model, tokens) == pytest.approx(expected / 1e12)
+    config["search"]["probe_split"] = "halves"
+    assert se.search_tflop(trace, config, model, tokens) == pytest.approx(expected / 2e12)
 
 
 def test_achieved_and_share_come_from_the_seconds_and_the_peak(run):
