@@ -5,15 +5,16 @@ machine's measured matmul peak it achieved.
         [--machine-json speed.json] [--dtype float32] [--cores 2]
 
 FLOPs are bench/estimate_cost.py's arithmetic for the run's config (2N per token forward, 6N per
-token trained, each stage's token counts; `--prompt-tokens` and `--ift-tokens` are the same
-assumptions as there), with N read from the safetensors headers of the run's results/model/base
-when it is there, else from estimate_cost's table. The tokens a prompt and an IFT example are the
-means of the run's own data, with its chat template and tokenizer (the probe's and the
-evaluation's prompts; the domains' fine-tuning and held-out examples, cut at
-finetune.max_seq_len), when the run wrote them; else estimate_cost's assumptions. Padding is not
-counted: a batch padded to its longest member does more work than this, so padding shows as a
-lower share. Seconds are the summed wall time of the
-stage's jobs, from their `benchmark:` files (bench/stage_times.py). The peak is one thread's
+token trained, each stage's token counts), with N read from the safetensors headers of the run's
+results/model/base when it is there, else from estimate_cost's table. The tokens a prompt and an
+IFT example are the means of the run's own data, with its chat template and tokenizer (the
+probe's and the evaluation's prompts; the domains' fine-tuning and held-out examples, cut at
+finetune.max_seq_len), with the opening all prompts share, which a perturbation recomputed from
+the cached prefix skips; when the run has not written them, estimate_cost's assumptions
+(`--prompt-tokens` and `--ift-tokens` set them by hand). The search's evaluations are counted
+from its trace, each from its set's lowest layer up. Padding is not counted: a batch padded to its
+longest member does more work, so padding shows as a lower share. Seconds are the summed wall
+time of the stage's jobs, from their `benchmark:` files (bench/stage_times.py). The peak is one thread's
 GFLOP/s on machine_speed's matmul (a SmolLM2 MLP projection) in the stage's precision, times the
 threads of one job; achieved = FLOPs / seconds, share = achieved / peak. A stage under 50% of
 its peak is marked. The peak is measured when the script starts, or read from
