@@ -14,10 +14,10 @@ the cached prefix skips; when the run has not written them, estimate_cost's assu
 (`--prompt-tokens` and `--ift-tokens` set them by hand). The search's evaluations are counted
 from its trace, each from its set's lowest layer up. Padding is not counted: a batch padded to its
 longest member does more work, so padding shows as a lower share. Seconds are the summed wall
-time of the stage's jobs, from their `benchmark:` files (bench/stage_times.py). The peak is one thread's
-GFLOP/s on machine_speed's matmul (a SmolLM2 MLP projection) in the stage's precision, times the
-threads of one job; achieved = FLOPs / seconds, share = achieved / peak. A stage under 50% of
-its peak is marked. The peak is measured when the script starts, or read from
+time of the stage's jobs, from their `benchmark:` files (bench/stage_times.py). The peak is one
+thread's GFLOP/s on machine_speed's matmul (a SmolLM2 MLP projection) in the stage's precision,
+times the threads of one job; achieved = FLOPs / seconds, share = achieved / peak. A stage
+under 50% of its peak is marked. The peak is measured when the script starts, or read from
 `python bench/machine_speed.py > speed.json` run beside the workflow (`--machine-json`): this
 machine's speed drifts by tens of percent within an hour.
 
