@@ -36,6 +36,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import fmean
 
 import pandas as pd
 
@@ -54,6 +55,7 @@ from estimate_cost import (  # noqa: E402
 from stage_times import stage_times  # noqa: E402
 
 from securetune import jobs  # noqa: E402
+from securetune.architectures import parse_module_name  # noqa: E402
 from securetune.precision import Hardware, choose_autocast, choose_dtype, detect  # noqa: E402
 from securetune.selectors import parameter_count  # noqa: E402
 
@@ -127,15 +129,6 @@ class Tokens:
     origin: str
 
 
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    length = min(map(len, sequences))
-    for i in range(length):
-        if any(seq[i] != first[i] for seq in sequences):
-            return i
-    return length
-
-
 def run_token_means(workdir: Path, cfg: dict) -> tuple[int, int, int] | None:
     """Mean tokens of a prompt and of an IFT example in the run's own data, as its stages
     tokenize them, and the opening all the prompts share (a batch shares at least that); None
@@ -145,7 +138,9 @@ def run_token_means(workdir: Path, cfg: dict) -> tuple[int, int, int] | None:
     if not (base / "tokenizer_config.json").exists() or not prompts or examples.empty:
         return None
     # Imported here only: transformers is slow to load and a run without data does not need it.
-    from securetune.features import tokenize_prompts
+    import torch
+
+    from securetune.features import shared_prefix_length, tokenize_prompts
     from securetune.finetune.sft_data import encode_examples
     from securetune.models import load_tokenizer
 
@@ -154,9 +149,15 @@ def run_token_means(workdir: Path, cfg: dict) -> tuple[int, int, int] | None:
     encoded = encode_examples(
         tokenizer, list(examples.prompt), list(examples.response), cfg["finetune"]["max_seq_len"]
     )
-    mean = lambda seqs: round(sum(map(len, seqs)) / len(seqs))  # noqa: E731
-    shared = max(0, min(common_prefix_length(prompt_ids), min(map(len, prompt_ids)) - 1))
-    return mean(prompt_ids), mean([ids for ids, _ in encoded]), shared
+    # The workflow's own rule for the opening a batch shares, over every prompt at once (-1 pads:
+    # no token id, so padding never counts as shared).
+    padded = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(ids) for ids in prompt_ids], batch_first=True, padding_value=-1
+    )
+    shared = shared_prefix_length(padded, (padded != -1).long())
+    prompt_mean = fmean(map(len, prompt_ids))
+    ift_mean = fmean(len(ids) for ids, _ in encoded)
+    return round(prompt_mean), round(ift_mean), shared
 
 
 def token_counts(
@@ -187,13 +188,13 @@ def search_tflop(trace: pd.DataFrame, cfg: dict, model: Model, tokens: Tokens) -
     cached = cfg["robustness"].get("cached_prefix")
     per_layer = 2 * model.params / model.layers * prompts
     flops = model.layers * per_layer * tokens.prompt if cached else 0.0
+    recomputed = tokens.prompt - tokens.shared if cached else tokens.prompt
     kept: list[int] = []
     for row in trace.itertuples():
-        added = [int(m.split(".")[0].removeprefix("L")) for m in row.added_modules.split(",") if m]
+        added = [parse_module_name(m)[0] for m in row.added_modules.split(",") if m]
         if not added:
             continue  # the unperturbed model: its features are the cached clean ones
         lowest = min(kept + added)
-        recomputed = tokens.prompt - tokens.shared if cached else tokens.prompt
         layers = model.layers - lowest if cached else model.layers
         flops += search["seeds"] * per_layer * layers * recomputed
         if row.accepted:
