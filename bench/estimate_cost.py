@@ -139,6 +139,11 @@ def guard_of(cfg: dict, model: Model) -> Model | None:
     return model if guard_cfg["model"] == "base" else model_of(guard_cfg["model"])
 
 
+def probe_test_prompts(data: dict) -> int:
+    """The probe's held-out test prompts: the ones robustness and the search perturb."""
+    return round(2 * data["probe_per_class"] * data["probe_test_fraction"])
+
+
 def stage_work(
     cfg: dict,
     model: Model,
@@ -154,7 +159,7 @@ def stage_work(
     n, p = model.params, prompt_tokens
     data, rob, search, ft = cfg["data"], cfg["robustness"], cfg["search"], cfg["finetune"]
     probe_prompts = 2 * data["probe_per_class"] + 2 * data.get("probe_ood_per_class", 0)
-    test_prompts = round(2 * data["probe_per_class"] * data["probe_test_fraction"])
+    test_prompts = probe_test_prompts(data)
     modules = model.layers * len(rob["module_types"])
     runs = len(rob["alphas"]) * rob["seeds"] * ("noise" in rob["perturbations"])
     ift_runs = rob["seeds"] * ("ift" in rob["perturbations"])

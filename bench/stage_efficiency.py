@@ -50,6 +50,7 @@ from estimate_cost import (  # noqa: E402
     guard_of,
     load_config,
     model_of,
+    probe_test_prompts,
     stage_work,
 )
 from stage_times import stage_times  # noqa: E402
@@ -181,8 +182,8 @@ def search_tflop(trace: pd.DataFrame, cfg: dict, model: Model, tokens: Tokens) -
     """The search's FLOPs from its trace: each evaluated set at every search seed, recomputed
     from the set's lowest layer up (from the cached prefix, past the shared opening), plus the
     unperturbed forward that fills the cache."""
-    data, search = cfg["data"], cfg["search"]
-    prompts = round(2 * data["probe_per_class"] * data["probe_test_fraction"])
+    search = cfg["search"]
+    prompts = probe_test_prompts(cfg["data"])
     if search.get("probe_split") == "halves":
         prompts //= 2  # the search reads the second half of the test split
     cached = cfg["robustness"].get("cached_prefix")
