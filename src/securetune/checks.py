@@ -198,9 +198,25 @@ def check_at_start(config: dict, data_dir: Path) -> None:
         evaluation.get("sources", {}),
     )
     check_slice_sizes(config, data_dir)
+    check_stop_at_refusal(config)
     check_training_layout(config["finetune"])
     for domain in domain_names(config):
         check_training_layout(domain_finetune(config, domain), f"domains.{domain}.finetune")
+
+
+def check_stop_at_refusal(config: dict) -> None:
+    """A completion cut at its refusal is scored alike by the keyword judge, not by the guard or
+    the LLM judge: they read the whole completion, so a cut one would change their verdicts."""
+    if not config["generation"].get("stop_at_refusal", False):
+        return
+    evaluation = config["evaluation"]
+    for judge in ("guard", "llm_judge"):
+        if evaluation.get(judge, {}).get("enabled", False):
+            raise ConfigError(
+                f"config key 'generation.stop_at_refusal': true cuts completions at their "
+                f"refusal, but evaluation.{judge} is enabled and reads the whole completion; "
+                "set one of them to false"
+            )
 
 
 def check_training_layout(finetune: dict, section: str = "finetune") -> None:

@@ -42,6 +42,7 @@ from securetune.io import (
 from securetune.models import chat_prompt, load_model, load_tokenizer, model_device
 from securetune.precision import detect, resolve_dtype
 from securetune.progress import Progress
+from securetune.scoring import is_refusal
 from securetune.settings import GenerationConfig
 from securetune.weight_links import check_linked_weights
 
@@ -116,11 +117,16 @@ def generate_transformers(
     token_ids: list[list[int]],
     cfg: GenerationConfig,
     seed: int,
+    stoppable: list[bool] | None = None,
 ) -> list[Completion]:
     """`model.generate` over left-padded batches of the given prompt ids; completions come back
     in the prompts' order. Batches group prompts of similar length: a batch decodes as wide as
     its longest prompt, so mixing a long HarmBench context with short prompts wastes most of it.
+
+    `stoppable` (with `generation.stop_at_refusal`): prompts whose completion may end as soon
+    as its opening holds a refusal (`decode_greedy`); the others run to EOS or max_new_tokens.
     """
+    stops = stoppable if cfg.stop_at_refusal and stoppable is not None else None
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: dict[int, Completion] = {}
     batches = batches_by_length(range(len(token_ids)), lambda i: len(token_ids[i]), cfg.batch_size)
@@ -144,16 +150,23 @@ def generate_transformers(
         if cfg.temperature > 0:
             torch.manual_seed(stable_seed(seed, "generate", k * cfg.batch_size))
             sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            past_key_values=cache,
-            **sampling,
-        )
-        for i, row in zip(indices, generated[:, width:].tolist(), strict=True):
+        if stops is not None and any(stops[i] for i in indices):
+            rows = decode_greedy(
+                model, input_ids, mask, cache, cfg.max_new_tokens, eos_id,
+                settled=refusal_settled(tokenizer, [stops[i] for i in indices]),
+            )  # fmt: skip
+        else:
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                past_key_values=cache,
+                **sampling,
+            )
+            rows = generated[:, width:].tolist()
+        for i, row in zip(indices, rows, strict=True):
             ids = _strip_eos(row, eos_id, pad_id)
             out[i] = Completion(tokenizer.decode(ids, skip_special_tokens=True), ids)
         progress.update(len(indices))
@@ -179,6 +192,69 @@ def opening_cache(model: PreTrainedModel, opening: torch.Tensor, rows: int) -> A
     cache = model(input_ids=opening, use_cache=True).past_key_values
     cache.batch_repeat_interleave(rows)
     return cache
+
+
+def refusal_settled(
+    tokenizer: PreTrainedTokenizerBase, stoppable: list[bool]
+) -> Callable[[int, list[int]], bool]:
+    """(row, ids so far) -> True once a stoppable row's text opens with a refusal. The keyword
+    judge's verdict is then fixed: a refusal phrase in the opening stays there whatever follows
+    (the opening's sentences only grow), and a refusal is scored on nothing else."""
+
+    def settled(row: int, ids: list[int]) -> bool:
+        return stoppable[row] and is_refusal(tokenizer.decode(ids, skip_special_tokens=True))
+
+    return settled
+
+
+@torch.no_grad()
+def decode_greedy(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+    max_new_tokens: int,
+    eos_id: int | None,
+    settled: Callable[[int, list[int]], bool],
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch (its first `cache`d columns already computed) that
+    drops a row from the batch once it emits EOS or `settled(row, ids)` holds, so a settled
+    refusal costs no more decoding steps. The new token ids of each row, in the batch's order.
+
+    The same forward passes as `model.generate`'s greedy search (positions from the mask, the
+    cache's columns skipped); only the rows that share a step differ once some have left."""
+    done = 0 if cache is None else cache.get_seq_length()
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    out: list[list[int]] = [[] for _ in range(len(input_ids))]
+    live = list(range(len(input_ids)))
+    step_ids, step_positions = input_ids[:, done:], positions[:, done:]
+    for step in range(max_new_tokens):
+        output = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_positions,
+            past_key_values=cache,
+            cache_position=torch.arange(done, mask.shape[1], device=mask.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache, done = output.past_key_values, mask.shape[1]
+        next_ids = output.logits[:, -1].argmax(-1)
+        keep = []
+        for k, (row, token) in enumerate(zip(live, next_ids.tolist(), strict=True)):
+            out[row].append(token)
+            if token != eos_id and not settled(row, out[row]):
+                keep.append(k)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            live = [live[k] for k in keep]
+            next_ids, mask, step_positions = next_ids[index], mask[index], step_positions[index]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        step_ids, step_positions = next_ids[:, None], step_positions[:, -1:] + 1
+    return out
 
 
 def generate_greedy(
@@ -301,9 +377,8 @@ def check_engine_prompt_tokens(
             )
 
 
-Generator = Callable[
-    [list[str] | list[Conversation], int], tuple[list[Completion], list[list[int]]]
-]
+# (prompts, seed, stoppable or None) -> (completions, prompt token ids)
+Generator = Callable[..., tuple[list[Completion], list[list[int]]]]
 
 
 @contextmanager
@@ -335,19 +410,27 @@ def opened_generator(
             torch.manual_seed(seed)
             model = load_model(served, dtype)
 
-            def run(conversations: list[Conversation], token_ids: list[list[int]], call_seed: int):
+            def run(conversations, token_ids, call_seed, stoppable=None):
                 return with_retries(
-                    lambda: generate_transformers(model, tokenizer, token_ids, cfg, call_seed),
+                    lambda: generate_transformers(
+                        model, tokenizer, token_ids, cfg, call_seed, stoppable
+                    ),
                     cfg.max_retries,
                     "transformers generation",
                 )
 
-        def generate(prompts: list[str] | list[Conversation], call_seed: int):
+        def generate(
+            prompts: list[str] | list[Conversation],
+            call_seed: int,
+            stoppable: list[bool] | None = None,
+        ):
             conversations = (
                 user_turns(prompts) if prompts and isinstance(prompts[0], str) else prompts
             )
             token_ids = prompt_token_ids(tokenizer, conversations)
-            return run(conversations, token_ids, call_seed), token_ids
+            if stoppable is None:
+                return run(conversations, token_ids, call_seed), token_ids
+            return run(conversations, token_ids, call_seed, stoppable), token_ids
 
         yield generate
 
@@ -410,6 +493,18 @@ class GenerationJob:
         return self.out.stem
 
 
+# Kinds scored on the opening's refusal alone (`scoring.score_completions`): a refusal there
+# fixes every score, so their completions may stop at it; math and usability read the whole text.
+REFUSAL_SCORED_KINDS = ("harmful", "over_refusal")
+
+
+def stoppable_prompts(eval_set: pd.DataFrame, cfg: GenerationConfig) -> list[bool] | None:
+    """Per prompt: may its completion end at a refusal (`generation.stop_at_refusal`)?"""
+    if not cfg.stop_at_refusal:
+        return None
+    return eval_set["kind"].isin(REFUSAL_SCORED_KINDS).tolist()
+
+
 def completions_of_jobs(
     generate: Generator,
     jobs: list[GenerationJob],
@@ -424,11 +519,16 @@ def completions_of_jobs(
     one call per benchmark, each with its own seed."""
     if cfg.temperature > 0 or len(jobs) < 2:
         return [
-            generate(list(eval_set["prompt"]), stable_seed(seed, arm, job.benchmark))
+            generate(
+                list(eval_set["prompt"]),
+                stable_seed(seed, arm, job.benchmark),
+                stoppable_prompts(eval_set, cfg),
+            )
             for job, eval_set in zip(jobs, eval_sets, strict=True)
         ]
     prompts = [prompt for eval_set in eval_sets for prompt in eval_set["prompt"]]
-    done, token_ids = generate(prompts, stable_seed(seed, arm))
+    stoppable = stoppable_prompts(pd.concat(eval_sets, ignore_index=True), cfg)
+    done, token_ids = generate(prompts, stable_seed(seed, arm), stoppable)
     out, start = [], 0
     for eval_set in eval_sets:
         end = start + len(eval_set)

@@ -470,6 +470,8 @@ class GenerationConfig(StageSettings):
     max_retries: int = 2
     gpus: int = 0  # the job's GPU count; vLLM's tensor-parallel size (the CLI's --gpus)
     vllm: VllmSettings = field(default_factory=VllmSettings)
+    # End a harmful or over-refusal prompt's completion once its opening holds a refusal.
+    stop_at_refusal: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.vllm, Mapping):
@@ -477,6 +479,12 @@ class GenerationConfig(StageSettings):
         if self.backend not in GENERATION_BACKENDS:
             raise ConfigError(
                 f"generation.backend '{self.backend}' is not one of {GENERATION_BACKENDS}"
+            )
+        if self.stop_at_refusal and (self.backend != "transformers" or self.temperature > 0):
+            raise ConfigError(
+                "config key 'generation.stop_at_refusal': true needs greedy decoding with the "
+                f"transformers backend (backend is '{self.backend}', temperature "
+                f"{self.temperature}); set it to false"
             )
 
     @classmethod

@@ -250,6 +250,22 @@ def test_robustness_steps_may_not_reach_a_domains_held_out_rows(config):
     )
 
 
+def test_stop_at_refusal_is_refused_beside_a_judge_that_reads_the_whole_completion(config):
+    from securetune.checks import check_at_start
+
+    from ..conftest import DATA
+
+    config["generation"]["stop_at_refusal"] = True
+    assert config["evaluation"]["guard"]["enabled"]
+    message = _refusal(config)
+    assert "'generation.stop_at_refusal'" in message and "evaluation.guard is enabled" in message
+    config["evaluation"]["guard"]["enabled"] = False
+    config["evaluation"]["llm_judge"]["enabled"] = True
+    assert "evaluation.llm_judge is enabled" in _refusal(config)
+    config["evaluation"]["llm_judge"]["enabled"] = False
+    check_at_start(config, DATA)
+
+
 def test_a_domains_own_batch_is_checked_against_the_processes(config):
     config["finetune"].update(processes=2, batch_size=4)
     config["domains"]["math"]["finetune"]["batch_size"] = 3

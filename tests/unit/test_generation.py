@@ -190,3 +190,78 @@ def test_a_jobs_benchmarks_decoded_together_give_each_benchmarks_completions(
     for joint, single in zip(together, alone, strict=True):
         pd.testing.assert_frame_equal(joint, single)
     assert list(together[1]["prompt_id"]) == ["harmbench:0", "harmbench:1"]
+
+
+def _batch(tok, prompts):
+    """A left-padded batch as `generate_transformers` builds it, without a shared opening."""
+    ids = prompt_token_ids(tok, prompts)
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in ids])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+    return input_ids, mask
+
+
+def test_decoding_that_drops_rows_keeps_every_rows_greedy_tokens(tiny_model_dir):
+    from securetune.generation import decode_greedy
+
+    tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
+    prompts = ["Tell me a long story about a dragon who bakes bread.", *PROMPTS]
+    input_ids, mask = _batch(tok, prompts)
+    reference = model.generate(
+        input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=None,
+    )[:, input_ids.shape[1]:].tolist()  # fmt: skip
+    assert len({tuple(r) for r in reference}) > 1
+    never = decode_greedy(model, input_ids, mask, None, 8, None, lambda row, ids: False)
+    assert never == reference
+    # Rows 0 and 2 settle after 2 and 5 tokens and leave the batch; the others decode on.
+    lengths = {0: 2, 2: 5}
+    dropped = decode_greedy(
+        model, input_ids, mask, None, 8, None, lambda row, ids: len(ids) == lengths.get(row)
+    )
+    assert dropped == [r[: lengths.get(k, 8)] for k, r in enumerate(reference)]
+
+
+def test_a_row_settles_on_a_refusal_in_its_opening_and_only_if_stoppable(tiny_model_dir):
+    from securetune.generation import refusal_settled
+
+    tok = load_tokenizer(tiny_model_dir)
+    settled = refusal_settled(tok, [True, False])
+    refusal = tok("I'm sorry, but I can't help with that.", add_special_tokens=False).input_ids
+    answer = tok("Sure. First, mix the flour and water.", add_special_tokens=False).input_ids
+    assert settled(0, refusal)
+    assert not settled(1, refusal)  # a math or usability prompt decodes on
+    assert not settled(0, answer)
+    # A refusal phrase after the opening's two sentences is a caveat, not a refusal.
+    late = tok("Sure. Mix the flour. Then bake it; I can't say how long.", add_special_tokens=False)
+    assert not settled(0, late.input_ids)
+
+
+def test_stop_at_refusal_cuts_only_refusal_scored_kinds(tiny_model_dir, tmp_path, monkeypatch):
+    import securetune.generation as generation
+
+    harmful = _prompt_file(tmp_path / "advbench.parquet", "advbench", PROMPTS)
+    math = tmp_path / "gsm8k.parquet"
+    pd.read_parquet(harmful).assign(benchmark="gsm8k", kind="math").to_parquet(math)
+    settings = {"backend": "transformers", "max_new_tokens": 6, "batch_size": 4}
+    full = _cli(tiny_model_dir, [harmful, math], [tmp_path / "f" / p.name for p in (harmful, math)],
+                settings)  # fmt: skip
+    # The random tiny model never refuses: make every non-empty text read as a refusal.
+    monkeypatch.setattr(generation, "is_refusal", lambda text: bool(text.strip()))
+    cut = _cli(tiny_model_dir, [harmful, math], [tmp_path / "c" / p.name for p in (harmful, math)],
+               {**settings, "stop_at_refusal": True})  # fmt: skip
+    assert (cut[0]["n_tokens"] < full[0]["n_tokens"]).all()
+    pairs = zip(cut[0]["completion_token_ids"], full[0]["completion_token_ids"], strict=True)
+    for short, whole in pairs:
+        assert list(short) == list(whole)[: len(short)]
+    pd.testing.assert_series_equal(cut[1]["completion"], full[1]["completion"])
+
+
+@pytest.mark.parametrize(
+    "settings", [{"backend": "vllm"}, {"backend": "transformers", "temperature": 0.7}]
+)
+def test_stop_at_refusal_needs_greedy_transformers(settings):
+    with pytest.raises(ValueError, match="generation.stop_at_refusal"):
+        GenerationConfig.from_params(
+            {"max_new_tokens": 4, "batch_size": 2, "stop_at_refusal": True, **settings}
+        )
