@@ -274,7 +274,9 @@ def test_reachable_averages_a_modules_drift_over_the_probes_it_can_move_only(tin
     every = score_module(view, 1, "o", dataclasses.replace(settings, proxy_reach="all"), 0)
     assert reachable["proxy_reached"].tolist() == [1] and every["proxy_reached"].tolist() == [2]
     assert reachable["cosine_drift"].item() > 0
-    assert every["cosine_drift"].item() == pytest.approx(reachable["cosine_drift"].item() / 2)
+    # abs: layer 0's recomputed features may move by float32 rounding (2e-8 on an AMX Xeon).
+    half = reachable["cosine_drift"].item() / 2
+    assert every["cosine_drift"].item() == pytest.approx(half, abs=1e-6)
     # A layer-0 module reaches both: the same number either way.
     low = score_module(view, 0, "o", settings, 0)
     low_all = score_module(view, 0, "o", dataclasses.replace(settings, proxy_reach="all"), 0)
