@@ -11,8 +11,10 @@ product. It prints the median seconds of each; lower is faster.
 
 It also says whether bfloat16 is native here: the CPU's capability as PyTorch sees it, its
 bfloat16 flags, and one thread's GFLOP/s on a 512x576 by 576x1536 matmul (a SmolLM2 MLP
-projection of a 512-token batch) in float32 and in bfloat16, and their ratio. Where bfloat16 is
-emulated (an AVX2-only CPU) the ratio is about 30; `auto` precision then computes in float32.
+projection of a 512-token batch) in float32 and in bfloat16 (each the best of its repeats), and
+their ratio. Where bfloat16 is emulated (an AVX2-only CPU) the ratio is about 30; `auto`
+precision then computes in float32, as it does where the flags say native but the timing finds
+bfloat16 less than BF16_MIN_SPEEDUP times as fast (`bf16_for_auto` says which it chose).
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from securetune.precision import AUTO, NATIVE_BF16_FLAGS, choose_autocast, cpu_flags, detect
-
-# One SmolLM2 MLP projection on a 512-token batch: 2 * 512 * 576 * 1536 FLOPs.
-MATMUL_SHAPE = (512, 576, 1536)
+from securetune.precision import (
+    AUTO,
+    BF16_MIN_SPEEDUP,
+    NATIVE_BF16_FLAGS,
+    choose_autocast,
+    cpu_flags,
+    detect,
+    matmul_gflops,
+)
 
 
 def smollm2_width_model(layers: int) -> LlamaForCausalLM:
@@ -58,15 +65,6 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(dtype: torch.dtype, repeats: int) -> float:
-    """One thread's GFLOP/s on the MATMUL_SHAPE product in `dtype`."""
-    m, k, n = MATMUL_SHAPE
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(k, n).to(dtype)
-    seconds = timed(lambda: torch.mm(a, b), repeats)
-    return 2 * m * k * n / seconds / 1e9
-
-
 def bf16_report(repeats: int) -> dict[str, object]:
     """Is bfloat16 native on this CPU: capability, flags, and the one-thread matmul speeds."""
     threads = torch.get_num_threads()
@@ -83,6 +81,7 @@ def bf16_report(repeats: int) -> dict[str, object]:
         "matmul_1thread_fp32_gflops": round(fp32, 1),
         "matmul_1thread_bf16_gflops": round(bf16, 1),
         "bf16_slowdown": round(fp32 / bf16, 1),
+        "bf16_for_auto": f"{detect().bf16_kind()} (bfloat16 needs {BF16_MIN_SPEEDUP}x float32)",
     }
 
 

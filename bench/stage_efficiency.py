@@ -436,7 +436,7 @@ def main() -> None:
         + ("counted from its trace" if trace is not None else "estimated at its budget")
     )
     print(
-        f"CPU bfloat16 {'native' if hardware.native_bf16 else 'emulated'}; one thread's "
+        f"CPU bfloat16 {hardware.bf16_kind()}; one thread's "
         f"matmul GFLOP/s: "
         + ", ".join(f"{d} {g:.1f}" for d, g in gflops.items())
         + (f" ({args.machine_json})" if args.machine_json else " (measured now)")

@@ -12,9 +12,16 @@ speed. Elsewhere PyTorch emulates it: on an AVX2-only CPU a 512x576 by 576x1536 
 where it is native and float32 elsewhere; an explicit value always wins, with a warning when it
 asks for emulated bfloat16.
 
-Detected once per process from /proc/cpuinfo and, in a process that has imported torch, CUDA;
-the record goes into the provenance of every table (`io.provenance`), so two runs that differ in
-precision never look alike.
+The flags alone do not make bfloat16 fast: on a 2-core Xeon VM that reports avx512_bf16 but no
+AMX, one thread's bfloat16 matmul ran at 0.58x float32's speed and a SmolLM2 forward took 1.7x
+as long (BENCHMARKS.md). So on a CPU whose flags say native, `auto` also times one thread's
+matmul in both dtypes and takes bfloat16 only where it is at least BF16_MIN_SPEEDUP times as
+fast: the elementwise ops, which bfloat16 does not speed up, eat part of the gain (on a Zen 4 a
+4.2x faster matmul made the demo 1.5x faster).
+
+Detected once per process from /proc/cpuinfo, that timing and, in a process that has imported
+torch, CUDA; the record goes into the provenance of every table (`io.provenance`), so two runs
+that differ in precision never look alike.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,12 +48,34 @@ EMULATED_BF16_COST = (
 )
 
 
+# One SmolLM2 MLP projection on a 512-token batch (2 * 512 * 576 * 1536 FLOPs): the demo's kind
+# of matmul, small enough to time in well under a second.
+MATMUL_SHAPE = (512, 576, 1536)
+BF16_MIN_SPEEDUP = 1.5
+SLOW_BF16_COST = (
+    "this CPU's bfloat16 instructions are slower than its float32 ones (one thread's matmul "
+    "timed at start): bfloat16 runs slower than float32 here"
+)
+
+
 @dataclass(frozen=True)
 class Hardware:
-    """Where a job computes, and whether bfloat16 is native there."""
+    """Where a job computes, whether bfloat16 is native there, and whether it pays: `auto` takes
+    bfloat16 only where both hold (records written before `bf16_pays` existed lack it: True)."""
 
     device: str  # cuda or cpu
     native_bf16: bool
+    bf16_pays: bool = True
+
+    @property
+    def auto_bf16(self) -> bool:
+        return self.native_bf16 and self.bf16_pays
+
+    def bf16_kind(self) -> str:
+        """bfloat16 here in words: native, native but slower than float32, or emulated."""
+        if self.auto_bf16:
+            return "native"
+        return "native but slower than float32 here" if self.native_bf16 else "emulated"
 
     def record(self) -> dict[str, object]:
         return asdict(self)
@@ -71,6 +101,45 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     with BF16 only from M2 on, which /proc/cpuinfo cannot tell: treated as emulated)."""
     text = _read_cpuinfo() if cpuinfo is None else cpuinfo
     return bool(cpu_flags(text) & NATIVE_BF16_FLAGS)
+
+
+def matmul_gflops(dtype, repeats: int = 5, shape: tuple[int, int, int] = MATMUL_SHAPE) -> float:
+    """This thread's best GFLOP/s over `repeats` products of `shape` in `dtype` (a torch dtype),
+    after one warm-up; the best, since another job may share the core for part of the time."""
+    import torch
+
+    m, k, n = shape
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - began)
+    return 2 * m * k * n / best / 1e9
+
+
+def cpu_bf16_speedup(repeats: int = 5) -> float:
+    """One thread's bfloat16 matmul GFLOP/s over its float32 GFLOP/s (>1: bfloat16 faster)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return matmul_gflops(torch.bfloat16, repeats) / matmul_gflops(torch.float32, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_hardware(cpuinfo: str | None = None, speedup=cpu_bf16_speedup) -> Hardware:
+    """The CPU as `auto` sees it; `speedup` is timed only where the flags say bfloat16 is native
+    (elsewhere it is emulated, about 30x slower, and timing it would take seconds)."""
+    if not cpu_has_native_bf16(cpuinfo):
+        return Hardware("cpu", native_bf16=False, bf16_pays=False)
+    ratio = speedup()
+    log.info("bfloat16 matmul %.2fx float32's speed on one thread of this CPU", ratio)
+    return Hardware("cpu", native_bf16=True, bf16_pays=ratio >= BF16_MIN_SPEEDUP)
 
 
 def job_device(local_rank: int | None = None):
@@ -109,15 +178,13 @@ def _cuda_bf16() -> bool | None:
 def detect() -> Hardware:
     """The hardware of this process, detected once and logged."""
     cuda = _cuda_bf16()
-    if cuda is not None:
-        hardware = Hardware("cuda", cuda)
-    else:
-        hardware = Hardware("cpu", cpu_has_native_bf16())
+    hardware = Hardware("cuda", cuda, cuda) if cuda is not None else cpu_hardware()
     log.info(
-        "hardware: %s (%s), native bfloat16: %s",
+        "hardware: %s (%s), native bfloat16: %s, faster than float32: %s",
         hardware.device,
         platform.machine(),
         "yes" if hardware.native_bf16 else "no",
+        "yes" if hardware.bf16_pays else "no",
     )
     return hardware
 
@@ -126,19 +193,21 @@ def choose_dtype(requested: str, hardware: Hardware) -> str:
     """The weights' dtype for inference: `auto` is bfloat16 where native, else float32."""
     if requested != AUTO:
         return requested
-    return "bfloat16" if hardware.native_bf16 else "float32"
+    return "bfloat16" if hardware.auto_bf16 else "float32"
 
 
 def choose_autocast(requested: str, hardware: Hardware) -> str:
     """Training's autocast: `auto` is bfloat16 where native, else none (plain float32)."""
     if requested != AUTO:
         return requested
-    return "bfloat16" if hardware.native_bf16 else "none"
+    return "bfloat16" if hardware.auto_bf16 else "none"
 
 
 def _warn_if_emulated(choice: str, hardware: Hardware, key: str) -> None:
-    if choice == "bfloat16" and hardware.device == "cpu" and not hardware.native_bf16:
-        log.warning("%s is bfloat16, but %s; use auto or float32", key, EMULATED_BF16_COST)
+    if choice != "bfloat16" or hardware.device != "cpu" or hardware.auto_bf16:
+        return
+    cost = SLOW_BF16_COST if hardware.native_bf16 else EMULATED_BF16_COST
+    log.warning("%s is bfloat16, but %s; use auto or float32", key, cost)
 
 
 def _resolve(requested: str, hardware: Hardware | None, key: str, choose) -> str:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from securetune.io import provenance
 from securetune.precision import (
     Hardware,
     choose_autocast,
     choose_dtype,
+    cpu_bf16_speedup,
     cpu_flags,
+    cpu_hardware,
     cpu_has_native_bf16,
     detect,
+    matmul_gflops,
     resolve_autocast,
     resolve_dtype,
 )
@@ -37,6 +41,28 @@ GRAVITON2 = "Features\t: fp asimd atomics\n"
 )
 def test_native_bf16_from_the_cpu_flags(cpuinfo, native):
     assert cpu_has_native_bf16(cpuinfo) is native
+
+
+def test_native_flags_with_a_slower_bfloat16_matmul_compute_in_float32():
+    # A Xeon VM with avx512_bf16 but no AMX timed bfloat16 at 0.58x float32's speed.
+    slow = cpu_hardware(SAPPHIRE_RAPIDS, speedup=lambda: 0.58)
+    assert slow.native_bf16 and not slow.bf16_pays
+    assert (choose_dtype("auto", slow), choose_autocast("auto", slow)) == ("float32", "none")
+    fast = cpu_hardware(SAPPHIRE_RAPIDS, speedup=lambda: 4.2)
+    assert (choose_dtype("auto", fast), choose_autocast("auto", fast)) == ("bfloat16", "bfloat16")
+
+
+def test_no_timing_where_the_flags_say_emulated():
+    def untimed() -> float:
+        raise AssertionError("an emulated bfloat16 matmul was timed")
+
+    hardware = cpu_hardware(AVX2_ONLY, speedup=untimed)
+    assert hardware == Hardware("cpu", native_bf16=False, bf16_pays=False)
+
+
+def test_the_timing_is_a_ratio_of_real_matmuls():
+    assert matmul_gflops(torch.float32, repeats=2, shape=(64, 64, 64)) > 0
+    assert cpu_bf16_speedup(repeats=1) > 0
 
 
 def test_flags_of_x86_and_arm():
@@ -73,6 +99,13 @@ def test_forced_bfloat16_on_a_cpu_without_it_warns_with_the_cost(caplog):
     assert "model.dtype is bfloat16" in warnings[0] and "30x slower" in warnings[0]
 
 
+def test_forced_bfloat16_where_it_is_native_but_slower_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="securetune.precision"):
+        resolve_autocast("bfloat16", Hardware("cpu", True, bf16_pays=False), key="align.autocast")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "align.autocast is bfloat16" in warning and "slower than float32" in warning
+
+
 def test_no_warning_where_bfloat16_is_native_or_auto_avoids_it(caplog):
     with caplog.at_level(logging.WARNING, logger="securetune.precision"):
         resolve_dtype("bfloat16", Hardware("cpu", True))
@@ -83,7 +116,7 @@ def test_no_warning_where_bfloat16_is_native_or_auto_avoids_it(caplog):
 
 def test_every_table_records_the_precision_it_was_computed_under():
     record = provenance(0)["precision"]
-    assert record == detect().record() and set(record) == {"device", "native_bf16"}
+    assert record == detect().record() and set(record) == {"device", "native_bf16", "bf16_pays"}
 
 
 def test_the_report_says_what_auto_became():
@@ -94,3 +127,5 @@ def test_the_report_says_what_auto_became():
     assert "`align.autocast` none" in line
     native = precision_section({"device": "cuda", "native_bf16": True}, requested)
     assert "`model.dtype` auto -> bfloat16" in native and native != line
+    slow = precision_section({"device": "cpu", "native_bf16": True, "bf16_pays": False}, requested)
+    assert "native but slower than float32" in slow and "auto -> float32" in slow

@@ -334,7 +334,7 @@ def precision_section(hardware: dict[str, Any] | None, requested: dict[str, str]
     if not hardware:
         return "Precision: not recorded (tables written before precision was recorded)."
     machine = Hardware(**hardware)
-    native = "native" if machine.native_bf16 else "emulated (float32 used for auto)"
+    native = machine.bf16_kind() + ("" if machine.auto_bf16 else " (float32 used for auto)")
     choices = []
     for key, value in requested.items():
         choose = choose_dtype if key.endswith("dtype") else choose_autocast
