@@ -61,21 +61,25 @@ SLOW_BF16_COST = (
 @dataclass(frozen=True)
 class Hardware:
     """Where a job computes, whether bfloat16 is native there, and whether it pays: `auto` takes
-    bfloat16 only where both hold (records written before `bf16_pays` existed lack it: True)."""
+    bfloat16 only where both hold. `bf16_pays` is None where it was not timed: a job that loads
+    no model (it never imports torch, and never resolves `auto`), or a record written before
+    the timing existed, when the flags alone decided."""
 
     device: str  # cuda or cpu
     native_bf16: bool
-    bf16_pays: bool = True
+    bf16_pays: bool | None = None
 
     @property
     def auto_bf16(self) -> bool:
-        return self.native_bf16 and self.bf16_pays
+        return self.native_bf16 and self.bf16_pays is not False
 
     def bf16_kind(self) -> str:
         """bfloat16 here in words: native, native but slower than float32, or emulated."""
-        if self.auto_bf16:
-            return "native"
-        return "native but slower than float32 here" if self.native_bf16 else "emulated"
+        if not self.native_bf16:
+            return "emulated"
+        if self.bf16_pays is None:
+            return "native (speed not timed)"
+        return "native" if self.bf16_pays else "native but slower than float32 here"
 
     def record(self) -> dict[str, object]:
         return asdict(self)
@@ -132,11 +136,20 @@ def cpu_bf16_speedup(repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def cpu_hardware(cpuinfo: str | None = None, speedup=cpu_bf16_speedup) -> Hardware:
-    """The CPU as `auto` sees it; `speedup` is timed only where the flags say bfloat16 is native
-    (elsewhere it is emulated, about 30x slower, and timing it would take seconds)."""
+def _loads_models() -> bool:
+    return "torch" in sys.modules
+
+
+def cpu_hardware(
+    cpuinfo: str | None = None, speedup=cpu_bf16_speedup, timed: bool | None = None
+) -> Hardware:
+    """The CPU as `auto` sees it. `speedup` is timed only where the flags say bfloat16 is native
+    (elsewhere it is emulated, about 30x slower, and timing it would take seconds) and in a
+    process that has torch (`timed`; a data or scoring job would import it for nothing)."""
     if not cpu_has_native_bf16(cpuinfo):
         return Hardware("cpu", native_bf16=False, bf16_pays=False)
+    if not (_loads_models() if timed is None else timed):
+        return Hardware("cpu", native_bf16=True, bf16_pays=None)
     ratio = speedup()
     log.info("bfloat16 matmul %.2fx float32's speed on one thread of this CPU", ratio)
     return Hardware("cpu", native_bf16=True, bf16_pays=ratio >= BF16_MIN_SPEEDUP)
@@ -184,7 +197,7 @@ def detect() -> Hardware:
         hardware.device,
         platform.machine(),
         "yes" if hardware.native_bf16 else "no",
-        "yes" if hardware.bf16_pays else "no",
+        {True: "yes", False: "no", None: "not timed"}[hardware.bf16_pays],
     )
     return hardware
 

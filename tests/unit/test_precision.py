@@ -45,10 +45,10 @@ def test_native_bf16_from_the_cpu_flags(cpuinfo, native):
 
 def test_native_flags_with_a_slower_bfloat16_matmul_compute_in_float32():
     # A Xeon VM with avx512_bf16 but no AMX timed bfloat16 at 0.58x float32's speed.
-    slow = cpu_hardware(SAPPHIRE_RAPIDS, speedup=lambda: 0.58)
+    slow = cpu_hardware(SAPPHIRE_RAPIDS, speedup=lambda: 0.58, timed=True)
     assert slow.native_bf16 and not slow.bf16_pays
     assert (choose_dtype("auto", slow), choose_autocast("auto", slow)) == ("float32", "none")
-    fast = cpu_hardware(SAPPHIRE_RAPIDS, speedup=lambda: 4.2)
+    fast = cpu_hardware(SAPPHIRE_RAPIDS, speedup=lambda: 4.2, timed=True)
     assert (choose_dtype("auto", fast), choose_autocast("auto", fast)) == ("bfloat16", "bfloat16")
 
 
@@ -56,8 +56,18 @@ def test_no_timing_where_the_flags_say_emulated():
     def untimed() -> float:
         raise AssertionError("an emulated bfloat16 matmul was timed")
 
-    hardware = cpu_hardware(AVX2_ONLY, speedup=untimed)
+    hardware = cpu_hardware(AVX2_ONLY, speedup=untimed, timed=True)
     assert hardware == Hardware("cpu", native_bf16=False, bf16_pays=False)
+
+
+def test_a_job_without_torch_leaves_the_speed_untimed():
+    def untimed() -> float:
+        raise AssertionError("a job that loads no model timed a matmul")
+
+    hardware = cpu_hardware(SAPPHIRE_RAPIDS, speedup=untimed, timed=False)
+    assert hardware.bf16_pays is None and hardware.bf16_kind() == "native (speed not timed)"
+    # A record written before the timing existed: the flags decided, as they still do here.
+    assert Hardware(**{"device": "cpu", "native_bf16": True}).auto_bf16
 
 
 def test_the_timing_is_a_ratio_of_real_matmuls():
@@ -74,7 +84,8 @@ def test_flags_of_x86_and_arm():
     ("hardware", "dtype", "autocast"),
     [
         (Hardware("cpu", False), "float32", "none"),
-        (Hardware("cpu", True), "bfloat16", "bfloat16"),
+        (Hardware("cpu", True, bf16_pays=True), "bfloat16", "bfloat16"),
+        (Hardware("cpu", True, bf16_pays=False), "float32", "none"),  # native but slower
         (Hardware("cuda", True), "bfloat16", "bfloat16"),
         (Hardware("cuda", False), "float32", "none"),  # e.g. a V100: no bf16
     ],
