@@ -58,7 +58,9 @@ def compare_arm(workdir: Path, arm: str) -> dict[str, object]:
     eval_sets = [pd.read_parquet(job.prompts) for job in jobs]
     seed = meta["seed"]
     dtype = resolve_dtype(meta["dtype"], key="model.dtype")
-    with opened_generator(model_dir, uncut, dtype, seed) as generate:
+    # The generator decodes by the config it was opened with; the uncut pass passes no
+    # stoppable prompts (`stoppable_prompts` of `uncut`), so it runs `model.generate` as before.
+    with opened_generator(model_dir, cut, dtype, seed) as generate:
         full_s, full = decode_pass(generate, jobs, eval_sets, arm, uncut, seed)
         cut_s, short = decode_pass(generate, jobs, eval_sets, arm, cut, seed)
     stopped = sum(len(s.token_ids) < len(f.token_ids) for s, f in zip(short, full, strict=True))
