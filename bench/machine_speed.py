@@ -38,6 +38,7 @@ from securetune.precision import (
     cpu_flags,
     detect,
     matmul_gflops,
+    one_thread,
 )
 
 
@@ -67,11 +68,9 @@ def timed(fn, repeats: int) -> float:
 
 def bf16_report(repeats: int) -> dict[str, object]:
     """Is bfloat16 native on this CPU: capability, flags, and the one-thread matmul speeds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fp32 = matmul_gflops(torch.float32, repeats)
-    bf16 = matmul_gflops(torch.bfloat16, max(2, repeats // 2))
-    torch.set_num_threads(threads)
+    with one_thread():
+        fp32 = matmul_gflops(torch.float32, repeats)
+        bf16 = matmul_gflops(torch.bfloat16, max(2, repeats // 2))
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpu_flags(cpuinfo.read_text()) if cpuinfo.exists() else set()
     return {

@@ -32,6 +32,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,16 +126,26 @@ def matmul_gflops(dtype, repeats: int = 5, shape: tuple[int, int, int] = MATMUL_
     return 2 * m * k * n / best / 1e9
 
 
-def cpu_bf16_speedup(repeats: int = 5) -> float:
-    """One thread's bfloat16 matmul GFLOP/s over its float32 GFLOP/s (>1: bfloat16 faster)."""
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside, its thread count restored after: a matmul's speed per thread
+    does not depend on how many threads the job was given."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return matmul_gflops(torch.bfloat16, repeats) / matmul_gflops(torch.float32, repeats)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def cpu_bf16_speedup(repeats: int = 5) -> float:
+    """One thread's bfloat16 matmul GFLOP/s over its float32 GFLOP/s (>1: bfloat16 faster)."""
+    import torch
+
+    with one_thread():
+        return matmul_gflops(torch.bfloat16, repeats) / matmul_gflops(torch.float32, repeats)
 
 
 def _loads_models() -> bool:
@@ -203,14 +215,16 @@ def detect() -> Hardware:
 
 
 def choose_dtype(requested: str, hardware: Hardware) -> str:
-    """The weights' dtype for inference: `auto` is bfloat16 where native, else float32."""
+    """The weights' dtype for inference: `auto` is bfloat16 where native and faster, else
+    float32."""
     if requested != AUTO:
         return requested
     return "bfloat16" if hardware.auto_bf16 else "float32"
 
 
 def choose_autocast(requested: str, hardware: Hardware) -> str:
-    """Training's autocast: `auto` is bfloat16 where native, else none (plain float32)."""
+    """Training's autocast: `auto` is bfloat16 where native and faster, else none (plain
+    float32)."""
     if requested != AUTO:
         return requested
     return "bfloat16" if hardware.auto_bf16 else "none"
